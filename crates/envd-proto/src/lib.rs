@@ -1,0 +1,227 @@
+//! The wire protocol between the host agent and envd (the guest agent).
+//!
+//! One TCP connection carries one operation. The client opens with a [`Request`] in a JSON frame;
+//! envd answers with a sequence of frames that ends with a JSON [`Response`] frame (or closes the
+//! connection on a fatal error). Byte streams (process output, later file contents) travel in their
+//! own frame kinds so they are never base64-encoded or buffered whole.
+//!
+//! A frame is `kind: u8`, `len: u32` (big endian), then `len` bytes. Frames are at most
+//! [`MAX_FRAME_LEN`] bytes so a peer can never make the other allocate without bound.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// TCP port envd listens on inside the guest (the reference platform's port).
+pub const ENVD_PORT: u16 = 49983;
+/// Largest frame either side accepts.
+pub const MAX_FRAME_LEN: u32 = 1 << 20;
+/// Protocol version; envd reports it in [`Response::Health`].
+pub const PROTOCOL_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameKind {
+    /// A JSON-encoded [`Request`] or [`Response`].
+    Json = 1,
+    /// Raw bytes of a process's standard output.
+    Stdout = 2,
+    /// Raw bytes of a process's standard error.
+    Stderr = 3,
+}
+
+impl FrameKind {
+    fn from_u8(b: u8) -> Option<Self> {
+        match b {
+            1 => Some(FrameKind::Json),
+            2 => Some(FrameKind::Stdout),
+            3 => Some(FrameKind::Stderr),
+            _ => None,
+        }
+    }
+}
+
+/// What the host asks of envd.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Liveness and version check.
+    Health,
+    /// Run a process to completion, streaming its output back.
+    Exec(ExecSpec),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct ExecSpec {
+    pub cmd: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub envs: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    /// Wall-clock limit; the whole process group is killed when it passes.
+    pub timeout_ms: u64,
+}
+
+/// What envd answers; the last frame of every operation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    Health {
+        envd_version: String,
+        kernel_version: String,
+        protocol: u32,
+    },
+    Exit {
+        exit_code: i32,
+        timed_out: bool,
+        duration_ms: u64,
+    },
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
+}
+
+/// Classes of failure envd reports, so the host can map them to API errors.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request itself was wrong (unknown command, bad cwd, ...).
+    InvalidRequest,
+    NotFound,
+    Internal,
+}
+
+/// One decoded frame.
+#[derive(Debug, PartialEq)]
+pub enum Frame {
+    Json(Vec<u8>),
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+}
+
+#[derive(Debug)]
+pub enum ProtoError {
+    Io(std::io::Error),
+    FrameTooLarge(u32),
+    UnknownFrameKind(u8),
+    Json(serde_json::Error),
+}
+
+impl std::fmt::Display for ProtoError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProtoError::Io(e) => write!(f, "i/o: {e}"),
+            ProtoError::FrameTooLarge(n) => write!(f, "frame of {n} bytes exceeds the limit"),
+            ProtoError::UnknownFrameKind(k) => write!(f, "unknown frame kind {k}"),
+            ProtoError::Json(e) => write!(f, "bad json frame: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ProtoError {}
+
+impl From<std::io::Error> for ProtoError {
+    fn from(e: std::io::Error) -> Self {
+        ProtoError::Io(e)
+    }
+}
+
+impl From<serde_json::Error> for ProtoError {
+    fn from(e: serde_json::Error) -> Self {
+        ProtoError::Json(e)
+    }
+}
+
+/// Writes one frame. Payloads longer than [`MAX_FRAME_LEN`] are split into several frames.
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    kind: FrameKind,
+    payload: &[u8],
+) -> Result<(), ProtoError> {
+    let mut chunks = payload.chunks(MAX_FRAME_LEN as usize).peekable();
+    if chunks.peek().is_none() {
+        w.write_all(&[kind as u8, 0, 0, 0, 0]).await?;
+        return Ok(());
+    }
+    for chunk in chunks {
+        let mut header = [0u8; 5];
+        header[0] = kind as u8;
+        header[1..].copy_from_slice(&(chunk.len() as u32).to_be_bytes());
+        w.write_all(&header).await?;
+        w.write_all(chunk).await?;
+    }
+    Ok(())
+}
+
+/// Writes a value as a JSON frame.
+pub async fn write_json<W: AsyncWrite + Unpin, T: Serialize>(
+    w: &mut W,
+    value: &T,
+) -> Result<(), ProtoError> {
+    let bytes = serde_json::to_vec(value)?;
+    write_frame(w, FrameKind::Json, &bytes).await
+}
+
+/// Reads one frame; `Ok(None)` on a clean end of stream before a header.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>, ProtoError> {
+    let mut header = [0u8; 5];
+    match r.read_exact(&mut header).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let kind = FrameKind::from_u8(header[0]).ok_or(ProtoError::UnknownFrameKind(header[0]))?;
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+    if len > MAX_FRAME_LEN {
+        return Err(ProtoError::FrameTooLarge(len));
+    }
+    let mut payload = vec![0u8; len as usize];
+    r.read_exact(&mut payload).await?;
+    Ok(Some(match kind {
+        FrameKind::Json => Frame::Json(payload),
+        FrameKind::Stdout => Frame::Stdout(payload),
+        FrameKind::Stderr => Frame::Stderr(payload),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_round_trip() {
+        let mut buf = Vec::new();
+        write_json(&mut buf, &Request::Health).await.unwrap();
+        write_frame(&mut buf, FrameKind::Stdout, b"hello").await.unwrap();
+        write_frame(&mut buf, FrameKind::Stderr, b"").await.unwrap();
+        let mut r = &buf[..];
+        let Some(Frame::Json(j)) = read_frame(&mut r).await.unwrap() else {
+            panic!("expected json")
+        };
+        assert_eq!(serde_json::from_slice::<Request>(&j).unwrap(), Request::Health);
+        assert_eq!(read_frame(&mut r).await.unwrap(), Some(Frame::Stdout(b"hello".to_vec())));
+        assert_eq!(read_frame(&mut r).await.unwrap(), Some(Frame::Stderr(vec![])));
+        assert_eq!(read_frame(&mut r).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn oversized_and_unknown_frames_are_rejected() {
+        let mut r: &[u8] = &[1, 0xff, 0xff, 0xff, 0xff];
+        assert!(matches!(read_frame(&mut r).await, Err(ProtoError::FrameTooLarge(_))));
+        let mut r: &[u8] = &[9, 0, 0, 0, 0];
+        assert!(matches!(read_frame(&mut r).await, Err(ProtoError::UnknownFrameKind(9))));
+    }
+
+    #[tokio::test]
+    async fn large_payloads_are_split() {
+        let big = vec![7u8; MAX_FRAME_LEN as usize + 10];
+        let mut buf = Vec::new();
+        write_frame(&mut buf, FrameKind::Stdout, &big).await.unwrap();
+        let mut r = &buf[..];
+        let Some(Frame::Stdout(a)) = read_frame(&mut r).await.unwrap() else { panic!() };
+        let Some(Frame::Stdout(b)) = read_frame(&mut r).await.unwrap() else { panic!() };
+        assert_eq!(a.len() + b.len(), big.len());
+    }
+}

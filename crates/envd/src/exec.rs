@@ -1,0 +1,177 @@
+//! Foreground exec: run one process, stream its output as frames, answer its exit.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use envd_proto::{write_frame, write_json, ErrorKind, ExecSpec, FrameKind, Response};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+const DEFAULT_CWD: &str = "/root";
+/// Exit code reported when the command could not be found (as a shell would).
+const EXIT_NOT_FOUND: i32 = 127;
+/// Exit code reported when the command exists but cannot be executed.
+const EXIT_NOT_EXECUTABLE: i32 = 126;
+
+enum Chunk {
+    Out(Vec<u8>),
+    Err(Vec<u8>),
+}
+
+/// Builds the command: with no `args`, `cmd` is a shell command line (`/bin/sh -c cmd`);
+/// with `args`, `cmd` is the program and `args` its arguments.
+fn command(spec: &ExecSpec) -> Command {
+    let mut c = if spec.args.is_empty() {
+        let mut c = Command::new("/bin/sh");
+        c.arg("-c").arg(&spec.cmd);
+        c
+    } else {
+        let mut c = Command::new(&spec.cmd);
+        c.args(&spec.args);
+        c
+    };
+    c.env_clear()
+        .env("PATH", DEFAULT_PATH)
+        .env("HOME", "/root")
+        .env("USER", "root")
+        .env("LOGNAME", "root")
+        .env("SHELL", "/bin/bash")
+        .env("LANG", "C.UTF-8")
+        .env("TERM", "xterm-256color")
+        .envs(&spec.envs)
+        .current_dir(spec.cwd.as_deref().unwrap_or(DEFAULT_CWD))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    c
+}
+
+pub async fn run(spec: ExecSpec, mut rd: OwnedReadHalf, mut wr: OwnedWriteHalf) {
+    let started = Instant::now();
+    if let Some(cwd) = &spec.cwd {
+        if !std::path::Path::new(cwd).is_dir() {
+            let _ = write_json(
+                &mut wr,
+                &crate::error(ErrorKind::InvalidRequest, format!("cwd {cwd} is not a directory")),
+            )
+            .await;
+            return;
+        }
+    }
+    let mut child = match command(&spec).spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.kind() == std::io::ErrorKind::NotFound {
+                EXIT_NOT_FOUND
+            } else {
+                EXIT_NOT_EXECUTABLE
+            };
+            let msg = format!("envd: cannot run {}: {e}\n", spec.cmd);
+            let _ = write_frame(&mut wr, FrameKind::Stderr, msg.as_bytes()).await;
+            let _ = write_json(
+                &mut wr,
+                &Response::Exit {
+                    exit_code: code,
+                    timed_out: false,
+                    duration_ms: started.elapsed().as_millis() as u64,
+                },
+            )
+            .await;
+            return;
+        }
+    };
+    let pgid = child.id().map(|p| p as i32);
+    let (tx, mut rx) = mpsc::channel::<Chunk>(16);
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(pump(out, tx.clone(), Chunk::Out));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(pump(err, tx.clone(), Chunk::Err));
+    }
+    drop(tx);
+
+    let deadline = tokio::time::sleep(Duration::from_millis(spec.timeout_ms.max(1)));
+    tokio::pin!(deadline);
+    // Once the leader has exited, output still in the pipes gets this long to arrive; a
+    // grandchild that keeps the pipes open must not hold the answer hostage.
+    let drain = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(drain);
+    let mut timed_out = false;
+    let mut status = None;
+    let mut peer_buf = [0u8; 64];
+    let mut output_open = true;
+    while output_open || status.is_none() {
+        tokio::select! {
+            chunk = rx.recv(), if output_open => match chunk {
+                Some(Chunk::Out(b)) => if write_frame(&mut wr, FrameKind::Stdout, &b).await.is_err() { return hang_up(pgid, child).await },
+                Some(Chunk::Err(b)) => if write_frame(&mut wr, FrameKind::Stderr, &b).await.is_err() { return hang_up(pgid, child).await },
+                None => output_open = false,
+            },
+            s = child.wait(), if status.is_none() => {
+                status = Some(s);
+                drain.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(200));
+            },
+            _ = &mut drain, if status.is_some() => break,
+            _ = &mut deadline, if !timed_out => {
+                timed_out = true;
+                kill_group(pgid);
+            },
+            n = rd.read(&mut peer_buf) => {
+                // The host sends nothing after the request; EOF or an error means it hung up.
+                if matches!(n, Ok(0) | Err(_)) { return hang_up(pgid, child).await }
+            }
+        }
+    }
+    // Whatever the leader did, no member of its group outlives the request.
+    kill_group(pgid);
+    let status = status.unwrap_or_else(|| Err(std::io::Error::other("no exit status")));
+    let exit_code = match status {
+        Ok(s) => s.code().unwrap_or_else(|| {
+            use std::os::unix::process::ExitStatusExt;
+            128 + s.signal().unwrap_or(0)
+        }),
+        Err(_) => -1,
+    };
+    let _ = write_json(
+        &mut wr,
+        &Response::Exit {
+            exit_code,
+            timed_out,
+            duration_ms: started.elapsed().as_millis() as u64,
+        },
+    )
+    .await;
+}
+
+async fn hang_up(pgid: Option<i32>, mut child: tokio::process::Child) {
+    kill_group(pgid);
+    let _ = child.wait().await;
+}
+
+async fn pump<R: AsyncRead + Unpin>(mut r: R, tx: mpsc::Sender<Chunk>, wrap: fn(Vec<u8>) -> Chunk) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if tx.send(wrap(buf[..n].to_vec())).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn kill_group(pgid: Option<i32>) {
+    if let Some(pgid) = pgid {
+        // SAFETY: kill(2) with a negative pid signals a process group; no memory is involved.
+        unsafe {
+            libc::kill(-pgid, libc::SIGKILL);
+        }
+    }
+}

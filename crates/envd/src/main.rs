@@ -1,0 +1,100 @@
+//! envd: Wrenn's guest agent. It runs inside every capsule as PID 1's only child and serves the
+//! host agent over TCP (see the `envd-proto` crate for the protocol).
+//!
+//! Invariants:
+//! - envd never panics on a request: every failure is answered as a `Response::Error` frame or by
+//!   closing that one connection.
+//! - A process envd started never outlives the request that started it (foreground exec): on
+//!   timeout or when the host hangs up, its whole process group is killed.
+
+mod exec;
+mod init;
+
+use envd_proto::{read_frame, write_json, ErrorKind, Frame, Request, Response, ENVD_PORT};
+use tokio::net::{TcpListener, TcpStream};
+
+fn main() {
+    // As PID 1 we must reap orphans; that loop cannot share a process with tokio's own child
+    // reaping, so PID 1 forks and the child serves (init::become_reaper never returns in PID 1).
+    if std::process::id() == 1 {
+        init::become_reaper();
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("envd: cannot start runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    rt.block_on(serve());
+}
+
+async fn serve() {
+    init::after_boot();
+    let addr = std::env::var("ENVD_LISTEN").unwrap_or_else(|_| format!("0.0.0.0:{ENVD_PORT}"));
+    let listener = loop {
+        match TcpListener::bind(&addr).await {
+            Ok(l) => break l,
+            Err(e) => {
+                eprintln!("envd: bind {addr}: {e}; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+    };
+    eprintln!("envd {} listening on {addr}", env!("CARGO_PKG_VERSION"));
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(handle(stream));
+            }
+            Err(e) => {
+                eprintln!("envd: accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle(stream: TcpStream) {
+    let (mut rd, mut wr) = stream.into_split();
+    let request = match read_frame(&mut rd).await {
+        Ok(Some(Frame::Json(bytes))) => match serde_json::from_slice::<Request>(&bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = write_json(&mut wr, &error(ErrorKind::InvalidRequest, format!("bad request: {e}"))).await;
+                return;
+            }
+        },
+        Ok(Some(_)) => {
+            let _ = write_json(&mut wr, &error(ErrorKind::InvalidRequest, "expected a JSON request frame")).await;
+            return;
+        }
+        Ok(None) | Err(_) => return,
+    };
+    match request {
+        Request::Health => {
+            let _ = write_json(
+                &mut wr,
+                &Response::Health {
+                    envd_version: env!("CARGO_PKG_VERSION").to_string(),
+                    kernel_version: init::kernel_version(),
+                    protocol: envd_proto::PROTOCOL_VERSION,
+                },
+            )
+            .await;
+        }
+        Request::Exec(spec) => exec::run(spec, rd, wr).await,
+    }
+}
+
+pub(crate) fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
+    Response::Error {
+        kind,
+        message: message.into(),
+    }
+}

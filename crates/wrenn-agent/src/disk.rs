@@ -1,0 +1,31 @@
+//! Per-capsule disks: a qcow2 copy-on-write overlay on the template's read-only image.
+
+use std::path::Path;
+
+use crate::cmd;
+use crate::error::Result;
+use crate::images::path_str;
+
+/// Creates `overlay` on top of `base` (raw ext4), with a virtual size of at least `size_mb` MiB.
+/// The guest grows its filesystem to the device size at boot.
+pub async fn create_overlay(base: &Path, overlay: &Path, size_mb: u32) -> Result<()> {
+    let base_mb = std::fs::metadata(base)?.len().div_ceil(1024 * 1024);
+    let size = format!("{}M", base_mb.max(size_mb as u64));
+    cmd::run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            path_str(base)?,
+            "-F",
+            "raw",
+            path_str(overlay)?,
+            &size,
+        ],
+    )
+    .await?;
+    Ok(())
+}

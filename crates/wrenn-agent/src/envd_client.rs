@@ -1,0 +1,132 @@
+//! The host side of the envd protocol (see the `envd-proto` crate).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use envd_proto::{read_frame, write_json, ExecSpec, Frame, Request, Response};
+use tokio::net::TcpStream;
+
+use crate::error::{AgentError, Result};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Output kept per stream for a foreground exec; beyond it bytes are dropped (and counted).
+pub const MAX_CAPTURE_BYTES: usize = 64 * 1024 * 1024;
+
+/// What envd says about itself.
+#[derive(Debug, Clone)]
+pub struct EnvdHealth {
+    pub envd_version: String,
+    pub kernel_version: String,
+}
+
+/// The result of a foreground exec.
+#[derive(Debug, Clone, Default)]
+pub struct ExecOutput {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub exit_code: i32,
+    pub timed_out: bool,
+    pub duration_ms: u64,
+    /// Bytes of output dropped because a stream passed [`MAX_CAPTURE_BYTES`].
+    pub dropped_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct EnvdClient {
+    addr: SocketAddr,
+}
+
+impl EnvdClient {
+    pub fn new(addr: SocketAddr) -> Self {
+        Self { addr }
+    }
+
+    async fn connect(&self) -> Result<TcpStream> {
+        let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.addr))
+            .await
+            .map_err(|_| AgentError::Envd(format!("connect {} timed out", self.addr)))?
+            .map_err(|e| AgentError::Envd(format!("connect {}: {e}", self.addr)))?;
+        s.set_nodelay(true)?;
+        Ok(s)
+    }
+
+    pub async fn health(&self) -> Result<EnvdHealth> {
+        let mut s = self.connect().await?;
+        write_json(&mut s, &Request::Health).await.map_err(proto)?;
+        match read_response(&mut s).await? {
+            Response::Health {
+                envd_version,
+                kernel_version,
+                ..
+            } => Ok(EnvdHealth {
+                envd_version,
+                kernel_version,
+            }),
+            other => Err(AgentError::Envd(format!("unexpected answer to health: {other:?}"))),
+        }
+    }
+
+    /// Runs a command to completion. envd enforces `spec.timeout_ms`; the client waits a grace
+    /// period beyond it before giving up on a guest that stopped answering.
+    pub async fn exec(&self, spec: ExecSpec) -> Result<ExecOutput> {
+        let limit = Duration::from_millis(spec.timeout_ms) + Duration::from_secs(15);
+        let mut s = self.connect().await?;
+        write_json(&mut s, &Request::Exec(spec)).await.map_err(proto)?;
+        let mut out = ExecOutput::default();
+        let collect = async {
+            loop {
+                match read_frame(&mut s).await.map_err(proto)? {
+                    Some(Frame::Stdout(b)) => capture(&mut out.stdout, &b, &mut out.dropped_bytes),
+                    Some(Frame::Stderr(b)) => capture(&mut out.stderr, &b, &mut out.dropped_bytes),
+                    Some(Frame::Json(j)) => {
+                        return match serde_json::from_slice::<Response>(&j) {
+                            Ok(Response::Exit {
+                                exit_code,
+                                timed_out,
+                                duration_ms,
+                            }) => {
+                                out.exit_code = exit_code;
+                                out.timed_out = timed_out;
+                                out.duration_ms = duration_ms;
+                                Ok(())
+                            }
+                            Ok(Response::Error { kind, message }) => Err(match kind {
+                                envd_proto::ErrorKind::InvalidRequest => AgentError::InvalidRequest(message),
+                                envd_proto::ErrorKind::NotFound => AgentError::NotFound(message),
+                                envd_proto::ErrorKind::Internal => AgentError::Envd(message),
+                            }),
+                            Ok(other) => Err(AgentError::Envd(format!("unexpected answer to exec: {other:?}"))),
+                            Err(e) => Err(AgentError::Envd(format!("bad answer: {e}"))),
+                        };
+                    }
+                    None => return Err(AgentError::Envd("connection closed before the process exited".into())),
+                }
+            }
+        };
+        tokio::time::timeout(limit, collect)
+            .await
+            .map_err(|_| AgentError::Envd("no answer from envd".into()))??;
+        Ok(out)
+    }
+}
+
+fn capture(buf: &mut Vec<u8>, bytes: &[u8], dropped: &mut u64) {
+    let room = MAX_CAPTURE_BYTES.saturating_sub(buf.len());
+    let take = room.min(bytes.len());
+    buf.extend_from_slice(&bytes[..take]);
+    *dropped += (bytes.len() - take) as u64;
+}
+
+async fn read_response(s: &mut TcpStream) -> Result<Response> {
+    match read_frame(s).await.map_err(proto)? {
+        Some(Frame::Json(j)) => {
+            serde_json::from_slice(&j).map_err(|e| AgentError::Envd(format!("bad answer: {e}")))
+        }
+        Some(_) => Err(AgentError::Envd("expected a JSON answer".into())),
+        None => Err(AgentError::Envd("connection closed".into())),
+    }
+}
+
+fn proto(e: envd_proto::ProtoError) -> AgentError {
+    AgentError::Envd(e.to_string())
+}

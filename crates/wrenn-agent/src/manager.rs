@@ -1,0 +1,398 @@
+//! [`CapsuleManager`]: the lifecycle of every capsule on this host.
+//!
+//! Invariants:
+//! - A capsule's pieces (directory with disk overlay and logs, network slot, VMM process) exist
+//!   only while its entry is in the manager; a failed create removes every piece it made.
+//! - `<capsules>/<id>/state.json` is written before the VM starts and describes every piece, so
+//!   after an agent restart [`CapsuleManager::start`] either re-adopts a live VM or removes what a
+//!   dead one left behind. Nothing is leaked across crashes.
+//! - Operations on one capsule are serialised by its entry's lock; different capsules never wait
+//!   on each other. Exec holds the lock only to read where envd is.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+use wrenn_api::CapsuleSpec;
+
+pub use crate::envd_client::ExecOutput;
+use crate::config::AgentConfig;
+use crate::envd_client::EnvdClient;
+use crate::error::{AgentError, Result};
+use crate::images::{BootImages, ImageStore};
+use crate::net::{self, Slot};
+use crate::vmm::qemu::QemuVmm;
+use crate::vmm::{VmConfig, VmProcess, Vmm};
+
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// What the control plane learns about a running capsule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CapsuleInfo {
+    pub id: String,
+    pub template: String,
+    pub guest_ip: String,
+    pub host_ip: String,
+    /// kernel_version, vmm_version, agent_version, envd_version, accelerator.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Everything persisted about one capsule (its `state.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CapsuleRecord {
+    id: String,
+    template: String,
+    vcpus: u32,
+    memory_mb: u32,
+    disk_size_mb: u32,
+    slot: Slot,
+    vm: Option<VmProcess>,
+    envd_version: Option<String>,
+    kernel_version: Option<String>,
+}
+
+struct Entry {
+    /// `None` until the VM is up, and again once it has been destroyed.
+    state: tokio::sync::Mutex<Option<CapsuleRecord>>,
+}
+
+pub struct CapsuleManager {
+    cfg: AgentConfig,
+    images: ImageStore,
+    boot: BootImages,
+    vmm: Arc<dyn Vmm>,
+    capsules: Mutex<HashMap<String, Arc<Entry>>>,
+    slots: Mutex<BTreeSet<u32>>,
+}
+
+impl CapsuleManager {
+    /// Builds missing images, prepares the host network, picks the accelerator and re-adopts (or
+    /// cleans up after) the capsules a previous run of the agent left.
+    pub async fn start(cfg: AgentConfig) -> Result<Arc<Self>> {
+        std::fs::create_dir_all(cfg.capsules_dir())?;
+        std::fs::create_dir_all(cfg.images_dir())?;
+        std::fs::create_dir_all(cfg.run_dir())?;
+        let images = ImageStore::new(cfg.images_dir(), cfg.debian_mirror.clone());
+        let boot = images.ensure_all(&cfg.envd_path, &["minimal"]).await?;
+        net::prepare_host(cfg.slot_base, cfg.max_slots).await?;
+        let vmm = QemuVmm::new(
+            &cfg.qemu_binary,
+            cfg.accel,
+            &boot.kernel.vmlinux,
+            &boot.initramfs,
+            &cfg.images_dir(),
+        )
+        .await?;
+        let mgr = Arc::new(Self {
+            cfg,
+            images,
+            boot,
+            vmm: Arc::new(vmm),
+            capsules: Mutex::new(HashMap::new()),
+            slots: Mutex::new(BTreeSet::new()),
+        });
+        mgr.recover().await;
+        Ok(mgr)
+    }
+
+    pub fn vmm_version(&self) -> &str {
+        self.vmm.version()
+    }
+
+    pub fn accel(&self) -> &'static str {
+        self.vmm.accel().as_str()
+    }
+
+    pub fn kernel_version(&self) -> &str {
+        &self.boot.kernel.version
+    }
+
+    /// Templates this host can boot.
+    pub fn templates(&self) -> Vec<String> {
+        crate::images::TEMPLATES
+            .iter()
+            .filter(|r| self.images.rootfs_path(r.name).is_some())
+            .map(|r| r.name.to_string())
+            .collect()
+    }
+
+    pub fn has_template(&self, name: &str) -> bool {
+        self.images.rootfs_path(name).is_some()
+    }
+
+    /// Boots a capsule and returns once envd answers. On any failure nothing is left behind.
+    pub async fn create(&self, id: &str, spec: &CapsuleSpec) -> Result<CapsuleInfo> {
+        let rootfs = self.images.rootfs_path(&spec.template).ok_or_else(|| {
+            AgentError::InvalidRequest(format!("template {:?} is not available on this host", spec.template))
+        })?;
+        let entry = Arc::new(Entry {
+            state: tokio::sync::Mutex::new(None),
+        });
+        // Held for the whole boot so a concurrent destroy waits for a definite outcome.
+        let mut state = entry.state.lock().await;
+        {
+            let mut map = lock(&self.capsules);
+            if map.contains_key(id) {
+                return Err(AgentError::InvalidState(format!("capsule {id} already exists")));
+            }
+            map.insert(id.to_string(), entry.clone());
+        }
+        let slot = match self.allocate_slot() {
+            Some(s) => s,
+            None => {
+                lock(&self.capsules).remove(id);
+                return Err(AgentError::InvalidState("no free network slot on this host".into()));
+            }
+        };
+        let mut record = CapsuleRecord {
+            id: id.to_string(),
+            template: spec.template.clone(),
+            vcpus: spec.vcpus,
+            memory_mb: spec.memory_mb,
+            disk_size_mb: spec.disk_size_mb,
+            slot,
+            vm: None,
+            envd_version: None,
+            kernel_version: None,
+        };
+        let started = Instant::now();
+        match self.boot_vm(&mut record, &rootfs).await {
+            Ok(()) => {
+                info!(capsule_id = id, ms = started.elapsed().as_millis() as u64, "capsule running");
+                let info = self.info(&record);
+                *state = Some(record);
+                Ok(info)
+            }
+            Err(e) => {
+                warn!(capsule_id = id, error = %e, "create failed; cleaning up");
+                self.teardown(&record).await;
+                lock(&self.capsules).remove(id);
+                Err(e)
+            }
+        }
+    }
+
+    async fn boot_vm(&self, record: &mut CapsuleRecord, rootfs: &std::path::Path) -> Result<()> {
+        let dir = self.capsule_dir(&record.id);
+        std::fs::create_dir_all(&dir)?;
+        self.persist(record)?;
+        let disk = dir.join("disk.qcow2");
+        crate::disk::create_overlay(rootfs, &disk, record.disk_size_mb).await?;
+        net::create(&record.slot).await?;
+        let cfg = VmConfig {
+            id: record.id.clone(),
+            dir: dir.clone(),
+            netns: record.slot.netns.clone(),
+            vcpus: record.vcpus,
+            memory_mb: record.memory_mb,
+            kernel: self.boot.kernel.vmlinux.clone(),
+            initramfs: self.boot.initramfs.clone(),
+            disk,
+            qmp_socket: self.cfg.run_dir().join(format!("{}.qmp", record.id)),
+            guest_env: vec![
+                ("WRENN_IP".into(), format!("{}/24", net::GUEST_IP)),
+                ("WRENN_GW".into(), net::GATEWAY_IP.to_string()),
+                ("WRENN_GWMAC".into(), net::GATEWAY_MAC.into()),
+            ],
+        };
+        let vm = self.vmm.boot(&cfg).await?;
+        record.vm = Some(vm.clone());
+        self.persist(record)?;
+        let health = self.wait_for_envd(record, &vm).await?;
+        record.envd_version = Some(health.envd_version);
+        record.kernel_version = Some(health.kernel_version);
+        self.persist(record)?;
+        Ok(())
+    }
+
+    async fn wait_for_envd(&self, record: &CapsuleRecord, vm: &VmProcess) -> Result<crate::envd_client::EnvdHealth> {
+        let client = self.envd(record);
+        let deadline = Instant::now() + self.cfg.boot_timeout;
+        let mut last_err = String::new();
+        while Instant::now() < deadline {
+            if !self.vmm.is_alive(vm, &record.id) {
+                let qemu_log = vm.console_log.with_file_name("qemu.log");
+                return Err(AgentError::Vmm(format!(
+                    "VM exited during boot; qemu: {}; console: {}",
+                    tail(&qemu_log),
+                    tail(&vm.console_log)
+                )));
+            }
+            match tokio::time::timeout(Duration::from_secs(2), client.health()).await {
+                Ok(Ok(h)) => return Ok(h),
+                Ok(Err(e)) => last_err = e.to_string(),
+                Err(_) => last_err = "health check timed out".into(),
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        Err(AgentError::Envd(format!(
+            "envd did not answer within {:?} ({last_err}); console: {}",
+            self.cfg.boot_timeout,
+            tail(&vm.console_log)
+        )))
+    }
+
+    /// Destroys a capsule and everything it holds. Returns false when it did not exist.
+    pub async fn destroy(&self, id: &str) -> Result<bool> {
+        let Some(entry) = lock(&self.capsules).get(id).cloned() else {
+            return Ok(false);
+        };
+        let mut state = entry.state.lock().await;
+        let Some(record) = state.take() else {
+            return Ok(false);
+        };
+        self.teardown(&record).await;
+        lock(&self.capsules).remove(id);
+        info!(capsule_id = id, "capsule destroyed");
+        Ok(true)
+    }
+
+    /// Runs a foreground command in a running capsule.
+    pub async fn exec(&self, id: &str, spec: envd_proto::ExecSpec) -> Result<ExecOutput> {
+        let client = {
+            let entry = lock(&self.capsules)
+                .get(id)
+                .cloned()
+                .ok_or_else(|| AgentError::NotFound(format!("capsule {id} not found on this host")))?;
+            let state = entry.state.lock().await;
+            let record = state
+                .as_ref()
+                .ok_or_else(|| AgentError::InvalidState(format!("capsule {id} is not running")))?;
+            self.envd(record)
+        };
+        client.exec(spec).await
+    }
+
+    /// Every capsule that is running on this host.
+    pub async fn list(&self) -> Vec<CapsuleInfo> {
+        let entries: Vec<_> = lock(&self.capsules).values().cloned().collect();
+        let mut out = Vec::new();
+        for e in entries {
+            if let Ok(state) = e.state.try_lock() {
+                if let Some(r) = state.as_ref() {
+                    out.push(self.info(r));
+                }
+            }
+        }
+        out
+    }
+
+    /// Destroys every capsule (used by tests and by an operator's clean shutdown).
+    pub async fn destroy_all(&self) {
+        let ids: Vec<String> = lock(&self.capsules).keys().cloned().collect();
+        for id in ids {
+            if let Err(e) = self.destroy(&id).await {
+                warn!(capsule_id = %id, error = %e, "destroy failed");
+            }
+        }
+    }
+
+    fn info(&self, r: &CapsuleRecord) -> CapsuleInfo {
+        let mut metadata = BTreeMap::new();
+        let unknown = || "unknown".to_string();
+        metadata.insert("kernel_version".into(), r.kernel_version.clone().unwrap_or_else(unknown));
+        metadata.insert("envd_version".into(), r.envd_version.clone().unwrap_or_else(unknown));
+        metadata.insert("vmm_version".into(), self.vmm.version().to_string());
+        metadata.insert("agent_version".into(), AGENT_VERSION.to_string());
+        metadata.insert("accelerator".into(), self.vmm.accel().as_str().to_string());
+        CapsuleInfo {
+            id: r.id.clone(),
+            template: r.template.clone(),
+            guest_ip: net::GUEST_IP.to_string(),
+            host_ip: r.slot.reach_ip.to_string(),
+            metadata,
+        }
+    }
+
+    fn envd(&self, r: &CapsuleRecord) -> EnvdClient {
+        EnvdClient::new(SocketAddr::new(r.slot.reach_ip.into(), envd_proto::ENVD_PORT))
+    }
+
+    /// Removes every piece of a capsule. Best effort on each piece; never fails half-way.
+    async fn teardown(&self, r: &CapsuleRecord) {
+        if let Some(vm) = &r.vm {
+            if let Err(e) = self.vmm.stop(vm, &r.id).await {
+                warn!(capsule_id = %r.id, error = %e, "stopping the VM failed");
+            }
+        }
+        net::destroy(&r.slot).await;
+        let _ = tokio::fs::remove_dir_all(self.capsule_dir(&r.id)).await;
+        let _ = tokio::fs::remove_file(self.cfg.run_dir().join(format!("{}.qmp", r.id))).await;
+        lock(&self.slots).remove(&r.slot.index);
+    }
+
+    fn allocate_slot(&self) -> Option<Slot> {
+        let mut used = lock(&self.slots);
+        let index = (0..self.cfg.max_slots).find(|i| !used.contains(i))?;
+        used.insert(index);
+        Some(Slot::new(self.cfg.slot_base, index))
+    }
+
+    fn capsule_dir(&self, id: &str) -> PathBuf {
+        self.cfg.capsules_dir().join(id)
+    }
+
+    fn persist(&self, r: &CapsuleRecord) -> Result<()> {
+        let dir = self.capsule_dir(&r.id);
+        let tmp = dir.join("state.json.tmp");
+        let json = serde_json::to_vec_pretty(r).map_err(|e| AgentError::Io(e.into()))?;
+        std::fs::write(&tmp, json)?;
+        std::fs::rename(tmp, dir.join("state.json"))?;
+        Ok(())
+    }
+
+    /// Re-adopts live VMs from a previous agent run and removes whatever dead ones left.
+    async fn recover(&self) {
+        let Ok(rd) = std::fs::read_dir(self.cfg.capsules_dir()) else {
+            return;
+        };
+        for dir in rd.flatten().map(|e| e.path()) {
+            let record: Option<CapsuleRecord> = std::fs::read(dir.join("state.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            let Some(record) = record else {
+                warn!(dir = %dir.display(), "capsule directory without state; removing");
+                let _ = tokio::fs::remove_dir_all(&dir).await;
+                continue;
+            };
+            let alive = record.vm.as_ref().is_some_and(|vm| self.vmm.is_alive(vm, &record.id));
+            let healthy = alive && self.envd(&record).health().await.is_ok();
+            if healthy && record.envd_version.is_some() {
+                info!(capsule_id = %record.id, "re-adopted running capsule");
+                lock(&self.slots).insert(record.slot.index);
+                let entry = Arc::new(Entry {
+                    state: tokio::sync::Mutex::new(Some(record.clone())),
+                });
+                lock(&self.capsules).insert(record.id.clone(), entry);
+            } else {
+                warn!(capsule_id = %record.id, "capsule did not survive; cleaning up");
+                lock(&self.slots).insert(record.slot.index);
+                self.teardown(&record).await;
+            }
+        }
+        // Namespaces no capsule owns are leftovers of a crash between slot creation and persist.
+        let owned: BTreeSet<u32> = lock(&self.slots).clone();
+        for index in net::existing_slots() {
+            if !owned.contains(&index) {
+                net::destroy(&Slot::new(self.cfg.slot_base, index)).await;
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these short critical sections cannot leave the maps
+    // inconsistent (each is a single insert/remove), so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The last lines of a console log, for error messages.
+fn tail(path: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(8).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}

@@ -1,0 +1,182 @@
+//! Network slots: one per capsule, each a network namespace holding the TAP device QEMU opens.
+//!
+//! ```text
+//!   host ── wrv<N> (10.201.x.1/30) ══veth══ veth0 (10.201.x.2/30) ─┐ netns wrenn-s<N>
+//!                                                   tap0 10.200.0.1/24 ── guest eth0 10.200.0.2
+//! ```
+//! Invariants:
+//! - Inside every namespace the guest has the same address and MAC and sees the same gateway, so
+//!   any snapshot can be restored into any slot.
+//! - The slot's host-side address (`10.201.x.2`, the capsule's `host_ip`) DNATs every TCP/UDP port
+//!   to the guest; envd is reached there.
+//! - Guests reach the outside through two masquerades (namespace, then host) but never the host
+//!   itself nor another slot (the host's `ip wrenn` table drops that traffic).
+//! - Deleting the namespace deletes the TAP and both veth ends: teardown is one command, and a
+//!   namespace named `wrenn-s*` that no capsule owns is garbage to be collected.
+
+use std::net::Ipv4Addr;
+
+use crate::cmd;
+use crate::error::Result;
+
+pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
+pub const GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
+pub const GUEST_MAC: &str = "02:77:72:00:00:02";
+pub const GATEWAY_MAC: &str = "02:77:72:00:00:01";
+const NETNS_PREFIX: &str = "wrenn-s";
+
+/// A network slot's names and addresses (pure data; see [`create`] and [`destroy`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Slot {
+    pub index: u32,
+    pub netns: String,
+    pub host_veth: String,
+    /// Address of the host end of the veth pair.
+    pub host_side_ip: Ipv4Addr,
+    /// Address of the namespace end: what the host dials to reach the guest.
+    pub reach_ip: Ipv4Addr,
+}
+
+impl Slot {
+    pub fn new(base: Ipv4Addr, index: u32) -> Self {
+        let net = u32::from(base) + index * 4;
+        Self {
+            index,
+            netns: format!("{NETNS_PREFIX}{index}"),
+            host_veth: format!("wrv{index}"),
+            host_side_ip: Ipv4Addr::from(net + 1),
+            reach_ip: Ipv4Addr::from(net + 2),
+        }
+    }
+}
+
+/// Installs the host-wide rules once per agent start (idempotent).
+pub async fn prepare_host(base: Ipv4Addr, max_slots: u32) -> Result<()> {
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
+    let prefix = 32 - (max_slots * 4).next_power_of_two().trailing_zeros();
+    let range = format!("{base}/{prefix}");
+    let rules = format!(
+        r#"table ip wrenn
+delete table ip wrenn
+table ip wrenn {{
+  chain input {{
+    type filter hook input priority -10; policy accept;
+    iifname "wrv*" ct state established,related accept
+    iifname "wrv*" drop
+  }}
+  chain forward {{
+    type filter hook forward priority -10; policy accept;
+    iifname "wrv*" oifname "wrv*" drop
+    iifname "wrv*" ip daddr {{ 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 169.254.0.0/16, 100.64.0.0/10, 127.0.0.0/8 }} drop
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority 100; policy accept;
+    ip saddr {range} oifname != "wrv*" masquerade
+  }}
+}}
+"#
+    );
+    cmd::run_with_input("nft", &["-f", "-"], Some(&rules)).await?;
+    Ok(())
+}
+
+/// Creates the slot's namespace, veth pair, TAP device and NAT rules. On failure everything
+/// created so far is removed again.
+pub async fn create(slot: &Slot) -> Result<()> {
+    let r = build(slot).await;
+    if r.is_err() {
+        destroy(slot).await;
+    }
+    r
+}
+
+async fn build(slot: &Slot) -> Result<()> {
+    let ns = slot.netns.as_str();
+    // A leftover from a crash would make `netns add` fail; the slot is ours to reuse.
+    destroy(slot).await;
+    cmd::run("ip", &["netns", "add", ns]).await?;
+    let peer = format!("wrp{}", slot.index);
+    cmd::run(
+        "ip",
+        &["link", "add", &slot.host_veth, "type", "veth", "peer", "name", &peer, "netns", ns],
+    )
+    .await?;
+    let host_cidr = format!("{}/30", slot.host_side_ip);
+    cmd::run("ip", &["addr", "add", &host_cidr, "dev", &slot.host_veth]).await?;
+    cmd::run("ip", &["link", "set", &slot.host_veth, "up"]).await?;
+    let batch = format!(
+        "link set lo up\n\
+         link set {peer} name veth0\n\
+         addr add {reach}/30 dev veth0\n\
+         link set veth0 up\n\
+         route add default via {host}\n\
+         tuntap add tap0 mode tap\n\
+         link set tap0 address {gwmac}\n\
+         addr add {gw}/24 dev tap0\n\
+         link set tap0 up\n",
+        reach = slot.reach_ip,
+        host = slot.host_side_ip,
+        gwmac = GATEWAY_MAC,
+        gw = GATEWAY_IP,
+    );
+    cmd::run_with_input("ip", &["-n", ns, "-batch", "-"], Some(&batch)).await?;
+    let rules = format!(
+        r#"table ip wrenn {{
+  chain prerouting {{
+    type nat hook prerouting priority -100; policy accept;
+    iifname "veth0" ip daddr {reach} meta l4proto {{ tcp, udp }} dnat to {guest}
+  }}
+  chain output {{
+    type nat hook output priority -100; policy accept;
+    ip daddr {reach} meta l4proto {{ tcp, udp }} dnat to {guest}
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority 100; policy accept;
+    oifname "veth0" ip saddr 10.200.0.0/24 masquerade
+  }}
+}}
+"#,
+        reach = slot.reach_ip,
+        guest = GUEST_IP,
+    );
+    let script = "echo 1 > /proc/sys/net/ipv4/ip_forward && nft -f -";
+    cmd::run_with_input("ip", &["netns", "exec", ns, "sh", "-c", script], Some(&rules)).await?;
+    Ok(())
+}
+
+/// Removes the slot (namespace, TAP, veth pair, rules). Never fails: a missing piece is fine.
+pub async fn destroy(slot: &Slot) {
+    let _ = cmd::run("ip", &["netns", "del", &slot.netns]).await;
+    // The host end disappears with its peer; delete it explicitly in case the peer never moved.
+    if std::path::Path::new("/sys/class/net").join(&slot.host_veth).exists() {
+        let _ = cmd::run("ip", &["link", "del", &slot.host_veth]).await;
+    }
+}
+
+/// Slot indices of every `wrenn-s*` namespace on this host.
+pub fn existing_slots() -> Vec<u32> {
+    std::fs::read_dir("/run/netns")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_str()?.strip_prefix(NETNS_PREFIX)?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_addresses_do_not_overlap() {
+        let base = Ipv4Addr::new(10, 201, 0, 0);
+        let a = Slot::new(base, 0);
+        let b = Slot::new(base, 1);
+        assert_eq!(a.host_side_ip, Ipv4Addr::new(10, 201, 0, 1));
+        assert_eq!(a.reach_ip, Ipv4Addr::new(10, 201, 0, 2));
+        assert_eq!(b.host_side_ip, Ipv4Addr::new(10, 201, 0, 5));
+        assert_eq!(Slot::new(base, 64).reach_ip, Ipv4Addr::new(10, 201, 1, 2));
+        assert!(a.host_veth.len() <= 15 && Slot::new(base, 99999).host_veth.len() <= 15);
+    }
+}

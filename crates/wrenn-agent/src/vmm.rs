@@ -1,0 +1,69 @@
+//! Virtual machine monitors. [`Vmm`] is what the capsule manager needs from one; [`qemu`] is the
+//! driver for QEMU's `microvm` machine (KVM when usable, TCG otherwise).
+
+pub mod qemu;
+pub mod qmp;
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+
+/// The CPU accelerator a VMM runs guests with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// Everything needed to boot one VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub id: String,
+    /// The capsule's own directory (sockets, logs, pid file).
+    pub dir: PathBuf,
+    /// Network namespace the VMM runs in (it opens `tap0` there).
+    pub netns: String,
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub disk: PathBuf,
+    /// QMP control socket (a short path: unix socket paths are limited to 108 bytes).
+    pub qmp_socket: PathBuf,
+    /// `KEY=value` words appended to the kernel command line; they reach the guest's /init as
+    /// environment variables.
+    pub guest_env: Vec<(String, String)>,
+}
+
+/// A VM process the VMM started (or re-adopted after an agent restart).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct VmProcess {
+    pub pid: u32,
+    pub qmp_socket: PathBuf,
+    pub console_log: PathBuf,
+}
+
+#[async_trait]
+pub trait Vmm: Send + Sync {
+    /// e.g. `qemu 7.2.19`
+    fn version(&self) -> &str;
+    fn accel(&self) -> Accel;
+    /// Starts the VM; returns once the process runs (not once the guest is ready).
+    async fn boot(&self, cfg: &VmConfig) -> Result<VmProcess>;
+    /// True while the VM process lives.
+    fn is_alive(&self, vm: &VmProcess, id: &str) -> bool;
+    /// Stops the VM and waits until its process is gone.
+    async fn stop(&self, vm: &VmProcess, id: &str) -> Result<()>;
+}

@@ -1,0 +1,257 @@
+//! The QEMU `microvm` driver.
+//!
+//! QEMU runs inside the capsule's network namespace (`ip netns exec`), in its own process group so
+//! a Ctrl-C on the agent's terminal does not reach it, named `-name <capsule id>` so the agent can
+//! recognise its VMs after a restart (and never kill a recycled pid).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tracing::{info, warn};
+
+use super::{Accel, VmConfig, VmProcess, Vmm};
+use crate::config::AccelChoice;
+use crate::error::{AgentError, Result};
+
+/// Kernel command line measured to boot fastest here (DESIGN.md §9).
+const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 quiet reboot=t mitigations=off tsc=reliable \
+no_timer_check i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd 8250.nr_uarts=1 \
+random.trust_cpu=on cryptomgr.notests";
+
+/// How long the KVM probe may take before KVM is declared unusable.
+const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(8);
+
+pub struct QemuVmm {
+    binary: String,
+    version: String,
+    accel: Accel,
+}
+
+impl QemuVmm {
+    /// Finds QEMU's version and picks the accelerator (probing KVM when asked to choose).
+    pub async fn new(
+        binary: &str,
+        choice: AccelChoice,
+        kernel: &Path,
+        initramfs: &Path,
+        cache_dir: &Path,
+    ) -> Result<Self> {
+        let out = tokio::process::Command::new(binary)
+            .arg("--version")
+            .output()
+            .await
+            .map_err(|e| AgentError::Vmm(format!("cannot run {binary} (install qemu-system-x86): {e}")))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let version = text
+            .lines()
+            .next()
+            .and_then(|l| l.split("version ").nth(1))
+            .and_then(|v| v.split_whitespace().next())
+            .map(|v| format!("qemu {v}"))
+            .unwrap_or_else(|| "qemu unknown".to_string());
+        let accel = match choice {
+            AccelChoice::Tcg => Accel::Tcg,
+            AccelChoice::Kvm => Accel::Kvm,
+            AccelChoice::Auto => cached_probe(binary, kernel, initramfs, cache_dir).await,
+        };
+        info!(%version, accel = accel.as_str(), "vmm ready");
+        Ok(Self {
+            binary: binary.to_string(),
+            version,
+            accel,
+        })
+    }
+
+    fn args(&self, cfg: &VmConfig) -> Result<Vec<String>> {
+        let s = |p: &Path| -> Result<String> { Ok(crate::images::path_str(p)?.to_string()) };
+        let mut cmdline = BASE_CMDLINE.to_string();
+        for (k, v) in &cfg.guest_env {
+            cmdline.push_str(&format!(" {k}={v}"));
+        }
+        let accel = match self.accel {
+            Accel::Kvm => "kvm".to_string(),
+            Accel::Tcg => "tcg,thread=multi".to_string(),
+        };
+        let dir = &cfg.dir;
+        Ok(vec![
+            "-name".into(),
+            cfg.id.clone(),
+            "-accel".into(),
+            accel,
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-nographic".into(),
+            "-no-reboot".into(),
+            "-M".into(),
+            "microvm".into(),
+            "-m".into(),
+            format!("{}M", cfg.memory_mb),
+            "-smp".into(),
+            cfg.vcpus.to_string(),
+            "-serial".into(),
+            format!("file:{}", s(&dir.join("console.log"))?),
+            "-kernel".into(),
+            s(&cfg.kernel)?,
+            "-initrd".into(),
+            s(&cfg.initramfs)?,
+            "-append".into(),
+            cmdline,
+            "-drive".into(),
+            // writeback caching with the guest's flushes honoured: data a process fsyncs is on
+            // the host's disk.
+            format!("id=d0,file={},format=qcow2,if=none,cache=writeback,discard=unmap", s(&cfg.disk)?),
+            "-device".into(),
+            "virtio-blk-device,drive=d0".into(),
+            "-netdev".into(),
+            "tap,id=n0,ifname=tap0,script=no,downscript=no".into(),
+            "-device".into(),
+            format!("virtio-net-device,netdev=n0,mac={}", crate::net::GUEST_MAC),
+            "-device".into(),
+            "virtio-rng-device".into(),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", s(&cfg.qmp_socket)?),
+        ])
+    }
+}
+
+#[async_trait]
+impl Vmm for QemuVmm {
+    fn version(&self) -> &str {
+        &self.version
+    }
+
+    fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    async fn boot(&self, cfg: &VmConfig) -> Result<VmProcess> {
+        let log = std::fs::File::create(cfg.dir.join("qemu.log"))?;
+        let mut child = tokio::process::Command::new("ip")
+            .args(["netns", "exec", &cfg.netns, &self.binary])
+            .args(self.args(cfg)?)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| AgentError::Vmm(format!("cannot start {}: {e}", self.binary)))?;
+        let pid = child
+            .id()
+            .ok_or_else(|| AgentError::Vmm("qemu exited at once".into()))?;
+        // Reap the process whenever it exits so it never lingers as a zombie.
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+        Ok(VmProcess {
+            pid,
+            qmp_socket: cfg.qmp_socket.clone(),
+            console_log: cfg.dir.join("console.log"),
+        })
+    }
+
+    fn is_alive(&self, vm: &VmProcess, id: &str) -> bool {
+        process_matches(vm.pid, id)
+    }
+
+    async fn stop(&self, vm: &VmProcess, id: &str) -> Result<()> {
+        if !process_matches(vm.pid, id) {
+            return Ok(());
+        }
+        // The capsule's state is being thrown away, so there is nothing to flush: kill at once.
+        // SAFETY: kill(2) on a pid we just verified is this capsule's QEMU.
+        unsafe {
+            libc::kill(vm.pid as i32, libc::SIGKILL);
+        }
+        for _ in 0..500 {
+            if !process_matches(vm.pid, id) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Err(AgentError::Vmm(format!("qemu pid {} did not exit", vm.pid)))
+    }
+}
+
+/// True when `pid` is a live (non-zombie) QEMU named `id`.
+pub fn process_matches(pid: u32, id: &str) -> bool {
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let Ok(cmdline) = std::fs::read(proc_dir.join("cmdline")) else {
+        return false;
+    };
+    let named = cmdline
+        .split(|&b| b == 0)
+        .any(|arg| arg == id.as_bytes());
+    let zombie = std::fs::read_to_string(proc_dir.join("stat"))
+        .ok()
+        .and_then(|s| s.rsplit(')').next().map(|rest| rest.trim_start().starts_with('Z')))
+        .unwrap_or(true);
+    named && !zombie
+}
+
+/// The probe's answer is cached per host boot: KVM does not change while the host runs.
+async fn cached_probe(binary: &str, kernel: &Path, initramfs: &Path, cache_dir: &Path) -> Accel {
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let cache = cache_dir.join("accel-probe.json");
+    if let Ok(text) = std::fs::read_to_string(&cache) {
+        if let Ok((id, accel)) = serde_json::from_str::<(String, Accel)>(&text) {
+            if id == boot_id.trim() {
+                info!(accel = accel.as_str(), "accelerator from this boot's probe");
+                return accel;
+            }
+        }
+    }
+    let accel = probe_kvm(binary, kernel, initramfs).await;
+    if let Ok(text) = serde_json::to_string(&(boot_id.trim(), accel)) {
+        let _ = std::fs::write(&cache, text);
+    }
+    accel
+}
+
+/// Boots the guest kernel under KVM with `WRENN_PROBE=1` (its /init prints a marker and powers
+/// off). KVM is usable only when the marker appears within the bound.
+pub async fn probe_kvm(binary: &str, kernel: &Path, initramfs: &Path) -> Accel {
+    if !Path::new("/dev/kvm").exists() {
+        info!("no /dev/kvm: guests run under TCG");
+        return Accel::Tcg;
+    }
+    let (Some(k), Some(i)) = (kernel.to_str(), initramfs.to_str()) else {
+        return Accel::Tcg;
+    };
+    let child = tokio::process::Command::new(binary)
+        .args(["-accel", "kvm", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+        .args(["-M", "microvm", "-m", "256M", "-serial", "stdio", "-kernel", k, "-initrd", i])
+        .args(["-append", &format!("{BASE_CMDLINE} WRENN_PROBE=1")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn();
+    let Ok(mut child) = child else {
+        return Accel::Tcg;
+    };
+    let Some(stdout) = child.stdout.take() else {
+        return Accel::Tcg;
+    };
+    let mut lines = BufReader::new(stdout).lines();
+    let seen = tokio::time::timeout(KVM_PROBE_TIMEOUT, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("WRENN-PROBE-OK") {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    let _ = child.kill().await;
+    if seen {
+        info!("KVM probe booted a guest: using KVM");
+        Accel::Kvm
+    } else {
+        warn!("KVM probe did not finish within {KVM_PROBE_TIMEOUT:?}: guests run under TCG");
+        Accel::Tcg
+    }
+}

@@ -1,0 +1,11 @@
+//! Wire types of the Wrenn public API.
+//!
+//! Every type here mirrors a schema of `docs/openapi.yaml`; field names and optionality follow the
+//! spec exactly so that the official SDK and any generated client deserialize our answers.
+
+pub mod capsule;
+pub mod error;
+pub mod id;
+
+pub use capsule::*;
+pub use error::{ApiError, ErrorBody, ErrorCode};
