@@ -194,34 +194,57 @@ mod tests {
     async fn frames_round_trip() {
         let mut buf = Vec::new();
         write_json(&mut buf, &Request::Health).await.unwrap();
-        write_frame(&mut buf, FrameKind::Stdout, b"hello").await.unwrap();
+        write_frame(&mut buf, FrameKind::Stdout, b"hello")
+            .await
+            .unwrap();
         write_frame(&mut buf, FrameKind::Stderr, b"").await.unwrap();
         let mut r = &buf[..];
         let Some(Frame::Json(j)) = read_frame(&mut r).await.unwrap() else {
             panic!("expected json")
         };
-        assert_eq!(serde_json::from_slice::<Request>(&j).unwrap(), Request::Health);
-        assert_eq!(read_frame(&mut r).await.unwrap(), Some(Frame::Stdout(b"hello".to_vec())));
-        assert_eq!(read_frame(&mut r).await.unwrap(), Some(Frame::Stderr(vec![])));
+        assert_eq!(
+            serde_json::from_slice::<Request>(&j).unwrap(),
+            Request::Health
+        );
+        assert_eq!(
+            read_frame(&mut r).await.unwrap(),
+            Some(Frame::Stdout(b"hello".to_vec()))
+        );
+        assert_eq!(
+            read_frame(&mut r).await.unwrap(),
+            Some(Frame::Stderr(vec![]))
+        );
         assert_eq!(read_frame(&mut r).await.unwrap(), None);
     }
 
     #[tokio::test]
     async fn oversized_and_unknown_frames_are_rejected() {
         let mut r: &[u8] = &[1, 0xff, 0xff, 0xff, 0xff];
-        assert!(matches!(read_frame(&mut r).await, Err(ProtoError::FrameTooLarge(_))));
+        assert!(matches!(
+            read_frame(&mut r).await,
+            Err(ProtoError::FrameTooLarge(_))
+        ));
         let mut r: &[u8] = &[9, 0, 0, 0, 0];
-        assert!(matches!(read_frame(&mut r).await, Err(ProtoError::UnknownFrameKind(9))));
+        assert!(matches!(
+            read_frame(&mut r).await,
+            Err(ProtoError::UnknownFrameKind(9))
+        ));
     }
 
     #[tokio::test]
     async fn large_payloads_are_split() {
         let big = vec![7u8; MAX_FRAME_LEN as usize + 10];
         let mut buf = Vec::new();
-        write_frame(&mut buf, FrameKind::Stdout, &big).await.unwrap();
+        write_frame(&mut buf, FrameKind::Stdout, &big)
+            .await
+            .unwrap();
         let mut r = &buf[..];
-        let Some(Frame::Stdout(a)) = read_frame(&mut r).await.unwrap() else { panic!() };
-        let Some(Frame::Stdout(b)) = read_frame(&mut r).await.unwrap() else { panic!() };
+        let Some(Frame::Stdout(a)) = read_frame(&mut r).await.unwrap() else {
+            panic!()
+        };
+        let Some(Frame::Stdout(b)) = read_frame(&mut r).await.unwrap() else {
+            panic!()
+        };
         assert_eq!(a.len() + b.len(), big.len());
     }
 }

@@ -57,7 +57,10 @@ pub async fn run(spec: ExecSpec, mut rd: OwnedReadHalf, mut wr: OwnedWriteHalf) 
         if !std::path::Path::new(cwd).is_dir() {
             let _ = write_json(
                 &mut wr,
-                &crate::error(ErrorKind::InvalidRequest, format!("cwd {cwd} is not a directory")),
+                &crate::error(
+                    ErrorKind::InvalidRequest,
+                    format!("cwd {cwd} is not a directory"),
+                ),
             )
             .await;
             return;

@@ -38,9 +38,12 @@ pub fn after_boot() {
     // the template image). Failure only means less free space, so it is logged, not fatal.
     std::thread::spawn(|| {
         if std::path::Path::new("/dev/vda").exists() {
-            match Command::new("resize2fs").arg("/dev/vda").output() {
+            match Command::new("/sbin/resize2fs").arg("/dev/vda").output() {
                 Ok(out) if !out.status.success() => {
-                    eprintln!("envd: resize2fs: {}", String::from_utf8_lossy(&out.stderr).trim())
+                    eprintln!(
+                        "envd: resize2fs: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )
                 }
                 Err(e) => eprintln!("envd: resize2fs: {e}"),
                 _ => {}

@@ -66,12 +66,20 @@ async fn handle(stream: TcpStream) {
         Ok(Some(Frame::Json(bytes))) => match serde_json::from_slice::<Request>(&bytes) {
             Ok(r) => r,
             Err(e) => {
-                let _ = write_json(&mut wr, &error(ErrorKind::InvalidRequest, format!("bad request: {e}"))).await;
+                let _ = write_json(
+                    &mut wr,
+                    &error(ErrorKind::InvalidRequest, format!("bad request: {e}")),
+                )
+                .await;
                 return;
             }
         },
         Ok(Some(_)) => {
-            let _ = write_json(&mut wr, &error(ErrorKind::InvalidRequest, "expected a JSON request frame")).await;
+            let _ = write_json(
+                &mut wr,
+                &error(ErrorKind::InvalidRequest, "expected a JSON request frame"),
+            )
+            .await;
             return;
         }
         Ok(None) | Err(_) => return,

@@ -17,7 +17,11 @@ pub async fn run_with_input(program: &str, args: &[&str], input: Option<&str>) -
     let render = || format!("{program} {}", args.join(" "));
     let mut child = Command::new(program)
         .args(args)
-        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -33,7 +37,11 @@ pub async fn run_with_input(program: &str, args: &[&str], input: Option<&str>) -
     if !out.status.success() {
         return Err(AgentError::Command {
             command: render(),
-            detail: format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()),
+            detail: format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())

@@ -19,7 +19,9 @@ impl std::str::FromStr for AccelChoice {
             "auto" => Ok(AccelChoice::Auto),
             "kvm" => Ok(AccelChoice::Kvm),
             "tcg" => Ok(AccelChoice::Tcg),
-            other => Err(format!("accelerator must be auto, kvm or tcg, not {other:?}")),
+            other => Err(format!(
+                "accelerator must be auto, kvm or tcg, not {other:?}"
+            )),
         }
     }
 }

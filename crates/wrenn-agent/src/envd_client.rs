@@ -62,7 +62,9 @@ impl EnvdClient {
                 envd_version,
                 kernel_version,
             }),
-            other => Err(AgentError::Envd(format!("unexpected answer to health: {other:?}"))),
+            other => Err(AgentError::Envd(format!(
+                "unexpected answer to health: {other:?}"
+            ))),
         }
     }
 
@@ -71,7 +73,9 @@ impl EnvdClient {
     pub async fn exec(&self, spec: ExecSpec) -> Result<ExecOutput> {
         let limit = Duration::from_millis(spec.timeout_ms) + Duration::from_secs(15);
         let mut s = self.connect().await?;
-        write_json(&mut s, &Request::Exec(spec)).await.map_err(proto)?;
+        write_json(&mut s, &Request::Exec(spec))
+            .await
+            .map_err(proto)?;
         let mut out = ExecOutput::default();
         let collect = async {
             loop {
@@ -91,15 +95,23 @@ impl EnvdClient {
                                 Ok(())
                             }
                             Ok(Response::Error { kind, message }) => Err(match kind {
-                                envd_proto::ErrorKind::InvalidRequest => AgentError::InvalidRequest(message),
+                                envd_proto::ErrorKind::InvalidRequest => {
+                                    AgentError::InvalidRequest(message)
+                                }
                                 envd_proto::ErrorKind::NotFound => AgentError::NotFound(message),
                                 envd_proto::ErrorKind::Internal => AgentError::Envd(message),
                             }),
-                            Ok(other) => Err(AgentError::Envd(format!("unexpected answer to exec: {other:?}"))),
+                            Ok(other) => Err(AgentError::Envd(format!(
+                                "unexpected answer to exec: {other:?}"
+                            ))),
                             Err(e) => Err(AgentError::Envd(format!("bad answer: {e}"))),
                         };
                     }
-                    None => return Err(AgentError::Envd("connection closed before the process exited".into())),
+                    None => {
+                        return Err(AgentError::Envd(
+                            "connection closed before the process exited".into(),
+                        ))
+                    }
                 }
             }
         };

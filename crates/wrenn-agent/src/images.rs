@@ -41,7 +41,7 @@ ip link set lo up
 ip addr add "$WRENN_IP" dev eth0
 ip link set eth0 up
 ip route add default via "$WRENN_GW"
-ip neigh replace "$WRENN_GW" lladdr "$WRENN_GWMAC" dev eth0 nud permanent
+ip neigh add "$WRENN_GW" lladdr "$WRENN_GWMAC" dev eth0 nud permanent || true
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 500 ]; do sleep 0.01; i=$((i+1)); done
 mount -t ext4 -o rw,noatime /dev/vda /newroot || { echo "init: cannot mount root"; poweroff -f; }
@@ -160,7 +160,10 @@ impl ImageStore {
     /// Path of a built template rootfs, if present.
     pub fn rootfs_path(&self, template: &str) -> Option<PathBuf> {
         let r = recipe(template)?;
-        let p = self.dir.join("rootfs").join(format!("{}-{}.ext4", r.name, r.hash()));
+        let p = self
+            .dir
+            .join("rootfs")
+            .join(format!("{}-{}.ext4", r.name, r.hash()));
         p.exists().then_some(p)
     }
 
@@ -186,7 +189,9 @@ impl ImageStore {
             .filter_map(|l| l.trim().strip_prefix("Depends: "))
             .find(|p| p.starts_with("linux-image-") && p.ends_with("-cloud-amd64"))
             .ok_or_else(|| {
-                AgentError::Image("apt-cache finds no linux-image-*-cloud-amd64 (run apt-get update)".into())
+                AgentError::Image(
+                    "apt-cache finds no linux-image-*-cloud-amd64 (run apt-get update)".into(),
+                )
             })?
             .to_string();
         let version = package.trim_start_matches("linux-image-").to_string();
@@ -240,11 +245,14 @@ impl ImageStore {
 
     /// The initramfs for this kernel and envd binary (rebuilt when either changes).
     pub async fn ensure_initramfs(&self, kernel: &Kernel, envd: &Path) -> Result<PathBuf> {
-        let envd_bytes = std::fs::read(envd)
-            .map_err(|e| AgentError::Image(format!("cannot read envd at {}: {e}", envd.display())))?;
+        let envd_bytes = std::fs::read(envd).map_err(|e| {
+            AgentError::Image(format!("cannot read envd at {}: {e}", envd.display()))
+        })?;
         let busybox = Path::new("/bin/busybox");
         let busybox_bytes = std::fs::read(busybox).map_err(|e| {
-            AgentError::Image(format!("cannot read /bin/busybox (install busybox-static): {e}"))
+            AgentError::Image(format!(
+                "cannot read /bin/busybox (install busybox-static): {e}"
+            ))
         })?;
         let init = INIT_SCRIPT.replace("MODULES", &GUEST_MODULES.join(" "));
         let mut h = Sha256::new();
@@ -309,12 +317,22 @@ impl ImageStore {
         let include = format!("--include={}", r.packages.join(","));
         cmd::run(
             "debootstrap",
-            &["--variant=minbase", &include, r.suite, path_str(&stage)?, &self.mirror],
+            &[
+                "--variant=minbase",
+                &include,
+                r.suite,
+                path_str(&stage)?,
+                &self.mirror,
+            ],
         )
         .await
         .map_err(|e| AgentError::Image(format!("debootstrap failed: {e}")))?;
         bar.set_message(format!("configuring the {} guest image", r.name));
-        cmd::run("chroot", &[path_str(&stage)?, "/bin/sh", "-c", ROOTFS_FIXUP]).await?;
+        cmd::run(
+            "chroot",
+            &[path_str(&stage)?, "/bin/sh", "-c", ROOTFS_FIXUP],
+        )
+        .await?;
         bar.set_message(format!("writing the {} ext4 image", r.name));
         let tmp = dir.join(format!("{}-{hash}.ext4.tmp", r.name));
         let _ = std::fs::remove_file(&tmp);
@@ -359,7 +377,9 @@ async fn extract_vmlinux(bz: &[u8]) -> Result<Vec<u8>> {
             }
         }
     }
-    Err(AgentError::Image("no decompressible ELF payload found in the kernel image".into()))
+    Err(AgentError::Image(
+        "no decompressible ELF payload found in the kernel image".into(),
+    ))
 }
 
 async fn decompress(tool: &str, args: &[&str], input: &[u8]) -> Vec<u8> {
@@ -381,7 +401,11 @@ async fn decompress(tool: &str, args: &[&str], input: &[u8]) -> Vec<u8> {
             let _ = s.write_all(&data).await;
         }
     });
-    let out = child.wait_with_output().await.map(|o| o.stdout).unwrap_or_default();
+    let out = child
+        .wait_with_output()
+        .await
+        .map(|o| o.stdout)
+        .unwrap_or_default();
     let _ = feeder.await;
     out
 }

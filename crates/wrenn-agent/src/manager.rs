@@ -19,9 +19,9 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 use wrenn_api::CapsuleSpec;
 
-pub use crate::envd_client::ExecOutput;
 use crate::config::AgentConfig;
 use crate::envd_client::EnvdClient;
+pub use crate::envd_client::ExecOutput;
 use crate::error::{AgentError, Result};
 use crate::images::{BootImages, ImageStore};
 use crate::net::{self, Slot};
@@ -127,7 +127,10 @@ impl CapsuleManager {
     /// Boots a capsule and returns once envd answers. On any failure nothing is left behind.
     pub async fn create(&self, id: &str, spec: &CapsuleSpec) -> Result<CapsuleInfo> {
         let rootfs = self.images.rootfs_path(&spec.template).ok_or_else(|| {
-            AgentError::InvalidRequest(format!("template {:?} is not available on this host", spec.template))
+            AgentError::InvalidRequest(format!(
+                "template {:?} is not available on this host",
+                spec.template
+            ))
         })?;
         let entry = Arc::new(Entry {
             state: tokio::sync::Mutex::new(None),
@@ -137,7 +140,9 @@ impl CapsuleManager {
         {
             let mut map = lock(&self.capsules);
             if map.contains_key(id) {
-                return Err(AgentError::InvalidState(format!("capsule {id} already exists")));
+                return Err(AgentError::InvalidState(format!(
+                    "capsule {id} already exists"
+                )));
             }
             map.insert(id.to_string(), entry.clone());
         }
@@ -145,7 +150,9 @@ impl CapsuleManager {
             Some(s) => s,
             None => {
                 lock(&self.capsules).remove(id);
-                return Err(AgentError::InvalidState("no free network slot on this host".into()));
+                return Err(AgentError::InvalidState(
+                    "no free network slot on this host".into(),
+                ));
             }
         };
         let mut record = CapsuleRecord {
@@ -162,7 +169,11 @@ impl CapsuleManager {
         let started = Instant::now();
         match self.boot_vm(&mut record, &rootfs).await {
             Ok(()) => {
-                info!(capsule_id = id, ms = started.elapsed().as_millis() as u64, "capsule running");
+                info!(
+                    capsule_id = id,
+                    ms = started.elapsed().as_millis() as u64,
+                    "capsule running"
+                );
                 let info = self.info(&record);
                 *state = Some(record);
                 Ok(info)
@@ -209,7 +220,11 @@ impl CapsuleManager {
         Ok(())
     }
 
-    async fn wait_for_envd(&self, record: &CapsuleRecord, vm: &VmProcess) -> Result<crate::envd_client::EnvdHealth> {
+    async fn wait_for_envd(
+        &self,
+        record: &CapsuleRecord,
+        vm: &VmProcess,
+    ) -> Result<crate::envd_client::EnvdHealth> {
         let client = self.envd(record);
         let deadline = Instant::now() + self.cfg.boot_timeout;
         let mut last_err = String::new();
@@ -254,10 +269,9 @@ impl CapsuleManager {
     /// Runs a foreground command in a running capsule.
     pub async fn exec(&self, id: &str, spec: envd_proto::ExecSpec) -> Result<ExecOutput> {
         let client = {
-            let entry = lock(&self.capsules)
-                .get(id)
-                .cloned()
-                .ok_or_else(|| AgentError::NotFound(format!("capsule {id} not found on this host")))?;
+            let entry = lock(&self.capsules).get(id).cloned().ok_or_else(|| {
+                AgentError::NotFound(format!("capsule {id} not found on this host"))
+            })?;
             let state = entry.state.lock().await;
             let record = state
                 .as_ref()
@@ -294,8 +308,14 @@ impl CapsuleManager {
     fn info(&self, r: &CapsuleRecord) -> CapsuleInfo {
         let mut metadata = BTreeMap::new();
         let unknown = || "unknown".to_string();
-        metadata.insert("kernel_version".into(), r.kernel_version.clone().unwrap_or_else(unknown));
-        metadata.insert("envd_version".into(), r.envd_version.clone().unwrap_or_else(unknown));
+        metadata.insert(
+            "kernel_version".into(),
+            r.kernel_version.clone().unwrap_or_else(unknown),
+        );
+        metadata.insert(
+            "envd_version".into(),
+            r.envd_version.clone().unwrap_or_else(unknown),
+        );
         metadata.insert("vmm_version".into(), self.vmm.version().to_string());
         metadata.insert("agent_version".into(), AGENT_VERSION.to_string());
         metadata.insert("accelerator".into(), self.vmm.accel().as_str().to_string());
@@ -309,7 +329,10 @@ impl CapsuleManager {
     }
 
     fn envd(&self, r: &CapsuleRecord) -> EnvdClient {
-        EnvdClient::new(SocketAddr::new(r.slot.reach_ip.into(), envd_proto::ENVD_PORT))
+        EnvdClient::new(SocketAddr::new(
+            r.slot.reach_ip.into(),
+            envd_proto::ENVD_PORT,
+        ))
     }
 
     /// Removes every piece of a capsule. Best effort on each piece; never fails half-way.
@@ -359,7 +382,10 @@ impl CapsuleManager {
                 let _ = tokio::fs::remove_dir_all(&dir).await;
                 continue;
             };
-            let alive = record.vm.as_ref().is_some_and(|vm| self.vmm.is_alive(vm, &record.id));
+            let alive = record
+                .vm
+                .as_ref()
+                .is_some_and(|vm| self.vmm.is_alive(vm, &record.id));
             let healthy = alive && self.envd(&record).health().await.is_ok();
             if healthy && record.envd_version.is_some() {
                 info!(capsule_id = %record.id, "re-adopted running capsule");

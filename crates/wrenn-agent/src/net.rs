@@ -98,7 +98,18 @@ async fn build(slot: &Slot) -> Result<()> {
     let peer = format!("wrp{}", slot.index);
     cmd::run(
         "ip",
-        &["link", "add", &slot.host_veth, "type", "veth", "peer", "name", &peer, "netns", ns],
+        &[
+            "link",
+            "add",
+            &slot.host_veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer,
+            "netns",
+            ns,
+        ],
     )
     .await?;
     let host_cidr = format!("{}/30", slot.host_side_ip);
@@ -140,7 +151,12 @@ async fn build(slot: &Slot) -> Result<()> {
         guest = GUEST_IP,
     );
     let script = "echo 1 > /proc/sys/net/ipv4/ip_forward && nft -f -";
-    cmd::run_with_input("ip", &["netns", "exec", ns, "sh", "-c", script], Some(&rules)).await?;
+    cmd::run_with_input(
+        "ip",
+        &["netns", "exec", ns, "sh", "-c", script],
+        Some(&rules),
+    )
+    .await?;
     Ok(())
 }
 
@@ -148,7 +164,10 @@ async fn build(slot: &Slot) -> Result<()> {
 pub async fn destroy(slot: &Slot) {
     let _ = cmd::run("ip", &["netns", "del", &slot.netns]).await;
     // The host end disappears with its peer; delete it explicitly in case the peer never moved.
-    if std::path::Path::new("/sys/class/net").join(&slot.host_veth).exists() {
+    if std::path::Path::new("/sys/class/net")
+        .join(&slot.host_veth)
+        .exists()
+    {
         let _ = cmd::run("ip", &["link", "del", &slot.host_veth]).await;
     }
 }
@@ -158,7 +177,13 @@ pub fn existing_slots() -> Vec<u32> {
     std::fs::read_dir("/run/netns")
         .map(|rd| {
             rd.flatten()
-                .filter_map(|e| e.file_name().to_str()?.strip_prefix(NETNS_PREFIX)?.parse().ok())
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_str()?
+                        .strip_prefix(NETNS_PREFIX)?
+                        .parse()
+                        .ok()
+                })
                 .collect()
         })
         .unwrap_or_default()

@@ -40,12 +40,18 @@ async fn create_exec_destroy_leaves_nothing_behind() {
     let capsules_dir = cfg.capsules_dir();
     let mgr = CapsuleManager::start(cfg).await.expect("agent starts");
     let spec = CreateCapsuleRequest::default().validate().unwrap();
-    let info = mgr.create("cl-agenttest0000000000000000001", &spec).await.expect("capsule boots");
+    let info = mgr
+        .create("cl-agenttest0000000000000000001", &spec)
+        .await
+        .expect("capsule boots");
     assert_eq!(info.guest_ip, "10.200.0.2");
     assert_eq!(info.metadata["agent_version"], env!("CARGO_PKG_VERSION"));
     assert!(info.metadata["kernel_version"].contains("cloud-amd64"));
 
-    let out = mgr.exec(&info.id, sh("echo hello; echo err >&2; exit 3")).await.unwrap();
+    let out = mgr
+        .exec(&info.id, sh("echo hello; echo err >&2; exit 3"))
+        .await
+        .unwrap();
     assert_eq!(out.stdout, b"hello\n");
     assert_eq!(out.stderr, b"err\n");
     assert_eq!(out.exit_code, 3);
@@ -68,7 +74,13 @@ async fn create_exec_destroy_leaves_nothing_behind() {
 
     let t = std::time::Instant::now();
     let out = mgr
-        .exec(&info.id, ExecSpec { timeout_ms: 1_000, ..sh("echo start; sleep 30") })
+        .exec(
+            &info.id,
+            ExecSpec {
+                timeout_ms: 1_000,
+                ..sh("echo start; sleep 30")
+            },
+        )
         .await
         .unwrap();
     assert!(out.timed_out);
@@ -78,7 +90,10 @@ async fn create_exec_destroy_leaves_nothing_behind() {
     let netns = format!("/run/netns/wrenn-s0");
     assert!(std::path::Path::new(&netns).exists());
     assert!(mgr.destroy(&info.id).await.unwrap());
-    assert!(!mgr.destroy(&info.id).await.unwrap(), "second destroy is a no-op");
+    assert!(
+        !mgr.destroy(&info.id).await.unwrap(),
+        "second destroy is a no-op"
+    );
     assert!(!std::path::Path::new(&netns).exists(), "netns removed");
     assert!(!capsules_dir.join(&info.id).exists(), "capsule dir removed");
     assert!(mgr.list().await.is_empty());

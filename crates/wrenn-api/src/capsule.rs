@@ -108,7 +108,13 @@ pub struct CapsuleSpec {
 impl CreateCapsuleRequest {
     /// Applies defaults and checks bounds; the error text names the offending field.
     pub fn validate(&self) -> Result<CapsuleSpec, String> {
-        fn bounded(name: &str, v: Option<i64>, default: u32, min: u32, max: u32) -> Result<u32, String> {
+        fn bounded(
+            name: &str,
+            v: Option<i64>,
+            default: u32,
+            min: u32,
+            max: u32,
+        ) -> Result<u32, String> {
             let v = v.unwrap_or(default as i64);
             if v < min as i64 || v > max as i64 {
                 return Err(format!("{name} must be between {min} and {max}, got {v}"));
@@ -123,7 +129,13 @@ impl CreateCapsuleRequest {
             return Err("template must not be empty".into());
         }
         let vcpus = bounded("vcpus", self.vcpus, DEFAULT_VCPUS, 1, MAX_VCPUS)?;
-        let memory_mb = bounded("memory_mb", self.memory_mb, DEFAULT_MEMORY_MB, MIN_MEMORY_MB, MAX_MEMORY_MB)?;
+        let memory_mb = bounded(
+            "memory_mb",
+            self.memory_mb,
+            DEFAULT_MEMORY_MB,
+            MIN_MEMORY_MB,
+            MAX_MEMORY_MB,
+        )?;
         let disk_size_mb = bounded(
             "disk_size_mb",
             self.disk_size_mb,
@@ -210,12 +222,37 @@ mod tests {
     #[test]
     fn bounds_are_checked() {
         let bad = |r: CreateCapsuleRequest| r.validate().unwrap_err();
-        assert!(bad(CreateCapsuleRequest { vcpus: Some(0), ..Default::default() }).contains("vcpus"));
-        assert!(bad(CreateCapsuleRequest { vcpus: Some(99), ..Default::default() }).contains("vcpus"));
-        assert!(bad(CreateCapsuleRequest { memory_mb: Some(1), ..Default::default() }).contains("memory_mb"));
-        assert!(bad(CreateCapsuleRequest { timeout_sec: Some(-1), ..Default::default() }).contains("timeout_sec"));
-        assert!(bad(CreateCapsuleRequest { template: Some(" ".into()), ..Default::default() }).contains("template"));
-        let clamped = CreateCapsuleRequest { timeout_sec: Some(5), ..Default::default() }.validate().unwrap();
+        assert!(bad(CreateCapsuleRequest {
+            vcpus: Some(0),
+            ..Default::default()
+        })
+        .contains("vcpus"));
+        assert!(bad(CreateCapsuleRequest {
+            vcpus: Some(99),
+            ..Default::default()
+        })
+        .contains("vcpus"));
+        assert!(bad(CreateCapsuleRequest {
+            memory_mb: Some(1),
+            ..Default::default()
+        })
+        .contains("memory_mb"));
+        assert!(bad(CreateCapsuleRequest {
+            timeout_sec: Some(-1),
+            ..Default::default()
+        })
+        .contains("timeout_sec"));
+        assert!(bad(CreateCapsuleRequest {
+            template: Some(" ".into()),
+            ..Default::default()
+        })
+        .contains("template"));
+        let clamped = CreateCapsuleRequest {
+            timeout_sec: Some(5),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
         assert_eq!(clamped.timeout_sec, 60);
     }
 

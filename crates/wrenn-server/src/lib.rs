@@ -1,1 +1,27 @@
+//! The Wrenn control plane: the public HTTP API in front of one or more host agents.
+//!
+//! Layers, each with its own error type converted with `From`:
+//! - [`http`]: axum handlers — parse, call a service, map errors to `{"error":{code,message}}`.
+//! - [`service`]: what the API means (validation, state transitions, calls to hosts).
+//! - [`store`]: persistence behind one type, so PostgreSQL can join SQLite without touching
+//!   handlers or services.
+//! - [`host`]: how the control plane reaches a host agent ([`host::HostClient`]).
 
+pub mod auth;
+pub mod bootstrap;
+pub mod error;
+pub mod host;
+pub mod http;
+pub mod service;
+pub mod store;
+
+use std::sync::Arc;
+
+pub use error::HttpError;
+
+/// Shared state of every request.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: store::Store,
+    pub capsules: Arc<service::CapsuleService>,
+}

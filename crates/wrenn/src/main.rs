@@ -1,1 +1,211 @@
-fn main() {}
+//! `wrenn`: one binary for the whole platform.
+//!
+//! - `wrenn up`: single-node mode — control plane and one embedded host agent in one process,
+//!   SQLite under the data dir, zero configuration.
+//! - `wrenn server` / `wrenn agent`: the control plane and host agent as separate processes
+//!   (multi-host mode; not available in this version, see README's status table).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use tracing::info;
+use wrenn_agent::config::AccelChoice;
+use wrenn_agent::{AgentConfig, CapsuleManager};
+use wrenn_server::host::LocalHost;
+use wrenn_server::service::CapsuleService;
+use wrenn_server::store::Store;
+use wrenn_server::AppState;
+
+#[derive(Parser)]
+#[command(
+    name = "wrenn",
+    version,
+    about = "Wrenn: microVM capsules for AI agents"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the whole platform on this machine (control plane + host agent).
+    Up(UpArgs),
+    /// Run the control plane alone (multi-host mode).
+    Server,
+    /// Run a host agent alone (multi-host mode).
+    Agent,
+}
+
+#[derive(Args)]
+struct UpArgs {
+    /// Where the database, images and capsule state live.
+    #[arg(long, env = "WRENN_DATA_DIR", default_value = "/var/lib/wrenn")]
+    data_dir: PathBuf,
+    /// Address the API listens on.
+    #[arg(long, env = "WRENN_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// URL clients use to reach the API (default: http://<listen>).
+    #[arg(long, env = "WRENN_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// Image cache directory (default: <data dir>/images).
+    #[arg(long, env = "WRENN_IMAGES_DIR")]
+    images_dir: Option<PathBuf>,
+    /// The static envd binary injected into guests (default: next to this binary).
+    #[arg(long, env = "WRENN_ENVD")]
+    envd: Option<PathBuf>,
+    /// CPU accelerator: auto (probe KVM, fall back to TCG), kvm or tcg.
+    #[arg(long, env = "WRENN_ACCEL", default_value = "auto")]
+    accel: AccelChoice,
+    /// Email of the bootstrap admin created on first start.
+    #[arg(long, env = "WRENN_ADMIN_EMAIL", default_value = "admin@localhost")]
+    admin_email: String,
+    /// First address of the range used for capsule network slots (a /30 each).
+    #[arg(long, env = "WRENN_SLOT_BASE", default_value = "10.201.0.0")]
+    slot_base: std::net::Ipv4Addr,
+    /// Most capsules this host runs at once.
+    #[arg(long, env = "WRENN_MAX_SLOTS", default_value_t = 256)]
+    max_slots: u32,
+    /// Debian mirror used to build guest images.
+    #[arg(
+        long,
+        env = "WRENN_DEBIAN_MIRROR",
+        default_value = "http://deb.debian.org/debian"
+    )]
+    debian_mirror: String,
+    /// Destroy every capsule on shutdown instead of leaving them running for the next start.
+    #[arg(long, env = "WRENN_DESTROY_ON_EXIT")]
+    destroy_on_exit: bool,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,tower_http=warn,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Up(args) => rt.block_on(up(args)),
+        Command::Server | Command::Agent => bail!(
+            "multi-host mode (separate `wrenn server` and `wrenn agent`) is not available yet in this version; \
+             run `wrenn up` for a single-node platform"
+        ),
+    }
+}
+
+async fn up(args: UpArgs) -> Result<()> {
+    if args.max_slots == 0 || args.max_slots > 16384 {
+        bail!("--max-slots must be between 1 and 16384");
+    }
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create data dir {}", args.data_dir.display()))?;
+    let data_dir = args.data_dir.canonicalize()?;
+    let envd = match args.envd {
+        Some(p) => p,
+        None => find_envd()?,
+    };
+    let mut cfg = AgentConfig::new(data_dir.clone(), envd);
+    if let Some(images) = args.images_dir {
+        cfg.images_dir = images;
+    }
+    cfg.accel = args.accel;
+    cfg.slot_base = args.slot_base;
+    cfg.max_slots = args.max_slots;
+    cfg.debian_mirror = args.debian_mirror;
+
+    info!(data_dir = %data_dir.display(), "starting the host agent (first start builds guest images)");
+    let manager = CapsuleManager::start(cfg)
+        .await
+        .context("host agent failed to start")?;
+    let store = Store::open_sqlite(&data_dir.join("wrenn.db"))
+        .await
+        .context("cannot open the database")?;
+    let host = Arc::new(LocalHost {
+        id: "host-local".to_string(),
+        manager: manager.clone(),
+    });
+    let capsules = Arc::new(CapsuleService::new(store.clone(), host));
+    capsules
+        .reconcile()
+        .await
+        .map_err(|e| anyhow::anyhow!("reconcile: {e}"))?;
+
+    let base_url = args
+        .public_url
+        .unwrap_or_else(|| format!("http://{}", args.listen));
+    let bootstrap =
+        wrenn_server::bootstrap::ensure(&store, &data_dir, &base_url, &args.admin_email).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let app = wrenn_server::http::router(AppState { store, capsules });
+
+    println!(
+        "Wrenn is up: {base_url}  (vmm: {}, accelerator: {})",
+        manager.vmm_version(),
+        manager.accel()
+    );
+    match bootstrap {
+        Some(b) => {
+            println!("  API key:  {}", b.api_key);
+            println!("  admin:    {}", b.admin_email);
+        }
+        None => println!("  (bootstrap.json is gone; use an API key you created)"),
+    }
+    println!("  saved in: {}", data_dir.join("bootstrap.json").display());
+    println!(
+        "  try:      curl -s -X POST -H \"X-API-Key: $(jq -r .api_key {})\" {base_url}/v1/capsules",
+        data_dir.join("bootstrap.json").display()
+    );
+
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    if args.destroy_on_exit {
+        info!("destroying every capsule before exit");
+        manager.destroy_all().await;
+    } else {
+        info!("capsules keep running; the next `wrenn up` re-adopts them");
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    info!("shutting down");
+}
+
+/// envd sits next to the `wrenn` binary in an install, or in cargo's static-target directory
+/// when run from a checkout.
+fn find_envd() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("binary has no directory")?;
+    let candidates = [
+        dir.join("envd"),
+        dir.join("../x86_64-unknown-linux-gnu/release/envd"),
+        dir.join("../../x86_64-unknown-linux-gnu/release/envd"),
+    ];
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .map(|p| p.canonicalize())
+        .transpose()?
+        .context("cannot find the envd binary: build it with scripts/build.sh or pass --envd")
+}

@@ -43,7 +43,11 @@ impl QemuVmm {
             .arg("--version")
             .output()
             .await
-            .map_err(|e| AgentError::Vmm(format!("cannot run {binary} (install qemu-system-x86): {e}")))?;
+            .map_err(|e| {
+                AgentError::Vmm(format!(
+                    "cannot run {binary} (install qemu-system-x86): {e}"
+                ))
+            })?;
         let text = String::from_utf8_lossy(&out.stdout);
         let version = text
             .lines()
@@ -102,7 +106,10 @@ impl QemuVmm {
             "-drive".into(),
             // writeback caching with the guest's flushes honoured: data a process fsyncs is on
             // the host's disk.
-            format!("id=d0,file={},format=qcow2,if=none,cache=writeback,discard=unmap", s(&cfg.disk)?),
+            format!(
+                "id=d0,file={},format=qcow2,if=none,cache=writeback,discard=unmap",
+                s(&cfg.disk)?
+            ),
             "-device".into(),
             "virtio-blk-device,drive=d0".into(),
             "-netdev".into(),
@@ -141,6 +148,23 @@ impl Vmm for QemuVmm {
         let pid = child
             .id()
             .ok_or_else(|| AgentError::Vmm("qemu exited at once".into()))?;
+        // Until `ip netns exec` has exec'd QEMU, /proc shows the forked parent's command line;
+        // wait for QEMU proper so liveness checks by name are meaningful from here on.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !process_matches(pid, &cfg.id) {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = std::fs::read_to_string(cfg.dir.join("qemu.log")).unwrap_or_default();
+                return Err(AgentError::Vmm(format!(
+                    "qemu exited at start ({status}): {}",
+                    log.trim()
+                )));
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill().await;
+                return Err(AgentError::Vmm("qemu did not start within 5 s".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
         // Reap the process whenever it exits so it never lingers as a zombie.
         tokio::spawn(async move {
             let _ = child.wait().await;
@@ -181,12 +205,14 @@ pub fn process_matches(pid: u32, id: &str) -> bool {
     let Ok(cmdline) = std::fs::read(proc_dir.join("cmdline")) else {
         return false;
     };
-    let named = cmdline
-        .split(|&b| b == 0)
-        .any(|arg| arg == id.as_bytes());
+    let named = cmdline.split(|&b| b == 0).any(|arg| arg == id.as_bytes());
     let zombie = std::fs::read_to_string(proc_dir.join("stat"))
         .ok()
-        .and_then(|s| s.rsplit(')').next().map(|rest| rest.trim_start().starts_with('Z')))
+        .and_then(|s| {
+            s.rsplit(')')
+                .next()
+                .map(|rest| rest.trim_start().starts_with('Z'))
+        })
         .unwrap_or(true);
     named && !zombie
 }
@@ -221,8 +247,17 @@ pub async fn probe_kvm(binary: &str, kernel: &Path, initramfs: &Path) -> Accel {
         return Accel::Tcg;
     };
     let child = tokio::process::Command::new(binary)
-        .args(["-accel", "kvm", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-        .args(["-M", "microvm", "-m", "256M", "-serial", "stdio", "-kernel", k, "-initrd", i])
+        .args([
+            "-accel",
+            "kvm",
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-no-reboot",
+        ])
+        .args([
+            "-M", "microvm", "-m", "256M", "-serial", "stdio", "-kernel", k, "-initrd", i,
+        ])
         .args(["-append", &format!("{BASE_CMDLINE} WRENN_PROBE=1")])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -30,7 +30,9 @@ impl Qmp {
         };
         let greeting = qmp.read_message().await?;
         if greeting.get("QMP").is_none() {
-            return Err(AgentError::Vmm(format!("unexpected qmp greeting: {greeting}")));
+            return Err(AgentError::Vmm(format!(
+                "unexpected qmp greeting: {greeting}"
+            )));
         }
         qmp.execute("qmp_capabilities", None).await?;
         Ok(qmp)

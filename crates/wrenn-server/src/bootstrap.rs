@@ -1,0 +1,90 @@
+//! First start: an admin user, their team and an API key, written to `<data>/bootstrap.json`
+//! so the operator (and scripts) can use the platform at once.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use wrenn_api::id::{new_id, prefix};
+
+use crate::auth::{hash_api_key, key_prefix, new_api_key};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Bootstrap {
+    pub base_url: String,
+    pub api_key: String,
+    pub admin_email: String,
+}
+
+/// Creates the bootstrap admin on an empty database; otherwise returns what an earlier start
+/// wrote (with the current base URL), if the file is still there.
+pub async fn ensure(
+    store: &Store,
+    data_dir: &Path,
+    base_url: &str,
+    admin_email: &str,
+) -> Result<Option<Bootstrap>, StoreError> {
+    let file = data_dir.join("bootstrap.json");
+    if store.count_users().await? > 0 {
+        let existing: Option<Bootstrap> = std::fs::read(&file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        return Ok(existing.map(|b| Bootstrap {
+            base_url: base_url.to_string(),
+            ..b
+        }));
+    }
+    let user_id = new_id(prefix::USER);
+    let team_id = new_id(prefix::TEAM);
+    let slug = team_slug();
+    store
+        .create_admin_with_team(
+            &user_id,
+            admin_email,
+            "Admin",
+            &team_id,
+            "Admin's Team",
+            &slug,
+        )
+        .await?;
+    let key = new_api_key();
+    store
+        .create_api_key(
+            &new_id(prefix::API_KEY),
+            &team_id,
+            "bootstrap",
+            &hash_api_key(&key),
+            &key_prefix(&key),
+            Some(&user_id),
+        )
+        .await?;
+    let b = Bootstrap {
+        base_url: base_url.to_string(),
+        api_key: key,
+        admin_email: admin_email.to_string(),
+    };
+    write_private(&file, &serde_json::to_vec_pretty(&b).unwrap_or_default())
+        .map_err(|e| StoreError::Corrupt(format!("cannot write {}: {e}", file.display())))?;
+    Ok(Some(b))
+}
+
+/// Team slugs: 6 random bytes as `xxxxxx-yyyyyy`.
+pub fn team_slug() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 6];
+    rand::thread_rng().fill_bytes(&mut b);
+    format!("{}-{}", hex::encode(&b[..3]), hex::encode(&b[3..]))
+}
+
+/// The file holds a credential: readable by its owner only.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)
+}

@@ -1,0 +1,49 @@
+//! How the control plane reaches host agents.
+//!
+//! [`HostClient`] is the whole contract; [`LocalHost`] implements it for the agent embedded in
+//! the same process (`wrenn up`). A remote implementation (gRPC over mTLS) plugs in here.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use wrenn_agent::{AgentError, CapsuleInfo, CapsuleManager, ExecOutput};
+use wrenn_api::CapsuleSpec;
+
+#[async_trait]
+pub trait HostClient: Send + Sync {
+    fn host_id(&self) -> &str;
+    async fn templates(&self) -> Result<Vec<String>, AgentError>;
+    async fn create(&self, id: &str, spec: &CapsuleSpec) -> Result<CapsuleInfo, AgentError>;
+    /// Idempotent: destroying an unknown capsule succeeds with `false`.
+    async fn destroy(&self, id: &str) -> Result<bool, AgentError>;
+    async fn exec(&self, id: &str, spec: envd_proto::ExecSpec) -> Result<ExecOutput, AgentError>;
+    async fn list(&self) -> Result<Vec<CapsuleInfo>, AgentError>;
+}
+
+/// The host agent running in this process.
+pub struct LocalHost {
+    pub id: String,
+    pub manager: Arc<CapsuleManager>,
+}
+
+#[async_trait]
+impl HostClient for LocalHost {
+    fn host_id(&self) -> &str {
+        &self.id
+    }
+    async fn templates(&self) -> Result<Vec<String>, AgentError> {
+        Ok(self.manager.templates())
+    }
+    async fn create(&self, id: &str, spec: &CapsuleSpec) -> Result<CapsuleInfo, AgentError> {
+        self.manager.create(id, spec).await
+    }
+    async fn destroy(&self, id: &str) -> Result<bool, AgentError> {
+        self.manager.destroy(id).await
+    }
+    async fn exec(&self, id: &str, spec: envd_proto::ExecSpec) -> Result<ExecOutput, AgentError> {
+        self.manager.exec(id, spec).await
+    }
+    async fn list(&self) -> Result<Vec<CapsuleInfo>, AgentError> {
+        Ok(self.manager.list().await)
+    }
+}

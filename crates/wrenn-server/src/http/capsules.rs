@@ -1,0 +1,54 @@
+//! `/v1/capsules*` handlers: parse, call [`crate::service::CapsuleService`], answer.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use wrenn_api::{CreateCapsuleRequest, ExecRequest};
+
+use super::ApiJson;
+use crate::auth::TeamAuth;
+use crate::error::HttpError;
+use crate::AppState;
+
+pub async fn create(
+    State(s): State<AppState>,
+    auth: TeamAuth,
+    ApiJson(req): ApiJson<CreateCapsuleRequest>,
+) -> Result<impl IntoResponse, HttpError> {
+    let capsule = s.capsules.create(&auth.team_id, req).await?;
+    Ok((StatusCode::ACCEPTED, Json(capsule)))
+}
+
+pub async fn list(
+    State(s): State<AppState>,
+    auth: TeamAuth,
+) -> Result<impl IntoResponse, HttpError> {
+    Ok(Json(s.capsules.list(&auth.team_id).await?))
+}
+
+pub async fn get(
+    State(s): State<AppState>,
+    auth: TeamAuth,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, HttpError> {
+    Ok(Json(s.capsules.get(&auth.team_id, &id).await?))
+}
+
+pub async fn destroy(
+    State(s): State<AppState>,
+    auth: TeamAuth,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, HttpError> {
+    let capsule = s.capsules.destroy(&auth.team_id, &id).await?;
+    Ok((StatusCode::ACCEPTED, Json(capsule)))
+}
+
+pub async fn exec(
+    State(s): State<AppState>,
+    auth: TeamAuth,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<ExecRequest>,
+) -> Result<impl IntoResponse, HttpError> {
+    Ok(Json(s.capsules.exec(&auth.team_id, &id, req).await?))
+}

@@ -1,0 +1,137 @@
+//! The public HTTP API: routing, the JSON body extractor and the answers for paths that do not
+//! exist or are not built yet.
+
+mod capsules;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::{header, StatusCode, Uri};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::Router;
+use serde::de::DeserializeOwned;
+use tower_http::trace::TraceLayer;
+use wrenn_api::{ApiError, ErrorCode};
+
+use crate::error::HttpError;
+use crate::AppState;
+
+/// The contract, served verbatim.
+pub const OPENAPI_YAML: &str = include_str!("../../../../docs/openapi.yaml");
+
+/// Largest JSON body accepted on the API (file uploads have their own streaming paths).
+const MAX_JSON_BODY: usize = 4 * 1024 * 1024;
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/openapi.yaml", get(openapi))
+        .route("/v1/capsules", post(capsules::create).get(capsules::list))
+        .route(
+            "/v1/capsules/{id}",
+            get(capsules::get).delete(capsules::destroy),
+        )
+        .route("/v1/capsules/{id}/exec", post(capsules::exec))
+        .fallback(fallback)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI_YAML)
+}
+
+/// Path prefixes of spec operations this version does not serve yet (README's status table).
+const NOT_YET: &[&str] = &[
+    "/v1/auth/",
+    "/auth/oauth/",
+    "/v1/me",
+    "/v1/api-keys",
+    "/v1/users/",
+    "/v1/teams",
+    "/v1/snapshots",
+    "/v1/hosts",
+    "/v1/channels",
+    "/v1/admin/",
+    "/v1/events/",
+    "/v1/audit-logs",
+    "/v1/capsules/",
+];
+
+async fn fallback(uri: Uri) -> HttpError {
+    let path = uri.path();
+    if NOT_YET.iter().any(|p| path.starts_with(p)) && spec_has_path(path) {
+        return HttpError(ApiError::new(
+            ErrorCode::NotImplemented,
+            format!("{path} is part of the API but not available yet in this version of Wrenn"),
+        ));
+    }
+    HttpError(ApiError::not_found(format!("no such endpoint: {path}")))
+}
+
+/// True when `path` matches one of the spec's path templates (`{param}` matches one segment).
+fn spec_has_path(path: &str) -> bool {
+    let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    OPENAPI_YAML
+        .lines()
+        .filter_map(|l| l.strip_prefix("  /").and_then(|p| p.strip_suffix(':')))
+        .any(|template| {
+            let t: Vec<&str> = std::iter::once("").chain(template.split('/')).collect();
+            t.len() == segs.len()
+                && t.iter()
+                    .zip(&segs)
+                    .all(|(t, s)| (t.starts_with('{') && !s.is_empty()) || t == s)
+        })
+}
+
+async fn method_not_allowed() -> impl IntoResponse {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        axum::Json(ApiError::invalid("method not allowed on this endpoint").body()),
+    )
+}
+
+/// A JSON body. Unlike axum's `Json`, every rejection answers the error envelope with 400, an
+/// empty body means `{}`, and the content type is not required (clients omit it).
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = HttpError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            let code = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ErrorCode::TooLarge
+            } else {
+                ErrorCode::InvalidRequest
+            };
+            HttpError(ApiError::new(
+                code,
+                format!("cannot read request body: {e}"),
+            ))
+        })?;
+        let body: &[u8] = if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+            b"{}"
+        } else {
+            &bytes
+        };
+        serde_json::from_slice(body)
+            .map(ApiJson)
+            .map_err(|e| HttpError(ApiError::invalid(format!("invalid JSON body: {e}"))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_paths_are_recognised() {
+        assert!(spec_has_path("/v1/capsules/cl-x/pause"));
+        assert!(spec_has_path("/v1/teams"));
+        assert!(spec_has_path("/v1/hosts/host-1/tags/gpu"));
+        assert!(!spec_has_path("/v1/capsules/cl-x/nonsense"));
+        assert!(!spec_has_path("/v1/nope"));
+    }
+}

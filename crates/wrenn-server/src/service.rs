@@ -1,0 +1,280 @@
+//! What the capsule API means: validation, state transitions and calls to the host.
+//!
+//! State machine (this slice): `starting` → `running` → `stopping` → `stopped`, and any
+//! non-terminal state → `error` when the host fails. Rows are never deleted: `GET` answers any
+//! state, the list hides `stopped` and `error`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use tracing::{info, warn};
+use wrenn_api::id::{new_id, prefix};
+use wrenn_api::{
+    ApiError, Capsule, CapsuleStatus, CreateCapsuleRequest, ExecRequest, ExecResponse,
+    OutputEncoding, DEFAULT_EXEC_TIMEOUT_SEC, MAX_EXEC_TIMEOUT_SEC,
+};
+
+use crate::error::from_agent;
+use crate::host::HostClient;
+use crate::store::{CapsuleRow, Store};
+
+/// How long DELETE waits for the host to finish before answering 202 anyway.
+const DESTROY_WAIT: Duration = Duration::from_secs(5);
+
+pub struct CapsuleService {
+    store: Store,
+    host: Arc<dyn HostClient>,
+}
+
+type Result<T> = std::result::Result<T, ApiError>;
+
+impl CapsuleService {
+    pub fn new(store: Store, host: Arc<dyn HostClient>) -> Self {
+        Self { store, host }
+    }
+
+    /// Records the capsule as `starting` and boots it in the background.
+    pub async fn create(&self, team_id: &str, req: CreateCapsuleRequest) -> Result<Capsule> {
+        let spec = req.validate().map_err(ApiError::invalid)?;
+        let templates = self.host.templates().await.map_err(from_agent)?;
+        if !templates.contains(&spec.template) {
+            return Err(ApiError::invalid(format!(
+                "unknown template {:?} (available: {})",
+                spec.template,
+                templates.join(", ")
+            )));
+        }
+        let id = new_id(prefix::CAPSULE);
+        let row = self
+            .store
+            .insert_capsule(&id, team_id, self.host.host_id(), &spec)
+            .await?;
+        info!(capsule_id = %id, team_id, template = %spec.template, "capsule create accepted");
+        let (store, host) = (self.store.clone(), self.host.clone());
+        tokio::spawn(async move {
+            match host.create(&id, &spec).await {
+                Ok(info) => match store
+                    .mark_running(&id, &info.guest_ip, &info.host_ip, &info.metadata)
+                    .await
+                {
+                    Ok(true) => {}
+                    // Destroyed while booting: the VM nobody wants goes away again.
+                    Ok(false) | Err(_) => {
+                        let _ = host.destroy(&id).await;
+                    }
+                },
+                Err(e) => {
+                    warn!(capsule_id = %id, error = %e, "capsule failed to start");
+                    let _ = store.mark_error(&id, &e.to_string()).await;
+                }
+            }
+        });
+        Ok(row.capsule)
+    }
+
+    /// The capsule if it belongs to the team; another team's capsule is "not found".
+    pub async fn get(&self, team_id: &str, id: &str) -> Result<Capsule> {
+        Ok(self.owned(team_id, id).await?.capsule)
+    }
+
+    pub async fn list(&self, team_id: &str) -> Result<Vec<Capsule>> {
+        Ok(self
+            .store
+            .list_live_capsules(team_id)
+            .await?
+            .into_iter()
+            .map(|r| r.capsule)
+            .collect())
+    }
+
+    /// Starts destruction and waits briefly for it; repeating it is harmless.
+    pub async fn destroy(&self, team_id: &str, id: &str) -> Result<Capsule> {
+        let row = self.owned(team_id, id).await?;
+        if row.capsule.status.is_terminal() {
+            return Ok(row.capsule);
+        }
+        use CapsuleStatus::*;
+        self.store
+            .transition(
+                id,
+                &[Pending, Starting, Running, Paused, Missing, Stopping],
+                Stopping,
+            )
+            .await?;
+        let (store, host, id_owned) = (self.store.clone(), self.host.clone(), id.to_string());
+        let task = tokio::spawn(async move {
+            match host.destroy(&id_owned).await {
+                Ok(_) => {
+                    let _ = store.transition(&id_owned, &[Stopping], Stopped).await;
+                    info!(capsule_id = %id_owned, "capsule destroyed");
+                }
+                Err(e) => {
+                    warn!(capsule_id = %id_owned, error = %e, "destroy failed");
+                    let _ = store
+                        .mark_error(&id_owned, &format!("destroy failed: {e}"))
+                        .await;
+                }
+            }
+        });
+        let _ = tokio::time::timeout(DESTROY_WAIT, task).await;
+        Ok(self.owned(team_id, id).await?.capsule)
+    }
+
+    /// Runs a foreground command; `background` exec is not part of this version.
+    pub async fn exec(&self, team_id: &str, id: &str, req: ExecRequest) -> Result<ExecResponse> {
+        let row = self.owned(team_id, id).await?;
+        if req.cmd.trim().is_empty() {
+            return Err(ApiError::invalid("cmd must not be empty"));
+        }
+        if req.background {
+            return Err(ApiError::new(
+                wrenn_api::ErrorCode::NotImplemented,
+                "background exec is not available yet in this version of Wrenn",
+            ));
+        }
+        let timeout_sec = match req.timeout_sec {
+            None => DEFAULT_EXEC_TIMEOUT_SEC,
+            Some(t) if t < 0 => {
+                return Err(ApiError::invalid(format!(
+                    "timeout_sec must be >= 0, got {t}"
+                )))
+            }
+            // 0 means "no limit": the platform's maximum applies.
+            Some(0) => MAX_EXEC_TIMEOUT_SEC,
+            Some(t) if t > MAX_EXEC_TIMEOUT_SEC as i64 => {
+                return Err(ApiError::invalid(format!(
+                    "timeout_sec must be at most {MAX_EXEC_TIMEOUT_SEC}"
+                )))
+            }
+            Some(t) => t as u32,
+        };
+        if let Some(cwd) = &req.cwd {
+            if !cwd.starts_with('/') {
+                return Err(ApiError::invalid("cwd must be an absolute path"));
+            }
+        }
+        if let Some(bad) = req
+            .envs
+            .keys()
+            .find(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
+        {
+            return Err(ApiError::invalid(format!(
+                "invalid environment variable name {bad:?}"
+            )));
+        }
+        if row.capsule.status != CapsuleStatus::Running {
+            return Err(ApiError::invalid_state(format!(
+                "capsule {id} is {}, not running",
+                row.capsule.status.as_str()
+            )));
+        }
+        if req.cmd.contains('\0') || req.args.iter().any(|a| a.contains('\0')) {
+            return Err(ApiError::invalid("cmd and args must not contain NUL bytes"));
+        }
+        let _ = self.store.touch_capsule(id).await;
+        let spec = envd_proto::ExecSpec {
+            cmd: req.cmd.clone(),
+            args: req.args.clone(),
+            envs: req.envs.clone(),
+            cwd: req.cwd.clone(),
+            timeout_ms: timeout_sec as u64 * 1000,
+        };
+        let mut out = self.host.exec(id, spec).await.map_err(from_agent)?;
+        let _ = self.store.touch_capsule(id).await;
+        let mut exit_code = out.exit_code;
+        if out.timed_out {
+            // 124 is what coreutils' `timeout` reports; the note makes the kill visible to
+            // clients that only look at stderr.
+            exit_code = 124;
+            out.stderr.extend_from_slice(
+                format!("\n[wrenn] command timed out after {timeout_sec}s and was killed\n")
+                    .as_bytes(),
+            );
+        }
+        let (stdout, stderr, encoding) =
+            match (String::from_utf8(out.stdout), String::from_utf8(out.stderr)) {
+                (Ok(o), Ok(e)) => (o, e, OutputEncoding::Utf8),
+                (o, e) => {
+                    let b64 = base64::engine::general_purpose::STANDARD;
+                    let bytes = |r: std::result::Result<String, std::string::FromUtf8Error>| match r
+                    {
+                        Ok(s) => s.into_bytes(),
+                        Err(e) => e.into_bytes(),
+                    };
+                    (
+                        b64.encode(bytes(o)),
+                        b64.encode(bytes(e)),
+                        OutputEncoding::Base64,
+                    )
+                }
+            };
+        Ok(ExecResponse {
+            sandbox_id: id.to_string(),
+            cmd: req.cmd,
+            stdout,
+            stderr,
+            exit_code,
+            duration_ms: out.duration_ms,
+            encoding,
+            timed_out: out.timed_out,
+        })
+    }
+
+    /// Makes the DB agree with what the host actually runs (at start-up).
+    pub async fn reconcile(&self) -> Result<()> {
+        use CapsuleStatus::*;
+        let live: std::collections::HashSet<String> = self
+            .host
+            .list()
+            .await
+            .map_err(from_agent)?
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        let rows = self
+            .store
+            .capsules_on_host(
+                self.host.host_id(),
+                &[Pending, Starting, Running, Stopping, Stopped, Error],
+            )
+            .await?;
+        let mut known = std::collections::HashSet::new();
+        for CapsuleRow { capsule: c, .. } in rows {
+            known.insert(c.id.clone());
+            let on_host = live.contains(&c.id);
+            match c.status {
+                Running if on_host => {}
+                Starting | Running | Pending => {
+                    warn!(capsule_id = %c.id, "capsule lost while the platform was down");
+                    let _ = self
+                        .store
+                        .mark_error(&c.id, "capsule lost while the platform was down")
+                        .await;
+                    if on_host {
+                        let _ = self.host.destroy(&c.id).await;
+                    }
+                }
+                Stopping | Stopped | Error => {
+                    if on_host {
+                        let _ = self.host.destroy(&c.id).await;
+                    }
+                    let _ = self.store.transition(&c.id, &[Stopping], Stopped).await;
+                }
+                _ => {}
+            }
+        }
+        for id in live.difference(&known) {
+            warn!(capsule_id = %id, "host runs a capsule the control plane does not know; destroying");
+            let _ = self.host.destroy(id).await;
+        }
+        Ok(())
+    }
+
+    async fn owned(&self, team_id: &str, id: &str) -> Result<CapsuleRow> {
+        match self.store.capsule(id).await? {
+            Some(row) if row.team_id == team_id => Ok(row),
+            _ => Err(ApiError::not_found(format!("capsule {id} not found"))),
+        }
+    }
+}

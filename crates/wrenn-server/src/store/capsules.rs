@@ -1,0 +1,202 @@
+//! Capsule rows.
+
+use std::collections::BTreeMap;
+
+use chrono::Utc;
+use sqlx::sqlite::SqliteRow;
+use sqlx::Row;
+use wrenn_api::{Capsule, CapsuleSpec, CapsuleStatus};
+
+use super::{parse_ts, ts, Result, Store, StoreError};
+
+/// A capsule as stored: the API's view plus what only the control plane needs.
+#[derive(Debug, Clone)]
+pub struct CapsuleRow {
+    pub capsule: Capsule,
+    pub team_id: String,
+    pub host_id: Option<String>,
+    pub error: Option<String>,
+}
+
+const COLUMNS: &str =
+    "id, team_id, host_id, template, status, vcpus, memory_mb, disk_size_mb, timeout_sec, \
+     guest_ip, host_ip, metadata, error, created_at, started_at, last_active_at, last_updated";
+
+fn from_row(r: &SqliteRow) -> Result<CapsuleRow> {
+    let opt_ts = |name: &str| -> Result<Option<chrono::DateTime<Utc>>> {
+        r.try_get::<Option<String>, _>(name)?
+            .as_deref()
+            .map(parse_ts)
+            .transpose()
+    };
+    let status: String = r.try_get("status")?;
+    let metadata: Option<String> = r.try_get("metadata")?;
+    let metadata = metadata
+        .map(|m| serde_json::from_str::<BTreeMap<String, String>>(&m))
+        .transpose()
+        .map_err(|e| StoreError::Corrupt(format!("capsule metadata: {e}")))?;
+    let capsule = Capsule {
+        id: r.try_get("id")?,
+        status: CapsuleStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("capsule status {status:?}")))?,
+        template: r.try_get("template")?,
+        vcpus: r.try_get::<i64, _>("vcpus")? as u32,
+        memory_mb: r.try_get::<i64, _>("memory_mb")? as u32,
+        timeout_sec: r.try_get::<i64, _>("timeout_sec")? as u32,
+        guest_ip: r.try_get("guest_ip")?,
+        host_ip: r.try_get("host_ip")?,
+        created_at: parse_ts(&r.try_get::<String, _>("created_at")?)?,
+        started_at: opt_ts("started_at")?,
+        last_active_at: opt_ts("last_active_at")?,
+        last_updated: parse_ts(&r.try_get::<String, _>("last_updated")?)?,
+        metadata,
+        disk_size_mb: Some(r.try_get::<i64, _>("disk_size_mb")? as u32),
+        disk_used_mb: None,
+    };
+    Ok(CapsuleRow {
+        capsule,
+        team_id: r.try_get("team_id")?,
+        host_id: r.try_get("host_id")?,
+        error: r.try_get("error")?,
+    })
+}
+
+impl Store {
+    pub async fn insert_capsule(
+        &self,
+        id: &str,
+        team_id: &str,
+        host_id: &str,
+        spec: &CapsuleSpec,
+    ) -> Result<CapsuleRow> {
+        let now = ts(Utc::now());
+        sqlx::query(
+            "INSERT INTO capsules (id, team_id, host_id, template, status, vcpus, memory_mb, disk_size_mb, \
+             timeout_sec, created_at, last_updated) VALUES ($1, $2, $3, $4, 'starting', $5, $6, $7, $8, $9, $9)",
+        )
+        .bind(id)
+        .bind(team_id)
+        .bind(host_id)
+        .bind(&spec.template)
+        .bind(spec.vcpus as i64)
+        .bind(spec.memory_mb as i64)
+        .bind(spec.disk_size_mb as i64)
+        .bind(spec.timeout_sec as i64)
+        .bind(&now)
+        .execute(&self.pool)
+        .await?;
+        self.capsule(id)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt(format!("capsule {id} vanished after insert")))
+    }
+
+    pub async fn capsule(&self, id: &str) -> Result<Option<CapsuleRow>> {
+        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM capsules WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(from_row).transpose()
+    }
+
+    /// The team's capsules that still exist (not `stopped` or `error`), newest first.
+    pub async fn list_live_capsules(&self, team_id: &str) -> Result<Vec<CapsuleRow>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM capsules WHERE team_id = $1 AND status NOT IN ('stopped', 'error') \
+             ORDER BY created_at DESC, id"
+        ))
+        .bind(team_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(from_row).collect()
+    }
+
+    /// Capsules on a host in any of `statuses`.
+    pub async fn capsules_on_host(
+        &self,
+        host_id: &str,
+        statuses: &[CapsuleStatus],
+    ) -> Result<Vec<CapsuleRow>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM capsules WHERE host_id = $1"
+        ))
+        .bind(host_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let all: Vec<CapsuleRow> = rows.iter().map(from_row).collect::<Result<_>>()?;
+        Ok(all
+            .into_iter()
+            .filter(|r| statuses.contains(&r.capsule.status))
+            .collect())
+    }
+
+    /// Moves a capsule to `to` only if it is currently in one of `from`; returns whether it moved.
+    pub async fn transition(
+        &self,
+        id: &str,
+        from: &[CapsuleStatus],
+        to: CapsuleStatus,
+    ) -> Result<bool> {
+        let list = from
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let done = sqlx::query(&format!(
+            "UPDATE capsules SET status = $1, last_updated = $2 WHERE id = $3 AND status IN ({list})"
+        ))
+        .bind(to.as_str())
+        .bind(ts(Utc::now()))
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// `starting` → `running` with what the host reported; false if the capsule left `starting`.
+    pub async fn mark_running(
+        &self,
+        id: &str,
+        guest_ip: &str,
+        host_ip: &str,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<bool> {
+        let now = ts(Utc::now());
+        let meta =
+            serde_json::to_string(metadata).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let done = sqlx::query(
+            "UPDATE capsules SET status = 'running', guest_ip = $1, host_ip = $2, metadata = $3, \
+             started_at = $4, last_active_at = $4, last_updated = $4 WHERE id = $5 AND status = 'starting'",
+        )
+        .bind(guest_ip)
+        .bind(host_ip)
+        .bind(meta)
+        .bind(&now)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Any non-terminal state → `error`, keeping the reason.
+    pub async fn mark_error(&self, id: &str, reason: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE capsules SET status = 'error', error = $1, last_updated = $2 \
+             WHERE id = $3 AND status NOT IN ('stopped', 'error')",
+        )
+        .bind(reason)
+        .bind(ts(Utc::now()))
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn touch_capsule(&self, id: &str) -> Result<()> {
+        sqlx::query("UPDATE capsules SET last_active_at = $1 WHERE id = $2")
+            .bind(ts(Utc::now()))
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
