@@ -49,6 +49,20 @@ pub enum Request {
     Health,
     /// Run a process to completion, streaming its output back.
     Exec(ExecSpec),
+    /// Start a process in the background and answer at once with its pid and tag.
+    Start(StartSpec),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct StartSpec {
+    pub cmd: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub envs: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    /// The caller's tag; envd picks `proc-` + 8 hex when absent. Unique among live processes.
+    pub tag: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -72,6 +86,10 @@ pub enum Response {
         kernel_version: String,
         protocol: u32,
     },
+    Started {
+        pid: u32,
+        tag: String,
+    },
     Exit {
         exit_code: i32,
         timed_out: bool,
@@ -90,6 +108,8 @@ pub enum ErrorKind {
     /// The request itself was wrong (unknown command, bad cwd, ...).
     InvalidRequest,
     NotFound,
+    /// A live process already has the requested tag.
+    Conflict,
     Internal,
 }
 

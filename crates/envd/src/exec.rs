@@ -23,7 +23,7 @@ enum Chunk {
 
 /// Builds the command: with no `args`, `cmd` is a shell command line (`/bin/sh -c cmd`);
 /// with `args`, `cmd` is the program and `args` its arguments.
-fn command(spec: &ExecSpec) -> Command {
+pub fn command(spec: &ExecSpec) -> Command {
     let mut c = if spec.args.is_empty() {
         let mut c = Command::new("/bin/sh");
         c.arg("-c").arg(&spec.cmd);

@@ -7,6 +7,7 @@
 //! - A process envd started never outlives the request that started it (foreground exec): on
 //!   timeout or when the host hangs up, its whole process group is killed.
 
+mod background;
 mod exec;
 mod init;
 
@@ -97,6 +98,7 @@ async fn handle(stream: TcpStream) {
             .await;
         }
         Request::Exec(spec) => exec::run(spec, rd, wr).await,
+        Request::Start(spec) => background::start(spec, wr).await,
     }
 }
 

@@ -3,7 +3,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use envd_proto::{read_frame, write_json, ExecSpec, Frame, Request, Response};
+use envd_proto::{
+    read_frame, write_json, ErrorKind, ExecSpec, Frame, Request, Response, StartSpec,
+};
 use tokio::net::TcpStream;
 
 use crate::error::{AgentError, Result};
@@ -94,13 +96,7 @@ impl EnvdClient {
                                 out.duration_ms = duration_ms;
                                 Ok(())
                             }
-                            Ok(Response::Error { kind, message }) => Err(match kind {
-                                envd_proto::ErrorKind::InvalidRequest => {
-                                    AgentError::InvalidRequest(message)
-                                }
-                                envd_proto::ErrorKind::NotFound => AgentError::NotFound(message),
-                                envd_proto::ErrorKind::Internal => AgentError::Envd(message),
-                            }),
+                            Ok(Response::Error { kind, message }) => Err(envd_error(kind, message)),
                             Ok(other) => Err(AgentError::Envd(format!(
                                 "unexpected answer to exec: {other:?}"
                             ))),
@@ -119,6 +115,39 @@ impl EnvdClient {
             .await
             .map_err(|_| AgentError::Envd("no answer from envd".into()))??;
         Ok(out)
+    }
+}
+
+/// A started background process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartedProcess {
+    pub pid: u32,
+    pub tag: String,
+}
+
+impl EnvdClient {
+    /// Starts a background process and returns as soon as it runs.
+    pub async fn start(&self, spec: StartSpec) -> Result<StartedProcess> {
+        let mut s = self.connect().await?;
+        write_json(&mut s, &Request::Start(spec))
+            .await
+            .map_err(proto)?;
+        match read_response(&mut s).await? {
+            Response::Started { pid, tag } => Ok(StartedProcess { pid, tag }),
+            Response::Error { kind, message } => Err(envd_error(kind, message)),
+            other => Err(AgentError::Envd(format!(
+                "unexpected answer to start: {other:?}"
+            ))),
+        }
+    }
+}
+
+fn envd_error(kind: ErrorKind, message: String) -> AgentError {
+    match kind {
+        ErrorKind::InvalidRequest => AgentError::InvalidRequest(message),
+        ErrorKind::NotFound => AgentError::NotFound(message),
+        ErrorKind::Conflict => AgentError::Conflict(message),
+        ErrorKind::Internal => AgentError::Envd(message),
     }
 }
 

@@ -12,6 +12,9 @@ pub enum AgentError {
     /// The capsule exists but is not in a state that allows the operation.
     #[error("{0}")]
     InvalidState(String),
+    /// The request clashes with what exists (e.g. a live process already has the tag).
+    #[error("{0}")]
+    Conflict(String),
     /// A host command (ip, nft, qemu-img, ...) failed.
     #[error("command `{command}` failed: {detail}")]
     Command { command: String, detail: String },

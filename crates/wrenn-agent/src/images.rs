@@ -41,7 +41,7 @@ ip link set lo up
 ip addr add "$WRENN_IP" dev eth0
 ip link set eth0 up
 ip route add default via "$WRENN_GW"
-ip neigh add "$WRENN_GW" lladdr "$WRENN_GWMAC" dev eth0 nud permanent || true
+arp -i eth0 -s "$WRENN_GW" "$WRENN_GWMAC" || echo "init: static arp entry failed"
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 500 ]; do sleep 0.01; i=$((i+1)); done
 mount -t ext4 -o rw,noatime /dev/vda /newroot || { echo "init: cannot mount root"; poweroff -f; }
@@ -294,6 +294,12 @@ impl ImageStore {
         cmd::run("sh", &["-c", &script]).await?;
         std::fs::rename(&tmp, &target)?;
         std::fs::remove_dir_all(&stage)?;
+        // Older initramfs builds (previous envd versions) are never used again.
+        for old in std::fs::read_dir(&dir)?.flatten().map(|e| e.path()) {
+            if old != target && old.extension().is_some_and(|x| x == "cpio") {
+                let _ = std::fs::remove_file(old);
+            }
+        }
         Ok(target)
     }
 

@@ -21,7 +21,7 @@ use wrenn_api::CapsuleSpec;
 
 use crate::config::AgentConfig;
 use crate::envd_client::EnvdClient;
-pub use crate::envd_client::ExecOutput;
+pub use crate::envd_client::{ExecOutput, StartedProcess};
 use crate::error::{AgentError, Result};
 use crate::images::{BootImages, ImageStore};
 use crate::net::{self, Slot};
@@ -213,7 +213,14 @@ impl CapsuleManager {
         let vm = self.vmm.boot(&cfg).await?;
         record.vm = Some(vm.clone());
         self.persist(record)?;
-        let health = self.wait_for_envd(record, &vm).await?;
+        let deadline = Instant::now() + self.cfg.boot_timeout;
+        let health = match self.wait_for_envd(record, &vm, deadline).await {
+            Err(AgentError::Envd(msg)) => {
+                let state = crate::vmm::qemu::diagnose(&vm.qmp_socket).await;
+                return Err(AgentError::Envd(format!("{msg}; vm: {state}")));
+            }
+            other => other?,
+        };
         record.envd_version = Some(health.envd_version);
         record.kernel_version = Some(health.kernel_version);
         self.persist(record)?;
@@ -224,9 +231,10 @@ impl CapsuleManager {
         &self,
         record: &CapsuleRecord,
         vm: &VmProcess,
+        deadline: Instant,
     ) -> Result<crate::envd_client::EnvdHealth> {
         let client = self.envd(record);
-        let deadline = Instant::now() + self.cfg.boot_timeout;
+        let started = Instant::now();
         let mut last_err = String::new();
         while Instant::now() < deadline {
             if !self.vmm.is_alive(vm, &record.id) {
@@ -246,7 +254,7 @@ impl CapsuleManager {
         }
         Err(AgentError::Envd(format!(
             "envd did not answer within {:?} ({last_err}); console: {}",
-            self.cfg.boot_timeout,
+            started.elapsed(),
             tail(&vm.console_log)
         )))
     }
@@ -268,17 +276,29 @@ impl CapsuleManager {
 
     /// Runs a foreground command in a running capsule.
     pub async fn exec(&self, id: &str, spec: envd_proto::ExecSpec) -> Result<ExecOutput> {
-        let client = {
-            let entry = lock(&self.capsules).get(id).cloned().ok_or_else(|| {
-                AgentError::NotFound(format!("capsule {id} not found on this host"))
-            })?;
-            let state = entry.state.lock().await;
-            let record = state
-                .as_ref()
-                .ok_or_else(|| AgentError::InvalidState(format!("capsule {id} is not running")))?;
-            self.envd(record)
-        };
-        client.exec(spec).await
+        self.envd_of(id).await?.exec(spec).await
+    }
+
+    /// Starts a background process in a running capsule.
+    pub async fn start_process(
+        &self,
+        id: &str,
+        spec: envd_proto::StartSpec,
+    ) -> Result<StartedProcess> {
+        self.envd_of(id).await?.start(spec).await
+    }
+
+    /// The envd of a running capsule; the capsule's lock is held only while looking it up.
+    async fn envd_of(&self, id: &str) -> Result<EnvdClient> {
+        let entry = lock(&self.capsules)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| AgentError::NotFound(format!("capsule {id} not found on this host")))?;
+        let state = entry.state.lock().await;
+        let record = state
+            .as_ref()
+            .ok_or_else(|| AgentError::InvalidState(format!("capsule {id} is not running")))?;
+        Ok(self.envd(record))
     }
 
     /// Every capsule that is running on this host.
@@ -402,7 +422,7 @@ impl CapsuleManager {
         }
         // Namespaces no capsule owns are leftovers of a crash between slot creation and persist.
         let owned: BTreeSet<u32> = lock(&self.slots).clone();
-        for index in net::existing_slots() {
+        for index in net::existing_slots(self.cfg.slot_base, self.cfg.max_slots) {
             if !owned.contains(&index) {
                 net::destroy(&Slot::new(self.cfg.slot_base, index)).await;
             }

@@ -1,7 +1,7 @@
 //! Network slots: one per capsule, each a network namespace holding the TAP device QEMU opens.
 //!
 //! ```text
-//!   host ── wrv<N> (10.201.x.1/30) ══veth══ veth0 (10.201.x.2/30) ─┐ netns wrenn-s<N>
+//!   host ── wrv<T> (10.201.x.1/30) ══veth══ veth0 (10.201.x.2/30) ─┐ netns wrenn-s<T>
 //!                                                   tap0 10.200.0.1/24 ── guest eth0 10.200.0.2
 //! ```
 //! Invariants:
@@ -10,7 +10,8 @@
 //! - The slot's host-side address (`10.201.x.2`, the capsule's `host_ip`) DNATs every TCP/UDP port
 //!   to the guest; envd is reached there.
 //! - Guests reach the outside through two masquerades (namespace, then host) but never the host
-//!   itself nor another slot (the host's `ip wrenn` table drops that traffic).
+//!   itself nor another slot (the host's `ip wrenn_<range>` table drops that traffic).
+//! - `<T>` is derived from the slot's address, so every name is unique on the host.
 //! - Deleting the namespace deletes the TAP and both veth ends: teardown is one command, and a
 //!   namespace named `wrenn-s*` that no capsule owns is garbage to be collected.
 
@@ -40,10 +41,13 @@ pub struct Slot {
 impl Slot {
     pub fn new(base: Ipv4Addr, index: u32) -> Self {
         let net = u32::from(base) + index * 4;
+        // Names come from the slot's address, not its index, so agents with disjoint ranges on
+        // one machine (a developer's `wrenn up` and a test run) never share a name.
+        let tag = name_tag(net);
         Self {
             index,
-            netns: format!("{NETNS_PREFIX}{index}"),
-            host_veth: format!("wrv{index}"),
+            netns: format!("{NETNS_PREFIX}{tag}"),
+            host_veth: format!("wrv{tag}"),
             host_side_ip: Ipv4Addr::from(net + 1),
             reach_ip: Ipv4Addr::from(net + 2),
         }
@@ -55,10 +59,11 @@ pub async fn prepare_host(base: Ipv4Addr, max_slots: u32) -> Result<()> {
     std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
     let prefix = 32 - (max_slots * 4).next_power_of_two().trailing_zeros();
     let range = format!("{base}/{prefix}");
+    let table = format!("wrenn_{}", base.to_string().replace('.', "_"));
     let rules = format!(
-        r#"table ip wrenn
-delete table ip wrenn
-table ip wrenn {{
+        r#"table ip {table}
+delete table ip {table}
+table ip {table} {{
   chain input {{
     type filter hook input priority -10; policy accept;
     iifname "wrv*" ct state established,related accept
@@ -95,7 +100,7 @@ async fn build(slot: &Slot) -> Result<()> {
     // A leftover from a crash would make `netns add` fail; the slot is ours to reuse.
     destroy(slot).await;
     cmd::run("ip", &["netns", "add", ns]).await?;
-    let peer = format!("wrp{}", slot.index);
+    let peer = format!("wrp{}", name_tag(u32::from(slot.host_side_ip) - 1));
     cmd::run(
         "ip",
         &[
@@ -172,8 +177,14 @@ pub async fn destroy(slot: &Slot) {
     }
 }
 
-/// Slot indices of every `wrenn-s*` namespace on this host.
-pub fn existing_slots() -> Vec<u32> {
+/// The /30's number within a /10: unique for every slot address, short enough for a link name.
+fn name_tag(net: u32) -> u32 {
+    (net >> 2) & 0xF_FFFF
+}
+
+/// Indices (in this agent's range) of every slot namespace present on the host.
+pub fn existing_slots(base: Ipv4Addr, max_slots: u32) -> Vec<u32> {
+    let first = name_tag(u32::from(base));
     std::fs::read_dir("/run/netns")
         .map(|rd| {
             rd.flatten()
@@ -181,9 +192,10 @@ pub fn existing_slots() -> Vec<u32> {
                     e.file_name()
                         .to_str()?
                         .strip_prefix(NETNS_PREFIX)?
-                        .parse()
+                        .parse::<u32>()
                         .ok()
                 })
+                .filter_map(|tag| tag.checked_sub(first).filter(|i| *i < max_slots))
                 .collect()
         })
         .unwrap_or_default()
@@ -202,6 +214,9 @@ mod tests {
         assert_eq!(a.reach_ip, Ipv4Addr::new(10, 201, 0, 2));
         assert_eq!(b.host_side_ip, Ipv4Addr::new(10, 201, 0, 5));
         assert_eq!(Slot::new(base, 64).reach_ip, Ipv4Addr::new(10, 201, 1, 2));
+        let other = Slot::new(Ipv4Addr::new(10, 201, 200, 0), 0);
+        assert_ne!(a.netns, other.netns);
+        assert_ne!(a.host_veth, other.host_veth);
         assert!(a.host_veth.len() <= 15 && Slot::new(base, 99999).host_veth.len() <= 15);
     }
 }

@@ -87,7 +87,10 @@ async fn create_exec_destroy_leaves_nothing_behind() {
     assert_eq!(out.stdout, b"start\n");
     assert!(t.elapsed() < std::time::Duration::from_secs(8));
 
-    let netns = format!("/run/netns/wrenn-s0");
+    let netns = format!(
+        "/run/netns/{}",
+        wrenn_agent::net::Slot::new(std::net::Ipv4Addr::new(10, 201, 200, 0), 0).netns
+    );
     assert!(std::path::Path::new(&netns).exists());
     assert!(mgr.destroy(&info.id).await.unwrap());
     assert!(

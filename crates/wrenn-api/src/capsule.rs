@@ -200,6 +200,18 @@ pub struct ExecResponse {
     pub timed_out: bool,
 }
 
+/// The spec's `BackgroundExecResponse`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BackgroundExecResponse {
+    pub sandbox_id: String,
+    pub cmd: String,
+    pub pid: u32,
+    pub tag: String,
+}
+
+/// Longest process tag accepted.
+pub const MAX_TAG_LEN: usize = 128;
+
 #[cfg(test)]
 mod tests {
     use super::*;

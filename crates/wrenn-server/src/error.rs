@@ -45,6 +45,7 @@ pub fn from_agent(e: wrenn_agent::AgentError) -> ApiError {
         A::InvalidRequest(m) => ApiError::invalid(m),
         A::NotFound(m) => ApiError::not_found(m),
         A::InvalidState(m) => ApiError::invalid_state(m),
+        A::Conflict(m) => ApiError::new(ErrorCode::Conflict, m),
         other => ApiError::new(ErrorCode::AgentError, other.to_string()),
     }
 }

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use wrenn_agent::{AgentError, CapsuleInfo, CapsuleManager, ExecOutput};
+use wrenn_agent::{AgentError, CapsuleInfo, CapsuleManager, ExecOutput, StartedProcess};
 use wrenn_api::CapsuleSpec;
 
 #[async_trait]
@@ -17,6 +17,11 @@ pub trait HostClient: Send + Sync {
     /// Idempotent: destroying an unknown capsule succeeds with `false`.
     async fn destroy(&self, id: &str) -> Result<bool, AgentError>;
     async fn exec(&self, id: &str, spec: envd_proto::ExecSpec) -> Result<ExecOutput, AgentError>;
+    async fn start_process(
+        &self,
+        id: &str,
+        spec: envd_proto::StartSpec,
+    ) -> Result<StartedProcess, AgentError>;
     async fn list(&self) -> Result<Vec<CapsuleInfo>, AgentError>;
 }
 
@@ -42,6 +47,13 @@ impl HostClient for LocalHost {
     }
     async fn exec(&self, id: &str, spec: envd_proto::ExecSpec) -> Result<ExecOutput, AgentError> {
         self.manager.exec(id, spec).await
+    }
+    async fn start_process(
+        &self,
+        id: &str,
+        spec: envd_proto::StartSpec,
+    ) -> Result<StartedProcess, AgentError> {
+        self.manager.start_process(id, spec).await
     }
     async fn list(&self) -> Result<Vec<CapsuleInfo>, AgentError> {
         Ok(self.manager.list().await)

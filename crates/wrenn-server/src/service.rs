@@ -11,8 +11,8 @@ use base64::Engine;
 use tracing::{info, warn};
 use wrenn_api::id::{new_id, prefix};
 use wrenn_api::{
-    ApiError, Capsule, CapsuleStatus, CreateCapsuleRequest, ExecRequest, ExecResponse,
-    OutputEncoding, DEFAULT_EXEC_TIMEOUT_SEC, MAX_EXEC_TIMEOUT_SEC,
+    ApiError, BackgroundExecResponse, Capsule, CapsuleStatus, CreateCapsuleRequest, ExecRequest,
+    ExecResponse, OutputEncoding, DEFAULT_EXEC_TIMEOUT_SEC, MAX_EXEC_TIMEOUT_SEC, MAX_TAG_LEN,
 };
 
 use crate::error::from_agent;
@@ -121,18 +121,57 @@ impl CapsuleService {
         Ok(self.owned(team_id, id).await?.capsule)
     }
 
-    /// Runs a foreground command; `background` exec is not part of this version.
-    pub async fn exec(&self, team_id: &str, id: &str, req: ExecRequest) -> Result<ExecResponse> {
+    /// Runs a command: to completion (foreground) or started in the background.
+    pub async fn exec(&self, team_id: &str, id: &str, req: ExecRequest) -> Result<ExecOutcome> {
         let row = self.owned(team_id, id).await?;
-        if req.cmd.trim().is_empty() {
-            return Err(ApiError::invalid("cmd must not be empty"));
+        validate_command(&req)?;
+        if row.capsule.status != CapsuleStatus::Running {
+            return Err(ApiError::invalid_state(format!(
+                "capsule {id} is {}, not running",
+                row.capsule.status.as_str()
+            )));
         }
         if req.background {
-            return Err(ApiError::new(
-                wrenn_api::ErrorCode::NotImplemented,
-                "background exec is not available yet in this version of Wrenn",
-            ));
+            return self
+                .start_background(id, req)
+                .await
+                .map(ExecOutcome::Background);
         }
+        self.run_foreground(id, req)
+            .await
+            .map(ExecOutcome::Foreground)
+    }
+
+    async fn start_background(&self, id: &str, req: ExecRequest) -> Result<BackgroundExecResponse> {
+        if let Some(tag) = &req.tag {
+            if tag.is_empty() || tag.len() > MAX_TAG_LEN || tag.chars().any(|c| c.is_control()) {
+                return Err(ApiError::invalid(format!(
+                    "tag must be 1-{MAX_TAG_LEN} characters without control characters"
+                )));
+            }
+        }
+        let _ = self.store.touch_capsule(id).await;
+        let spec = envd_proto::StartSpec {
+            cmd: req.cmd.clone(),
+            args: req.args,
+            envs: req.envs,
+            cwd: req.cwd,
+            tag: req.tag,
+        };
+        let started = self
+            .host
+            .start_process(id, spec)
+            .await
+            .map_err(from_agent)?;
+        Ok(BackgroundExecResponse {
+            sandbox_id: id.to_string(),
+            cmd: req.cmd,
+            pid: started.pid,
+            tag: started.tag,
+        })
+    }
+
+    async fn run_foreground(&self, id: &str, req: ExecRequest) -> Result<ExecResponse> {
         let timeout_sec = match req.timeout_sec {
             None => DEFAULT_EXEC_TIMEOUT_SEC,
             Some(t) if t < 0 => {
@@ -149,29 +188,6 @@ impl CapsuleService {
             }
             Some(t) => t as u32,
         };
-        if let Some(cwd) = &req.cwd {
-            if !cwd.starts_with('/') {
-                return Err(ApiError::invalid("cwd must be an absolute path"));
-            }
-        }
-        if let Some(bad) = req
-            .envs
-            .keys()
-            .find(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
-        {
-            return Err(ApiError::invalid(format!(
-                "invalid environment variable name {bad:?}"
-            )));
-        }
-        if row.capsule.status != CapsuleStatus::Running {
-            return Err(ApiError::invalid_state(format!(
-                "capsule {id} is {}, not running",
-                row.capsule.status.as_str()
-            )));
-        }
-        if req.cmd.contains('\0') || req.args.iter().any(|a| a.contains('\0')) {
-            return Err(ApiError::invalid("cmd and args must not contain NUL bytes"));
-        }
         let _ = self.store.touch_capsule(id).await;
         let spec = envd_proto::ExecSpec {
             cmd: req.cmd.clone(),
@@ -277,4 +293,38 @@ impl CapsuleService {
             _ => Err(ApiError::not_found(format!("capsule {id} not found"))),
         }
     }
+}
+
+/// What an exec request produced: the finished command, or the started background process.
+pub enum ExecOutcome {
+    Foreground(ExecResponse),
+    Background(BackgroundExecResponse),
+}
+
+/// Checks what every exec needs, before the capsule's state is looked at.
+fn validate_command(req: &ExecRequest) -> Result<()> {
+    if req.cmd.trim().is_empty() {
+        return Err(ApiError::invalid("cmd must not be empty"));
+    }
+    let nul = |s: &str| s.contains('\0');
+    if nul(&req.cmd) || req.args.iter().any(|a| nul(a)) || req.envs.values().any(|v| nul(v)) {
+        return Err(ApiError::invalid(
+            "cmd, args and envs must not contain NUL bytes",
+        ));
+    }
+    if let Some(cwd) = &req.cwd {
+        if !cwd.starts_with('/') || nul(cwd) {
+            return Err(ApiError::invalid("cwd must be an absolute path"));
+        }
+    }
+    if let Some(bad) = req
+        .envs
+        .keys()
+        .find(|k| k.is_empty() || k.contains('=') || nul(k))
+    {
+        return Err(ApiError::invalid(format!(
+            "invalid environment variable name {bad:?}"
+        )));
+    }
+    Ok(())
 }

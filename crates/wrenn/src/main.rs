@@ -197,10 +197,11 @@ async fn shutdown_signal() {
 fn find_envd() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe.parent().context("binary has no directory")?;
+    // In a checkout, target/debug/envd is a dynamically linked build of the same crate: the
+    // static one under the explicit target directory wins.
     let candidates = [
-        dir.join("envd"),
         dir.join("../x86_64-unknown-linux-gnu/release/envd"),
-        dir.join("../../x86_64-unknown-linux-gnu/release/envd"),
+        dir.join("envd"),
     ];
     candidates
         .iter()

@@ -9,6 +9,7 @@ use wrenn_api::{CreateCapsuleRequest, ExecRequest};
 use super::ApiJson;
 use crate::auth::TeamAuth;
 use crate::error::HttpError;
+use crate::service::ExecOutcome;
 use crate::AppState;
 
 pub async fn create(
@@ -49,6 +50,9 @@ pub async fn exec(
     auth: TeamAuth,
     Path(id): Path<String>,
     ApiJson(req): ApiJson<ExecRequest>,
-) -> Result<impl IntoResponse, HttpError> {
-    Ok(Json(s.capsules.exec(&auth.team_id, &id, req).await?))
+) -> Result<axum::response::Response, HttpError> {
+    Ok(match s.capsules.exec(&auth.team_id, &id, req).await? {
+        ExecOutcome::Foreground(out) => Json(out).into_response(),
+        ExecOutcome::Background(started) => (StatusCode::ACCEPTED, Json(started)).into_response(),
+    })
 }

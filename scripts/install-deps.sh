@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what Wrenn needs on a Debian/Ubuntu host (idempotent; run as root).
+# Host tools: QEMU (microvm), qemu-img, debootstrap and busybox-static for guest images, cpio, lz4
+# for the kernel, iproute2 + nftables for network slots. Test tools: pytest, schemathesis,
+# openapi-spec-validator and the official Python SDK.
+set -euo pipefail
+
+APT_PACKAGES=(qemu-system-x86 qemu-utils debootstrap busybox-static cpio lz4 e2fsprogs iproute2 nftables
+              ca-certificates curl jq python3 python3-pip gcc)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "Rust is required: install it from https://rustup.rs (stable toolchain)" >&2
+  exit 1
+fi
+
+if [[ "${1:-}" == "--test" ]]; then
+  py=(python3 -m pip install -q --disable-pip-version-check)
+  # Debian's own python refuses system-wide pip installs without this flag; pyenv's accepts it.
+  if python3 -m pip install --help 2>/dev/null | grep -q -- --break-system-packages; then
+    py+=(--break-system-packages)
+  fi
+  python3 -c 'import pytest, schemathesis, openapi_spec_validator, yaml, wrenn' 2>/dev/null ||
+    "${py[@]}" --ignore-requires-python pytest schemathesis openapi-spec-validator pyyaml httpx wrenn
+fi
