@@ -1,0 +1,194 @@
+#!/usr/bin/env python3
+"""Benchmark: API create -> first exec answered, against raw QEMU booting the same
+kernel/initramfs/rootfs to envd-ready, in one run on the same machine.
+
+    sudo python3 bench/create_to_exec.py [--runs N]
+
+The platform side starts its own `wrenn up` (temporary data dir, shared image cache) and times
+POST /v1/capsules until POST /v1/capsules/{id}/exec answers. The baseline replays the very QEMU
+command line the platform used (read from /proc), in a network namespace set up the same way,
+and times process start until envd answers a health request. Reports medians and their ratio
+(platform / raw; goal <= 1.15). Machines here are shared and noisy: compare ratios, not seconds.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests/e2e"))
+import httpx  # noqa: E402
+
+SLOT_BASE = "10.201.150.0"
+RAW_NS = "wrenn-bench-raw"
+
+
+def start_platform(data_dir):
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    p = port.getsockname()[1]
+    port.close()
+    env = dict(os.environ, WRENN_DATA_DIR=data_dir, WRENN_LISTEN=f"127.0.0.1:{p}",
+               WRENN_IMAGES_DIR=os.environ.get("WRENN_IMAGES_DIR", str(ROOT / "target/wrenn-images")),
+               WRENN_SLOT_BASE=SLOT_BASE, WRENN_DESTROY_ON_EXIT="true", RUST_LOG="warn")
+    binary = os.environ.get("WRENN_BIN", str(ROOT / "target/release/wrenn"))
+    if not Path(binary).exists():
+        binary = str(ROOT / "target/debug/wrenn")
+    proc = subprocess.Popen([binary, "up"], env=env, stdout=subprocess.DEVNULL, stderr=open(Path(data_dir) / "log", "w"))
+    bootstrap = Path(data_dir) / "bootstrap.json"
+    deadline = time.time() + 900
+    while not bootstrap.exists() or _port_closed(p):
+        if proc.poll() is not None or time.time() > deadline:
+            raise SystemExit("wrenn up failed: " + (Path(data_dir) / "log").read_text()[-2000:])
+        time.sleep(0.1)
+    return proc, f"http://127.0.0.1:{p}", json.loads(bootstrap.read_text())["api_key"]
+
+
+def _port_closed(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return False
+    except OSError:
+        return True
+
+
+def qemu_cmdline(capsule_id):
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                args = (p / "cmdline").read_bytes().split(b"\0")[:-1]
+            except OSError:
+                continue
+            if args and b"qemu-system" in args[0] and capsule_id.encode() in args:
+                return [a.decode() for a in args]
+    raise RuntimeError("no QEMU process for " + capsule_id)
+
+
+def platform_run(api, capture):
+    t0 = time.perf_counter()
+    cid = api.post("/v1/capsules", json={}).json()["id"]
+    cmdline = None
+    while True:
+        if capture and cmdline is None:
+            try:
+                cmdline = qemu_cmdline(cid)
+            except RuntimeError:
+                pass
+        r = api.post(f"/v1/capsules/{cid}/exec", json={"cmd": "true"})
+        if r.status_code == 200:
+            break
+        if api.get(f"/v1/capsules/{cid}").json()["status"] == "error":
+            raise SystemExit("capsule failed to start")
+        time.sleep(0.02)
+    elapsed = time.perf_counter() - t0
+    api.delete(f"/v1/capsules/{cid}")
+    return elapsed, cmdline
+
+
+def sh(*args, input=None):
+    subprocess.run(args, check=True, input=input, text=True, capture_output=True)
+
+
+def setup_raw_netns():
+    teardown_raw_netns()
+    sh("ip", "netns", "add", RAW_NS)
+    sh("ip", "-n", RAW_NS, "link", "set", "lo", "up")
+    sh("ip", "-n", RAW_NS, "tuntap", "add", "tap0", "mode", "tap")
+    sh("ip", "-n", RAW_NS, "link", "set", "tap0", "address", "02:77:72:00:00:01")
+    sh("ip", "-n", RAW_NS, "addr", "add", "10.200.0.1/24", "dev", "tap0")
+    sh("ip", "-n", RAW_NS, "link", "set", "tap0", "up")
+
+
+def teardown_raw_netns():
+    subprocess.run(["ip", "netns", "del", RAW_NS], capture_output=True)
+
+
+HEALTH = json.dumps({"op": "health"}).encode()
+HEALTH_FRAME = struct.pack(">BI", 1, len(HEALTH)) + HEALTH
+
+
+def envd_ready():
+    """One health request to envd from inside the raw netns (python in the netns, via ip netns exec)."""
+    code = (
+        "import socket,sys\n"
+        "s=socket.create_connection(('10.200.0.2',49983),timeout=0.5)\n"
+        f"s.sendall({HEALTH_FRAME!r})\n"
+        "sys.exit(0 if s.recv(5) else 1)\n"
+    )
+    return subprocess.run(["ip", "netns", "exec", RAW_NS, sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def raw_run(template, work):
+    disk = work / "raw.qcow2"
+    if disk.exists():
+        disk.unlink()
+    args = []
+    it = iter(template)
+    for a in it:
+        args.append(a)
+        if a == "-drive":
+            spec = next(it)
+            # The capsule's own overlay is gone with it; make the same one on the same template.
+            images = Path(os.environ.get("WRENN_IMAGES_DIR", str(ROOT / "target/wrenn-images")))
+            backing = sorted((images / "rootfs").glob("minimal-*.ext4"))[-1]
+            sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", "raw", str(disk), "5120M")
+            args.append(",".join(f"file={disk}" if p.startswith("file=") else p for p in spec.split(",")))
+        elif a in ("-qmp", "-serial"):
+            next(it)
+            args.append(f"unix:{work}/raw.qmp,server=on,wait=off" if a == "-qmp" else f"file:{work}/raw.console")
+        elif a == "-name":
+            next(it)
+            args.append("wrenn-bench-raw")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(["ip", "netns", "exec", RAW_NS] + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not envd_ready():
+        if proc.poll() is not None:
+            raise SystemExit("raw QEMU exited")
+        time.sleep(0.02)
+    elapsed = time.perf_counter() - t0
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return elapsed
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+    data_dir = tempfile.mkdtemp(prefix="wrenn-bench-")
+    work = Path(data_dir)
+    proc, base_url, key = start_platform(data_dir)
+    try:
+        api = httpx.Client(base_url=base_url, headers={"X-API-Key": key}, timeout=60)
+        platform_times, raw_times, template = [], [], None
+        setup_raw_netns()
+        # Interleave the two so drift in machine load hits both alike.
+        for i in range(args.runs):
+            t, cmd = platform_run(api, capture=template is None)
+            template = template or cmd
+            platform_times.append(t)
+            raw_times.append(raw_run(template, work))
+        p, r = statistics.median(platform_times), statistics.median(raw_times)
+        print(f"runs: {args.runs}")
+        print(f"platform create->first exec  median {p*1000:7.0f} ms  ({', '.join(f'{x*1000:.0f}' for x in platform_times)})")
+        print(f"raw qemu boot->envd ready    median {r*1000:7.0f} ms  ({', '.join(f'{x*1000:.0f}' for x in raw_times)})")
+        print(f"ratio platform/raw: {p / r:.3f}  (goal <= 1.15)")
+    finally:
+        teardown_raw_netns()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
