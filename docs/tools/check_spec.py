@@ -63,7 +63,27 @@ def check_validator(path):
         err(f'openapi-spec-validator: {e}')
 
 
+EXT_BEGIN = '# >>> wrenn extension'
+EXT_END = '# <<< wrenn extension'
+
+
+def strip_extensions(text):
+    """Drop the blocks Wrenn adds to the seed (between EXT_BEGIN and EXT_END comment lines)."""
+    out, inside = [], False
+    for ln in text.splitlines():
+        if ln.strip().startswith(EXT_BEGIN):
+            inside = True
+        elif ln.strip().startswith(EXT_END):
+            inside = False
+        elif not inside:
+            out.append(ln)
+    if inside:
+        err('unterminated wrenn extension block')
+    return '\n'.join(out)
+
+
 def check_roundtrip(seed, text):
+    text = strip_extensions(text)
     out_words = ' '.join(ln.strip() for ln in text.splitlines() if ln.strip()).split(' ')
     seed_words = seed.split(' ')
     if len(out_words) != len(seed_words):
@@ -230,7 +250,7 @@ def schema_nodes(doc):
 
 def check_schemas(doc):
     for path, s in schema_nodes(doc):
-        extra = set(s) - SCHEMA_KEYS
+        extra = {k for k in set(s) - SCHEMA_KEYS if not k.startswith('x-')}
         if extra:
             err(f'{path}: unexpected schema keys {sorted(extra)}')
         if '$ref' in s and len(s) > 1:
