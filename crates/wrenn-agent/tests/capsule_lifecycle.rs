@@ -101,3 +101,96 @@ async fn create_exec_destroy_leaves_nothing_behind() {
     assert!(!capsules_dir.join(&info.id).exists(), "capsule dir removed");
     assert!(mgr.list().await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envd_that_never_answers_fails_the_create_and_leaves_nothing() {
+    let mut cfg = config("agent-boot-timeout");
+    cfg.slot_base = std::net::Ipv4Addr::new(10, 201, 210, 0);
+    // No guest boots to envd in 300 ms, so this create must fail and clean up.
+    cfg.boot_timeout = std::time::Duration::from_millis(300);
+    let capsules_dir = cfg.capsules_dir();
+    let slot = wrenn_agent::net::Slot::new(cfg.slot_base, 0);
+    let mgr = CapsuleManager::start(cfg).await.expect("agent starts");
+    let spec = CreateCapsuleRequest::default().validate().unwrap();
+    let id = "cl-agenttest0000000000000000002";
+    let err = mgr.create(id, &spec).await.unwrap_err();
+    assert!(err.to_string().contains("envd did not answer"), "{err}");
+    assert!(!std::path::Path::new("/run/netns")
+        .join(&slot.netns)
+        .exists());
+    assert!(!capsules_dir.join(id).exists());
+    assert!(!qemu_running(id));
+    assert!(mgr.list().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_readopts_live_vms_and_cleans_up_dead_ones() {
+    let mut cfg = config("agent-restart");
+    cfg.slot_base = std::net::Ipv4Addr::new(10, 201, 220, 0);
+    let spec = CreateCapsuleRequest::default().validate().unwrap();
+    let (live, dead) = (
+        "cl-agenttest0000000000000000003",
+        "cl-agenttest0000000000000000004",
+    );
+    {
+        let mgr = CapsuleManager::start(cfg.clone())
+            .await
+            .expect("agent starts");
+        mgr.create(live, &spec).await.expect("boots");
+        mgr.create(dead, &spec).await.expect("boots");
+        // The agent goes away without destroying anything (a crash or an upgrade).
+    }
+    // While it is down, one VM dies.
+    kill_qemu(dead);
+    let mgr = CapsuleManager::start(cfg.clone())
+        .await
+        .expect("agent restarts");
+    let ids: Vec<String> = mgr.list().await.into_iter().map(|c| c.id).collect();
+    assert_eq!(ids, vec![live.to_string()]);
+    let out = mgr.exec(live, sh("echo still here")).await.unwrap();
+    assert_eq!(out.stdout, b"still here\n");
+    assert!(
+        !cfg.capsules_dir().join(dead).exists(),
+        "dead capsule's files removed"
+    );
+    let before = qemu_pids(live);
+    let state = std::fs::read_to_string(cfg.capsules_dir().join(live).join("state.json"))
+        .unwrap_or_default();
+    assert!(mgr.destroy(live).await.unwrap());
+    let after = qemu_pids(live);
+    if !after.is_empty() {
+        kill_qemu(live);
+        panic!("VM survived destroy: pids before {before:?}, after {after:?}; state {state}");
+    }
+    let base_slots = wrenn_agent::net::existing_slots(cfg.slot_base, cfg.max_slots);
+    assert!(base_slots.is_empty(), "slots left: {base_slots:?}");
+}
+
+fn qemu_pids(id: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| wrenn_agent::vmm::qemu::process_matches(*pid, id))
+        .collect()
+}
+
+fn qemu_running(id: &str) -> bool {
+    !qemu_pids(id).is_empty()
+}
+
+fn kill_qemu(id: &str) {
+    for pid in qemu_pids(id) {
+        // SAFETY: kill(2) on a pid verified to be this capsule's QEMU.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+        }
+    }
+    for _ in 0..200 {
+        if !qemu_running(id) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("qemu of {id} did not die");
+}

@@ -60,8 +60,15 @@ impl CapsuleService {
                 {
                     Ok(true) => {}
                     // Destroyed while booting: the VM nobody wants goes away again.
-                    Ok(false) | Err(_) => {
+                    Ok(false) => {
                         let _ = host.destroy(&id).await;
+                    }
+                    Err(e) => {
+                        warn!(capsule_id = %id, error = %e, "cannot record the running capsule; destroying it");
+                        let _ = host.destroy(&id).await;
+                        let _ = store
+                            .mark_error(&id, "control plane could not record the capsule")
+                            .await;
                     }
                 },
                 Err(e) => {
