@@ -53,26 +53,30 @@ pub enum Request {
     Start(StartSpec),
 }
 
+/// What to run: the part every way of starting a process shares.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
-pub struct StartSpec {
+pub struct CommandSpec {
+    /// With no `args`, a shell command line (`/bin/sh -c cmd`); otherwise the program to run.
     pub cmd: String,
     #[serde(default)]
     pub args: Vec<String>,
     #[serde(default)]
     pub envs: BTreeMap<String, String>,
     pub cwd: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct StartSpec {
+    #[serde(flatten)]
+    pub command: CommandSpec,
     /// The caller's tag; envd picks `proc-` + 8 hex when absent. Unique among live processes.
     pub tag: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct ExecSpec {
-    pub cmd: String,
-    #[serde(default)]
-    pub args: Vec<String>,
-    #[serde(default)]
-    pub envs: BTreeMap<String, String>,
-    pub cwd: Option<String>,
+    #[serde(flatten)]
+    pub command: CommandSpec,
     /// Wall-clock limit; the whole process group is killed when it passes.
     pub timeout_ms: u64,
 }

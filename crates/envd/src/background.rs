@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
-use envd_proto::{write_json, ErrorKind, ExecSpec, Response, StartSpec};
+use envd_proto::{write_json, ErrorKind, Response, StartSpec};
 use tokio::net::tcp::OwnedWriteHalf;
 
 /// Tags of live background processes by pid. Entries leave when their process exits.
@@ -38,7 +38,7 @@ pub async fn start(spec: StartSpec, mut wr: OwnedWriteHalf) {
 }
 
 fn spawn(spec: StartSpec) -> Response {
-    if let Some(cwd) = &spec.cwd {
+    if let Some(cwd) = &spec.command.cwd {
         if !std::path::Path::new(cwd).is_dir() {
             return crate::error(
                 ErrorKind::InvalidRequest,
@@ -66,14 +66,7 @@ fn spawn(spec: StartSpec) -> Response {
             }
         },
     };
-    let exec = ExecSpec {
-        cmd: spec.cmd.clone(),
-        args: spec.args.clone(),
-        envs: spec.envs.clone(),
-        cwd: spec.cwd.clone(),
-        timeout_ms: 0,
-    };
-    let mut command = crate::exec::command(&exec);
+    let mut command = crate::exec::command(&spec.command);
     // Output is not kept yet (process streams come later); the process must not block on a
     // full pipe, so it writes to /dev/null. It outlives this request: no kill on drop.
     command
@@ -85,7 +78,7 @@ fn spawn(spec: StartSpec) -> Response {
         Err(e) => {
             return crate::error(
                 ErrorKind::InvalidRequest,
-                format!("cannot run {}: {e}", spec.cmd),
+                format!("cannot run {}: {e}", spec.command.cmd),
             )
         }
     };

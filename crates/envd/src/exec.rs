@@ -3,7 +3,7 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use envd_proto::{write_frame, write_json, ErrorKind, ExecSpec, FrameKind, Response};
+use envd_proto::{write_frame, write_json, CommandSpec, ErrorKind, ExecSpec, FrameKind, Response};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::process::Command;
@@ -23,7 +23,7 @@ enum Chunk {
 
 /// Builds the command: with no `args`, `cmd` is a shell command line (`/bin/sh -c cmd`);
 /// with `args`, `cmd` is the program and `args` its arguments.
-pub fn command(spec: &ExecSpec) -> Command {
+pub fn command(spec: &CommandSpec) -> Command {
     let mut c = if spec.args.is_empty() {
         let mut c = Command::new("/bin/sh");
         c.arg("-c").arg(&spec.cmd);
@@ -53,7 +53,7 @@ pub fn command(spec: &ExecSpec) -> Command {
 
 pub async fn run(spec: ExecSpec, mut rd: OwnedReadHalf, mut wr: OwnedWriteHalf) {
     let started = Instant::now();
-    if let Some(cwd) = &spec.cwd {
+    if let Some(cwd) = &spec.command.cwd {
         if !std::path::Path::new(cwd).is_dir() {
             let _ = write_json(
                 &mut wr,
@@ -66,7 +66,7 @@ pub async fn run(spec: ExecSpec, mut rd: OwnedReadHalf, mut wr: OwnedWriteHalf) 
             return;
         }
     }
-    let mut child = match command(&spec).spawn() {
+    let mut child = match command(&spec.command).spawn() {
         Ok(c) => c,
         Err(e) => {
             let code = if e.kind() == std::io::ErrorKind::NotFound {
@@ -74,7 +74,7 @@ pub async fn run(spec: ExecSpec, mut rd: OwnedReadHalf, mut wr: OwnedWriteHalf) 
             } else {
                 EXIT_NOT_EXECUTABLE
             };
-            let msg = format!("envd: cannot run {}: {e}\n", spec.cmd);
+            let msg = format!("envd: cannot run {}: {e}\n", spec.command.cmd);
             let _ = write_frame(&mut wr, FrameKind::Stderr, msg.as_bytes()).await;
             let _ = write_json(
                 &mut wr,

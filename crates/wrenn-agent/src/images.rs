@@ -148,7 +148,13 @@ impl ImageStore {
     }
 
     /// Everything needed to boot `template`, building what is missing.
+    ///
+    /// Holds an exclusive lock on the image directory meanwhile: agents sharing one (several
+    /// test platforms on a machine) must not build the same artefact into the same temporary
+    /// names at once.
     pub async fn ensure_all(&self, envd: &Path, templates: &[&str]) -> Result<BootImages> {
+        std::fs::create_dir_all(&self.dir)?;
+        let _lock = DirLock::acquire(self.dir.join(".lock")).await?;
         let kernel = self.ensure_kernel().await?;
         let initramfs = self.ensure_initramfs(&kernel, envd).await?;
         for t in templates {
@@ -360,6 +366,34 @@ impl ImageStore {
         tokio::fs::remove_dir_all(&stage).await?;
         bar.finish_with_message(format!("guest image {} ready", r.name));
         Ok(target)
+    }
+}
+
+/// An exclusive `flock` on a file, released when dropped (or when the process dies).
+struct DirLock {
+    _file: std::fs::File,
+}
+
+impl DirLock {
+    async fn acquire(path: PathBuf) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
+        let file = tokio::task::spawn_blocking(move || {
+            use std::os::fd::AsRawFd;
+            // SAFETY: flock on a descriptor this closure owns; it blocks until the lock is ours.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+            if rc == 0 {
+                Ok(file)
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        })
+        .await
+        .map_err(|e| AgentError::Image(format!("lock task: {e}")))??;
+        Ok(Self { _file: file })
     }
 }
 

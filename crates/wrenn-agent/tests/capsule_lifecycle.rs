@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use envd_proto::ExecSpec;
+use envd_proto::{CommandSpec, ExecSpec};
 use wrenn_agent::{AgentConfig, CapsuleManager};
 use wrenn_api::CreateCapsuleRequest;
 
@@ -28,9 +28,11 @@ fn config(name: &str) -> AgentConfig {
 
 fn sh(cmd: &str) -> ExecSpec {
     ExecSpec {
-        cmd: cmd.into(),
+        command: CommandSpec {
+            cmd: cmd.into(),
+            ..Default::default()
+        },
         timeout_ms: 10_000,
-        ..Default::default()
     }
 }
 
@@ -61,10 +63,12 @@ async fn create_exec_destroy_leaves_nothing_behind() {
         .exec(
             &info.id,
             ExecSpec {
-                cmd: "/bin/sh".into(),
-                args: vec!["-c".into(), "echo $FOO; pwd".into()],
-                envs: [("FOO".to_string(), "bar".to_string())].into(),
-                cwd: Some("/tmp".into()),
+                command: CommandSpec {
+                    cmd: "/bin/sh".into(),
+                    args: vec!["-c".into(), "echo $FOO; pwd".into()],
+                    envs: [("FOO".to_string(), "bar".to_string())].into(),
+                    cwd: Some("/tmp".into()),
+                },
                 timeout_ms: 10_000,
             },
         )

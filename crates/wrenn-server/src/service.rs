@@ -159,10 +159,7 @@ impl CapsuleService {
         }
         let _ = self.store.touch_capsule(id).await;
         let spec = envd_proto::StartSpec {
-            cmd: req.cmd.clone(),
-            args: req.args,
-            envs: req.envs,
-            cwd: req.cwd,
+            command: command_spec(&req),
             tag: req.tag,
         };
         let started = self
@@ -197,10 +194,7 @@ impl CapsuleService {
         };
         let _ = self.store.touch_capsule(id).await;
         let spec = envd_proto::ExecSpec {
-            cmd: req.cmd.clone(),
-            args: req.args.clone(),
-            envs: req.envs.clone(),
-            cwd: req.cwd.clone(),
+            command: command_spec(&req),
             timeout_ms: timeout_sec as u64 * 1000,
         };
         let mut out = self.host.exec(id, spec).await.map_err(from_agent)?;
@@ -334,4 +328,13 @@ fn validate_command(req: &ExecRequest) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+fn command_spec(req: &ExecRequest) -> envd_proto::CommandSpec {
+    envd_proto::CommandSpec {
+        cmd: req.cmd.clone(),
+        args: req.args.clone(),
+        envs: req.envs.clone(),
+        cwd: req.cwd.clone(),
+    }
 }
