@@ -166,6 +166,61 @@ def test_background_exec(api, running_capsule):
     assert_error(api.post(f"/v1/capsules/{cid}/exec", json={"cmd": "true", "background": True, "tag": ""}), 400, "invalid_request")
 
 
+def test_processes_list_and_kill(api, running_capsule):
+    cid = running_capsule["id"]
+    r = api.get(f"/v1/capsules/{cid}/processes")
+    assert r.status_code == 200, r.text
+    before = r.json()["processes"]
+    assert isinstance(before, list)
+    assert all(not p["cmd"].endswith("envd") for p in before), "envd must not be listed"
+    assert all(p["pid"] != 1 for p in before)
+
+    a = api.post(f"/v1/capsules/{cid}/exec", json={"cmd": "/bin/sleep", "args": ["301"], "background": True, "tag": "a"}).json()
+    b = api.post(f"/v1/capsules/{cid}/exec", json={"cmd": "trap 'exit 0' TERM; sleep 302 & wait", "background": True}).json()
+    deadline = time.time() + 5
+    while True:  # the shell needs a moment to start its child
+        procs = {p["pid"]: p for p in api.get(f"/v1/capsules/{cid}/processes").json()["processes"]}
+        if any(p["args"] == ["302"] for p in procs.values()) or time.time() > deadline:
+            break
+        time.sleep(0.05)
+    assert procs[a["pid"]] == {"pid": a["pid"], "tag": "a", "cmd": "/bin/sleep", "args": ["301"]}
+    assert procs[b["pid"]]["tag"] == b["tag"]
+    assert any(p["args"] == ["302"] and "tag" not in p for p in procs.values()), "child of a shell: listed, untagged"
+
+    assert_error(api.delete(f"/v1/capsules/{cid}/processes/a", params={"signal": "SIGHUP"}), 400, "invalid_request")
+    assert api.delete(f"/v1/capsules/{cid}/processes/a").status_code == 204
+    assert api.delete(f"/v1/capsules/{cid}/processes/{b['tag']}", params={"signal": "SIGTERM"}).status_code == 204
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        left = [p for p in api.get(f"/v1/capsules/{cid}/processes").json()["processes"] if p["args"] in (["301"], ["302"])]
+        if not left:
+            break
+        time.sleep(0.1)
+    assert not left, f"killed processes still running: {left}"
+    assert_error(api.delete(f"/v1/capsules/{cid}/processes/a"), 404, "not_found")
+    assert_error(api.delete(f"/v1/capsules/{cid}/processes/999999"), 404, "not_found")
+    assert_error(api.delete(f"/v1/capsules/{cid}/processes/1"), 404, "not_found")
+    # A process we did not start, by pid.
+    # (setsid: a foreground exec takes its own process group down with it, by design.)
+    api.post(f"/v1/capsules/{cid}/exec", json={"cmd": "setsid -f sleep 303 >/dev/null 2>&1"})
+    pid = None
+    deadline = time.time() + 5
+    while pid is None and time.time() < deadline:
+        procs = api.get(f"/v1/capsules/{cid}/processes").json()["processes"]
+        pid = next((p["pid"] for p in procs if p["args"] == ["303"]), None)
+        time.sleep(0.05)
+    assert pid, "setsid'd sleep never appeared"
+    assert api.delete(f"/v1/capsules/{cid}/processes/{pid}").status_code == 204
+    # What a foreground command backgrounds keeps running, and does not hold up the answer even
+    # though it keeps the output pipe open.
+    t = time.time()
+    e = api.post(f"/v1/capsules/{cid}/exec", json={"cmd": "sleep 304 & echo started"}).json()
+    assert e["stdout"] == "started\n" and time.time() - t < 3
+    assert any(p["args"] == ["304"] for p in api.get(f"/v1/capsules/{cid}/processes").json()["processes"])
+    assert_error(api.get("/v1/capsules/cl-nope/processes"), 404, "not_found")
+    assert_error(api.delete("/v1/capsules/cl-nope/processes/a"), 404, "not_found")
+
+
 def test_other_team_cannot_see_capsule(platform, api, running_capsule):
     cid = running_capsule["id"]
     with platform.client(key=platform.add_team_with_key()) as other:

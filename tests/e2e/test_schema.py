@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-OPERATIONS = ["createCapsule", "listCapsules", "getCapsule", "destroyCapsule", "execCommand"]
+OPERATIONS = [
+    "createCapsule", "listCapsules", "getCapsule", "destroyCapsule", "execCommand", "listProcesses", "killProcess",
+]
 
 
 def test_schemathesis_implemented_operations(platform):

@@ -51,6 +51,29 @@ pub enum Request {
     Exec(ExecSpec),
     /// Start a process in the background and answer at once with its pid and tag.
     Start(StartSpec),
+    /// Every user process in the guest.
+    ListProcesses,
+    /// Send a signal to a process chosen by numeric pid or by tag.
+    Signal { selector: String, signal: Signal },
+}
+
+/// Signals the API lets users send.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Signal {
+    #[serde(rename = "SIGKILL")]
+    Kill,
+    #[serde(rename = "SIGTERM")]
+    Term,
+}
+
+/// One process as listed by envd.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    /// Set for processes started through envd (background exec).
+    pub tag: Option<String>,
+    pub cmd: String,
+    pub args: Vec<String>,
 }
 
 /// What to run: the part every way of starting a process shares.
@@ -94,6 +117,11 @@ pub enum Response {
         pid: u32,
         tag: String,
     },
+    Processes {
+        processes: Vec<ProcessInfo>,
+    },
+    /// The request was carried out and has nothing to report.
+    Done,
     Exit {
         exit_code: i32,
         timed_out: bool,

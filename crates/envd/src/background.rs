@@ -17,6 +17,11 @@ fn lock() -> std::sync::MutexGuard<'static, HashMap<u32, String>> {
     table().lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A snapshot of the live background processes' tags by pid.
+pub fn tags() -> HashMap<u32, String> {
+    lock().clone()
+}
+
 fn random_tag() -> String {
     let mut b = [0u8; 4];
     if std::fs::File::open("/dev/urandom")

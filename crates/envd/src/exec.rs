@@ -130,8 +130,12 @@ pub async fn run(spec: ExecSpec, mut rd: OwnedReadHalf, mut wr: OwnedWriteHalf) 
             }
         }
     }
-    // Whatever the leader did, no member of its group outlives the request.
-    kill_group(pgid);
+    // After a timeout the group is already dead. After a normal exit, children the command
+    // put in the background (`server &`) keep running, as they would after a shell command;
+    // the pumps keep draining their output so they never die of SIGPIPE.
+    if timed_out {
+        kill_group(pgid);
+    }
     let status = status.unwrap_or_else(|| Err(std::io::Error::other("no exit status")));
     let exit_code = match status {
         Ok(s) => s.code().unwrap_or_else(|| {
@@ -162,8 +166,10 @@ async fn pump<R: AsyncRead + Unpin>(mut r: R, tx: mpsc::Sender<Chunk>, wrap: fn(
         match r.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => {
-                if tx.send(wrap(buf[..n].to_vec())).await.is_err() {
-                    return;
+                // Once the request is answered nobody listens: keep reading (and dropping) so
+                // that background children writing to the inherited pipe are not killed.
+                if !tx.is_closed() {
+                    let _ = tx.send(wrap(buf[..n].to_vec())).await;
                 }
             }
         }

@@ -4,12 +4,14 @@
 //! Invariants:
 //! - envd never panics on a request: every failure is answered as a `Response::Error` frame or by
 //!   closing that one connection.
-//! - A process envd started never outlives the request that started it (foreground exec): on
-//!   timeout or when the host hangs up, its whole process group is killed.
+//! - A foreground command never outlives its request's failure: on timeout or when the host
+//!   hangs up, its whole process group is killed. After a normal exit, what it put in the
+//!   background keeps running (as after a shell command).
 
 mod background;
 mod exec;
 mod init;
+mod processes;
 
 use envd_proto::{read_frame, write_json, ErrorKind, Frame, Request, Response, ENVD_PORT};
 use tokio::net::{TcpListener, TcpStream};
@@ -99,6 +101,8 @@ async fn handle(stream: TcpStream) {
         }
         Request::Exec(spec) => exec::run(spec, rd, wr).await,
         Request::Start(spec) => background::start(spec, wr).await,
+        Request::ListProcesses => processes::list(wr).await,
+        Request::Signal { selector, signal } => processes::signal(selector, signal, wr).await,
     }
 }
 

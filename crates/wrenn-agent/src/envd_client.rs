@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use envd_proto::{
-    read_frame, write_json, ErrorKind, ExecSpec, Frame, Request, Response, StartSpec,
+    read_frame, write_json, ErrorKind, ExecSpec, Frame, ProcessInfo, Request, Response, Signal,
+    StartSpec,
 };
 use tokio::net::TcpStream;
 
@@ -139,6 +140,39 @@ impl EnvdClient {
                 "unexpected answer to start: {other:?}"
             ))),
         }
+    }
+
+    pub async fn list_processes(&self) -> Result<Vec<ProcessInfo>> {
+        match self.call(Request::ListProcesses).await? {
+            Response::Processes { processes } => Ok(processes),
+            Response::Error { kind, message } => Err(envd_error(kind, message)),
+            other => Err(AgentError::Envd(format!(
+                "unexpected answer to list: {other:?}"
+            ))),
+        }
+    }
+
+    pub async fn signal(&self, selector: &str, signal: Signal) -> Result<()> {
+        let req = Request::Signal {
+            selector: selector.to_string(),
+            signal,
+        };
+        match self.call(req).await? {
+            Response::Done => Ok(()),
+            Response::Error { kind, message } => Err(envd_error(kind, message)),
+            other => Err(AgentError::Envd(format!(
+                "unexpected answer to signal: {other:?}"
+            ))),
+        }
+    }
+
+    /// One request, one JSON answer.
+    async fn call(&self, req: Request) -> Result<Response> {
+        let mut s = self.connect().await?;
+        write_json(&mut s, &req).await.map_err(proto)?;
+        tokio::time::timeout(Duration::from_secs(10), read_response(&mut s))
+            .await
+            .map_err(|_| AgentError::Envd("no answer from envd".into()))?
     }
 }
 

@@ -288,6 +288,21 @@ impl CapsuleManager {
         self.envd_of(id).await?.start(spec).await
     }
 
+    /// Every user process in a running capsule.
+    pub async fn list_processes(&self, id: &str) -> Result<Vec<envd_proto::ProcessInfo>> {
+        self.envd_of(id).await?.list_processes().await
+    }
+
+    /// Signals a process of a running capsule, chosen by pid or tag.
+    pub async fn signal_process(
+        &self,
+        id: &str,
+        selector: &str,
+        signal: envd_proto::Signal,
+    ) -> Result<()> {
+        self.envd_of(id).await?.signal(selector, signal).await
+    }
+
     /// The envd of a running capsule; the capsule's lock is held only while looking it up.
     async fn envd_of(&self, id: &str) -> Result<EnvdClient> {
         let entry = lock(&self.capsules)

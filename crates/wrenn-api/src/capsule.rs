@@ -209,6 +209,22 @@ pub struct BackgroundExecResponse {
     pub tag: String,
 }
 
+/// The spec's `ProcessEntry`; `tag` only for processes started through the API.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProcessEntry {
+    pub pid: u32,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub tag: Option<String>,
+    pub cmd: String,
+    pub args: Vec<String>,
+}
+
+/// The spec's `ProcessListResponse`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProcessListResponse {
+    pub processes: Vec<ProcessEntry>,
+}
+
 /// Longest process tag accepted.
 pub const MAX_TAG_LEN: usize = 128;
 

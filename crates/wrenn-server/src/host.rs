@@ -22,6 +22,13 @@ pub trait HostClient: Send + Sync {
         id: &str,
         spec: envd_proto::StartSpec,
     ) -> Result<StartedProcess, AgentError>;
+    async fn list_processes(&self, id: &str) -> Result<Vec<envd_proto::ProcessInfo>, AgentError>;
+    async fn signal_process(
+        &self,
+        id: &str,
+        selector: &str,
+        signal: envd_proto::Signal,
+    ) -> Result<(), AgentError>;
     async fn list(&self) -> Result<Vec<CapsuleInfo>, AgentError>;
 }
 
@@ -54,6 +61,17 @@ impl HostClient for LocalHost {
         spec: envd_proto::StartSpec,
     ) -> Result<StartedProcess, AgentError> {
         self.manager.start_process(id, spec).await
+    }
+    async fn list_processes(&self, id: &str) -> Result<Vec<envd_proto::ProcessInfo>, AgentError> {
+        self.manager.list_processes(id).await
+    }
+    async fn signal_process(
+        &self,
+        id: &str,
+        selector: &str,
+        signal: envd_proto::Signal,
+    ) -> Result<(), AgentError> {
+        self.manager.signal_process(id, selector, signal).await
     }
     async fn list(&self) -> Result<Vec<CapsuleInfo>, AgentError> {
         Ok(self.manager.list().await)

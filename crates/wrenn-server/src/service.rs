@@ -12,7 +12,8 @@ use tracing::{info, warn};
 use wrenn_api::id::{new_id, prefix};
 use wrenn_api::{
     ApiError, BackgroundExecResponse, Capsule, CapsuleStatus, CreateCapsuleRequest, ExecRequest,
-    ExecResponse, OutputEncoding, DEFAULT_EXEC_TIMEOUT_SEC, MAX_EXEC_TIMEOUT_SEC, MAX_TAG_LEN,
+    ExecResponse, OutputEncoding, ProcessEntry, ProcessListResponse, DEFAULT_EXEC_TIMEOUT_SEC,
+    MAX_EXEC_TIMEOUT_SEC, MAX_TAG_LEN,
 };
 
 use crate::error::from_agent;
@@ -130,14 +131,9 @@ impl CapsuleService {
 
     /// Runs a command: to completion (foreground) or started in the background.
     pub async fn exec(&self, team_id: &str, id: &str, req: ExecRequest) -> Result<ExecOutcome> {
-        let row = self.owned(team_id, id).await?;
+        self.owned(team_id, id).await?;
         validate_command(&req)?;
-        if row.capsule.status != CapsuleStatus::Running {
-            return Err(ApiError::invalid_state(format!(
-                "capsule {id} is {}, not running",
-                row.capsule.status.as_str()
-            )));
-        }
+        self.running(team_id, id).await?;
         if req.background {
             return self
                 .start_background(id, req)
@@ -236,6 +232,63 @@ impl CapsuleService {
             encoding,
             timed_out: out.timed_out,
         })
+    }
+
+    /// Every user process in a running capsule.
+    pub async fn processes(&self, team_id: &str, id: &str) -> Result<ProcessListResponse> {
+        self.running(team_id, id).await?;
+        let _ = self.store.touch_capsule(id).await;
+        let processes = self
+            .host
+            .list_processes(id)
+            .await
+            .map_err(from_agent)?
+            .into_iter()
+            .map(|p| ProcessEntry {
+                pid: p.pid,
+                tag: p.tag,
+                cmd: p.cmd,
+                args: p.args,
+            })
+            .collect();
+        Ok(ProcessListResponse { processes })
+    }
+
+    /// Signals a process chosen by pid or tag; `signal` is `SIGKILL` (default) or `SIGTERM`.
+    pub async fn kill_process(
+        &self,
+        team_id: &str,
+        id: &str,
+        selector: &str,
+        signal: Option<&str>,
+    ) -> Result<()> {
+        let signal = match signal.unwrap_or("SIGKILL") {
+            "SIGKILL" => envd_proto::Signal::Kill,
+            "SIGTERM" => envd_proto::Signal::Term,
+            other => {
+                return Err(ApiError::invalid(format!(
+                    "signal must be SIGKILL or SIGTERM, not {other:?}"
+                )))
+            }
+        };
+        self.running(team_id, id).await?;
+        let _ = self.store.touch_capsule(id).await;
+        self.host
+            .signal_process(id, selector, signal)
+            .await
+            .map_err(from_agent)
+    }
+
+    /// The capsule if it belongs to the team and is running (404 / 409 otherwise).
+    async fn running(&self, team_id: &str, id: &str) -> Result<CapsuleRow> {
+        let row = self.owned(team_id, id).await?;
+        if row.capsule.status != CapsuleStatus::Running {
+            return Err(ApiError::invalid_state(format!(
+                "capsule {id} is {}, not running",
+                row.capsule.status.as_str()
+            )));
+        }
+        Ok(row)
     }
 
     /// Makes the DB agree with what the host actually runs (at start-up).

@@ -1,6 +1,6 @@
 //! `/v1/capsules*` handlers: parse, call [`crate::service::CapsuleService`], answer.
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
@@ -55,4 +55,29 @@ pub async fn exec(
         ExecOutcome::Foreground(out) => Json(out).into_response(),
         ExecOutcome::Background(started) => (StatusCode::ACCEPTED, Json(started)).into_response(),
     })
+}
+
+pub async fn processes(
+    State(s): State<AppState>,
+    auth: TeamAuth,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, HttpError> {
+    Ok(Json(s.capsules.processes(&auth.team_id, &id).await?))
+}
+
+#[derive(serde::Deserialize)]
+pub struct KillQuery {
+    signal: Option<String>,
+}
+
+pub async fn kill_process(
+    State(s): State<AppState>,
+    auth: TeamAuth,
+    Path((id, selector)): Path<(String, String)>,
+    Query(q): Query<KillQuery>,
+) -> Result<impl IntoResponse, HttpError> {
+    s.capsules
+        .kill_process(&auth.team_id, &id, &selector, q.signal.as_deref())
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
 }

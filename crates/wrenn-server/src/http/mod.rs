@@ -7,7 +7,7 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::{header, StatusCode, Uri};
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use serde::de::DeserializeOwned;
 use tower_http::trace::TraceLayer;
@@ -31,6 +31,11 @@ pub fn router(state: AppState) -> Router {
             get(capsules::get).delete(capsules::destroy),
         )
         .route("/v1/capsules/{id}/exec", post(capsules::exec))
+        .route("/v1/capsules/{id}/processes", get(capsules::processes))
+        .route(
+            "/v1/capsules/{id}/processes/{selector}",
+            delete(capsules::kill_process),
+        )
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY))
