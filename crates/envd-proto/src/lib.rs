@@ -5,6 +5,10 @@
 //! connection on a fatal error). Byte streams (process output, later file contents) travel in their
 //! own frame kinds so they are never base64-encoded or buffered whole.
 //!
+//! During an exec the host may send one byte (any value) to ask envd to stop the command: envd
+//! kills its process group and still answers `Exit`. Closing the connection instead kills the
+//! command without an answer.
+//!
 //! A frame is `kind: u8`, `len: u32` (big endian), then `len` bytes. Frames are at most
 //! [`MAX_FRAME_LEN`] bytes so a peer can never make the other allocate without bound.
 
@@ -117,6 +121,10 @@ pub enum Response {
         pid: u32,
         tag: String,
     },
+    /// First frame of an exec: the process runs. Output frames and `Exit` follow.
+    Spawned {
+        pid: u32,
+    },
     Processes {
         processes: Vec<ProcessInfo>,
     },
@@ -142,6 +150,10 @@ pub enum ErrorKind {
     NotFound,
     /// A live process already has the requested tag.
     Conflict,
+    /// The program to run does not exist (a shell would exit 127).
+    CommandNotFound,
+    /// The program exists but cannot be executed (a shell would exit 126).
+    NotExecutable,
     Internal,
 }
 

@@ -11,10 +11,6 @@ use tokio::sync::mpsc;
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const DEFAULT_CWD: &str = "/root";
-/// Exit code reported when the command could not be found (as a shell would).
-const EXIT_NOT_FOUND: i32 = 127;
-/// Exit code reported when the command exists but cannot be executed.
-const EXIT_NOT_EXECUTABLE: i32 = 126;
 
 enum Chunk {
     Out(Vec<u8>),
@@ -69,26 +65,23 @@ pub async fn run(spec: ExecSpec, mut rd: OwnedReadHalf, mut wr: OwnedWriteHalf) 
     let mut child = match command(&spec.command).spawn() {
         Ok(c) => c,
         Err(e) => {
-            let code = if e.kind() == std::io::ErrorKind::NotFound {
-                EXIT_NOT_FOUND
+            let kind = if e.kind() == std::io::ErrorKind::NotFound {
+                ErrorKind::CommandNotFound
             } else {
-                EXIT_NOT_EXECUTABLE
+                ErrorKind::NotExecutable
             };
-            let msg = format!("envd: cannot run {}: {e}\n", spec.command.cmd);
-            let _ = write_frame(&mut wr, FrameKind::Stderr, msg.as_bytes()).await;
-            let _ = write_json(
-                &mut wr,
-                &Response::Exit {
-                    exit_code: code,
-                    timed_out: false,
-                    duration_ms: started.elapsed().as_millis() as u64,
-                },
-            )
-            .await;
+            let message = format!("cannot run {}: {e}", spec.command.cmd);
+            let _ = write_json(&mut wr, &crate::error(kind, message)).await;
             return;
         }
     };
     let pgid = child.id().map(|p| p as i32);
+    let spawned = Response::Spawned {
+        pid: child.id().unwrap_or(0),
+    };
+    if write_json(&mut wr, &spawned).await.is_err() {
+        return hang_up(pgid, child).await;
+    }
     let (tx, mut rx) = mpsc::channel::<Chunk>(16);
     if let Some(out) = child.stdout.take() {
         tokio::spawn(pump(out, tx.clone(), Chunk::Out));
@@ -98,13 +91,19 @@ pub async fn run(spec: ExecSpec, mut rd: OwnedReadHalf, mut wr: OwnedWriteHalf) 
     }
     drop(tx);
 
-    let deadline = tokio::time::sleep(Duration::from_millis(spec.timeout_ms.max(1)));
+    // timeout_ms 0: no limit (streams run until they end or are stopped).
+    let limit = match spec.timeout_ms {
+        0 => Duration::from_secs(10 * 365 * 24 * 3600),
+        ms => Duration::from_millis(ms),
+    };
+    let deadline = tokio::time::sleep(limit);
     tokio::pin!(deadline);
     // Once the leader has exited, output still in the pipes gets this long to arrive; a
     // grandchild that keeps the pipes open must not hold the answer hostage.
     let drain = tokio::time::sleep(Duration::from_secs(3600));
     tokio::pin!(drain);
     let mut timed_out = false;
+    let mut stopped = false;
     let mut status = None;
     let mut peer_buf = [0u8; 64];
     let mut output_open = true;
@@ -124,9 +123,16 @@ pub async fn run(spec: ExecSpec, mut rd: OwnedReadHalf, mut wr: OwnedWriteHalf) 
                 timed_out = true;
                 kill_group(pgid);
             },
-            n = rd.read(&mut peer_buf) => {
-                // The host sends nothing after the request; EOF or an error means it hung up.
-                if matches!(n, Ok(0) | Err(_)) { return hang_up(pgid, child).await }
+            n = rd.read(&mut peer_buf), if !stopped => {
+                // EOF or an error: the host hung up. Any byte: the host asks to stop the
+                // command; it is killed and its exit reported as usual.
+                match n {
+                    Ok(0) | Err(_) => return hang_up(pgid, child).await,
+                    Ok(_) => {
+                        stopped = true;
+                        kill_group(pgid);
+                    }
+                }
             }
         }
     }

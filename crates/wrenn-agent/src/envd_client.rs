@@ -75,47 +75,112 @@ impl EnvdClient {
     /// period beyond it before giving up on a guest that stopped answering.
     pub async fn exec(&self, spec: ExecSpec) -> Result<ExecOutput> {
         let limit = Duration::from_millis(spec.timeout_ms) + Duration::from_secs(15);
-        let mut s = self.connect().await?;
-        write_json(&mut s, &Request::Exec(spec))
-            .await
-            .map_err(proto)?;
-        let mut out = ExecOutput::default();
         let collect = async {
+            let mut stream = match self.exec_stream(spec).await {
+                Ok(stream) => stream,
+                // As a shell would: the reason on stderr, 127 or 126 as the exit code.
+                Err(AgentError::CannotRun { exit_code, message }) => {
+                    return Ok(ExecOutput {
+                        stderr: format!("{message}\n").into_bytes(),
+                        exit_code,
+                        ..Default::default()
+                    })
+                }
+                Err(e) => return Err(e),
+            };
+            let mut out = ExecOutput::default();
             loop {
-                match read_frame(&mut s).await.map_err(proto)? {
-                    Some(Frame::Stdout(b)) => capture(&mut out.stdout, &b, &mut out.dropped_bytes),
-                    Some(Frame::Stderr(b)) => capture(&mut out.stderr, &b, &mut out.dropped_bytes),
-                    Some(Frame::Json(j)) => {
-                        return match serde_json::from_slice::<Response>(&j) {
-                            Ok(Response::Exit {
-                                exit_code,
-                                timed_out,
-                                duration_ms,
-                            }) => {
-                                out.exit_code = exit_code;
-                                out.timed_out = timed_out;
-                                out.duration_ms = duration_ms;
-                                Ok(())
-                            }
-                            Ok(Response::Error { kind, message }) => Err(envd_error(kind, message)),
-                            Ok(other) => Err(AgentError::Envd(format!(
-                                "unexpected answer to exec: {other:?}"
-                            ))),
-                            Err(e) => Err(AgentError::Envd(format!("bad answer: {e}"))),
-                        };
-                    }
-                    None => {
-                        return Err(AgentError::Envd(
-                            "connection closed before the process exited".into(),
-                        ))
+                match stream.next().await? {
+                    ExecEvent::Stdout(b) => capture(&mut out.stdout, &b, &mut out.dropped_bytes),
+                    ExecEvent::Stderr(b) => capture(&mut out.stderr, &b, &mut out.dropped_bytes),
+                    ExecEvent::Exit {
+                        exit_code,
+                        timed_out,
+                        duration_ms,
+                    } => {
+                        out.exit_code = exit_code;
+                        out.timed_out = timed_out;
+                        out.duration_ms = duration_ms;
+                        return Ok(out);
                     }
                 }
             }
         };
         tokio::time::timeout(limit, collect)
             .await
-            .map_err(|_| AgentError::Envd("no answer from envd".into()))??;
-        Ok(out)
+            .map_err(|_| AgentError::Envd("no answer from envd".into()))?
+    }
+
+    /// Starts a command and returns once it runs; its output and exit arrive through the
+    /// returned stream. Dropping the stream kills the command.
+    pub async fn exec_stream(&self, spec: ExecSpec) -> Result<ExecStream> {
+        let mut conn = self.connect().await?;
+        write_json(&mut conn, &Request::Exec(spec))
+            .await
+            .map_err(proto)?;
+        match read_response(&mut conn).await? {
+            Response::Spawned { pid } => Ok(ExecStream { conn, pid }),
+            Response::Error { kind, message } => Err(envd_error(kind, message)),
+            other => Err(AgentError::Envd(format!(
+                "unexpected answer to exec: {other:?}"
+            ))),
+        }
+    }
+}
+
+/// What a running command produces, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecEvent {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    /// Always the last event.
+    Exit {
+        exit_code: i32,
+        timed_out: bool,
+        duration_ms: u64,
+    },
+}
+
+/// A running command's output. Reading applies backpressure all the way to the process (its
+/// pipe fills when nobody reads); dropping the stream kills it.
+pub struct ExecStream {
+    conn: TcpStream,
+    pub pid: u32,
+}
+
+impl ExecStream {
+    /// The next event; after `Exit` the stream is finished.
+    pub async fn next(&mut self) -> Result<ExecEvent> {
+        match read_frame(&mut self.conn).await.map_err(proto)? {
+            Some(Frame::Stdout(b)) => Ok(ExecEvent::Stdout(b)),
+            Some(Frame::Stderr(b)) => Ok(ExecEvent::Stderr(b)),
+            Some(Frame::Json(j)) => match serde_json::from_slice::<Response>(&j) {
+                Ok(Response::Exit {
+                    exit_code,
+                    timed_out,
+                    duration_ms,
+                }) => Ok(ExecEvent::Exit {
+                    exit_code,
+                    timed_out,
+                    duration_ms,
+                }),
+                Ok(Response::Error { kind, message }) => Err(envd_error(kind, message)),
+                Ok(other) => Err(AgentError::Envd(format!(
+                    "unexpected frame in exec: {other:?}"
+                ))),
+                Err(e) => Err(AgentError::Envd(format!("bad answer: {e}"))),
+            },
+            None => Err(AgentError::Envd(
+                "connection closed before the process exited".into(),
+            )),
+        }
+    }
+
+    /// Asks envd to kill the command; its `Exit` still follows.
+    pub async fn stop(&mut self) -> Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.conn.write_all(&[1]).await?;
+        Ok(())
     }
 }
 
@@ -181,6 +246,14 @@ fn envd_error(kind: ErrorKind, message: String) -> AgentError {
         ErrorKind::InvalidRequest => AgentError::InvalidRequest(message),
         ErrorKind::NotFound => AgentError::NotFound(message),
         ErrorKind::Conflict => AgentError::Conflict(message),
+        ErrorKind::CommandNotFound => AgentError::CannotRun {
+            exit_code: 127,
+            message,
+        },
+        ErrorKind::NotExecutable => AgentError::CannotRun {
+            exit_code: 126,
+            message,
+        },
         ErrorKind::Internal => AgentError::Envd(message),
     }
 }

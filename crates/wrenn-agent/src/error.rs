@@ -12,6 +12,9 @@ pub enum AgentError {
     /// The capsule exists but is not in a state that allows the operation.
     #[error("{0}")]
     InvalidState(String),
+    /// The program could not be started; `exit_code` is what a shell would report (127/126).
+    #[error("{message}")]
+    CannotRun { exit_code: i32, message: String },
     /// The request clashes with what exists (e.g. a live process already has the tag).
     #[error("{0}")]
     Conflict(String),

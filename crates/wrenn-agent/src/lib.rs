@@ -22,4 +22,4 @@ pub mod vmm;
 
 pub use config::AgentConfig;
 pub use error::AgentError;
-pub use manager::{CapsuleInfo, CapsuleManager, ExecOutput, StartedProcess};
+pub use manager::{CapsuleInfo, CapsuleManager, ExecEvent, ExecOutput, ExecStream, StartedProcess};

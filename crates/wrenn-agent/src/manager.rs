@@ -21,7 +21,7 @@ use wrenn_api::CapsuleSpec;
 
 use crate::config::AgentConfig;
 use crate::envd_client::EnvdClient;
-pub use crate::envd_client::{ExecOutput, StartedProcess};
+pub use crate::envd_client::{ExecEvent, ExecOutput, ExecStream, StartedProcess};
 use crate::error::{AgentError, Result};
 use crate::images::{BootImages, ImageStore};
 use crate::net::{self, Slot};
@@ -277,6 +277,11 @@ impl CapsuleManager {
     /// Runs a foreground command in a running capsule.
     pub async fn exec(&self, id: &str, spec: envd_proto::ExecSpec) -> Result<ExecOutput> {
         self.envd_of(id).await?.exec(spec).await
+    }
+
+    /// Starts a command in a running capsule and streams its output.
+    pub async fn exec_stream(&self, id: &str, spec: envd_proto::ExecSpec) -> Result<ExecStream> {
+        self.envd_of(id).await?.exec_stream(spec).await
     }
 
     /// Starts a background process in a running capsule.

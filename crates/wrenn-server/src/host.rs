@@ -6,7 +6,9 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use wrenn_agent::{AgentError, CapsuleInfo, CapsuleManager, ExecOutput, StartedProcess};
+use wrenn_agent::{
+    AgentError, CapsuleInfo, CapsuleManager, ExecOutput, ExecStream, StartedProcess,
+};
 use wrenn_api::CapsuleSpec;
 
 #[async_trait]
@@ -29,6 +31,11 @@ pub trait HostClient: Send + Sync {
         selector: &str,
         signal: envd_proto::Signal,
     ) -> Result<(), AgentError>;
+    async fn exec_stream(
+        &self,
+        id: &str,
+        spec: envd_proto::ExecSpec,
+    ) -> Result<ExecStream, AgentError>;
     async fn list(&self) -> Result<Vec<CapsuleInfo>, AgentError>;
 }
 
@@ -72,6 +79,13 @@ impl HostClient for LocalHost {
         signal: envd_proto::Signal,
     ) -> Result<(), AgentError> {
         self.manager.signal_process(id, selector, signal).await
+    }
+    async fn exec_stream(
+        &self,
+        id: &str,
+        spec: envd_proto::ExecSpec,
+    ) -> Result<ExecStream, AgentError> {
+        self.manager.exec_stream(id, spec).await
     }
     async fn list(&self) -> Result<Vec<CapsuleInfo>, AgentError> {
         Ok(self.manager.list().await)

@@ -133,7 +133,7 @@ impl CapsuleService {
     pub async fn exec(&self, team_id: &str, id: &str, req: ExecRequest) -> Result<ExecOutcome> {
         self.owned(team_id, id).await?;
         validate_command(&req)?;
-        self.running(team_id, id).await?;
+        self.require_running(team_id, id).await?;
         if req.background {
             return self
                 .start_background(id, req)
@@ -234,9 +234,26 @@ impl CapsuleService {
         })
     }
 
+    /// Starts a command whose output is streamed (no time limit; the caller may stop it).
+    pub async fn exec_stream(
+        &self,
+        team_id: &str,
+        id: &str,
+        req: ExecRequest,
+    ) -> Result<wrenn_agent::ExecStream> {
+        validate_command(&req)?;
+        self.require_running(team_id, id).await?;
+        let _ = self.store.touch_capsule(id).await;
+        let spec = envd_proto::ExecSpec {
+            command: command_spec(&req),
+            timeout_ms: 0,
+        };
+        self.host.exec_stream(id, spec).await.map_err(from_agent)
+    }
+
     /// Every user process in a running capsule.
     pub async fn processes(&self, team_id: &str, id: &str) -> Result<ProcessListResponse> {
-        self.running(team_id, id).await?;
+        self.require_running(team_id, id).await?;
         let _ = self.store.touch_capsule(id).await;
         let processes = self
             .host
@@ -271,7 +288,7 @@ impl CapsuleService {
                 )))
             }
         };
-        self.running(team_id, id).await?;
+        self.require_running(team_id, id).await?;
         let _ = self.store.touch_capsule(id).await;
         self.host
             .signal_process(id, selector, signal)
@@ -280,7 +297,7 @@ impl CapsuleService {
     }
 
     /// The capsule if it belongs to the team and is running (404 / 409 otherwise).
-    async fn running(&self, team_id: &str, id: &str) -> Result<CapsuleRow> {
+    pub async fn require_running(&self, team_id: &str, id: &str) -> Result<CapsuleRow> {
         let row = self.owned(team_id, id).await?;
         if row.capsule.status != CapsuleStatus::Running {
             return Err(ApiError::invalid_state(format!(

@@ -2,6 +2,7 @@
 //! exist or are not built yet.
 
 mod capsules;
+mod stream;
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
@@ -31,6 +32,7 @@ pub fn router(state: AppState) -> Router {
             get(capsules::get).delete(capsules::destroy),
         )
         .route("/v1/capsules/{id}/exec", post(capsules::exec))
+        .route("/v1/capsules/{id}/exec/stream", get(stream::exec_stream))
         .route("/v1/capsules/{id}/processes", get(capsules::processes))
         .route(
             "/v1/capsules/{id}/processes/{selector}",

@@ -1,0 +1,217 @@
+//! `GET /v1/capsules/{id}/exec/stream`: a command over a WebSocket.
+//!
+//! Protocol (docs/openapi.yaml): the client's first message is
+//! `{"type":"start","cmd":…,"args":[…]}` (optionally `envs`, `cwd`); the server answers
+//! `{"type":"start","pid"}`, then `stdout`/`stderr` events with text `data` in the order the
+//! process wrote them, then `{"type":"exit","exit_code"}` and closes. `{"type":"stop"}` kills the
+//! command (its `exit` still follows). Failures answer `{"type":"error","data"}` and close.
+//! A client that goes away kills the command. Nothing is buffered beyond one frame: a slow
+//! client slows the process down (its pipe fills), it never grows the server's memory.
+
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, State};
+use axum::response::Response;
+use serde::Deserialize;
+use serde_json::json;
+use wrenn_agent::ExecEvent;
+use wrenn_api::{ApiError, ExecRequest};
+
+use crate::auth::TeamAuth;
+use crate::error::HttpError;
+use crate::AppState;
+
+/// How long a client may wait before sending `start`.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum ClientMessage {
+    Start {
+        cmd: String,
+        #[serde(default)]
+        args: Vec<String>,
+        #[serde(default)]
+        envs: std::collections::BTreeMap<String, String>,
+        cwd: Option<String>,
+    },
+    Stop,
+}
+
+pub async fn exec_stream(
+    State(s): State<AppState>,
+    auth: TeamAuth,
+    Path(id): Path<String>,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Result<Response, HttpError> {
+    // 404 and 409 are answered as HTTP errors, before any upgrade.
+    s.capsules.require_running(&auth.team_id, &id).await?;
+    let ws =
+        ws.map_err(|e| ApiError::invalid(format!("this endpoint needs a WebSocket upgrade: {e}")))?;
+    Ok(ws.on_upgrade(move |socket| run(socket, s, auth, id)))
+}
+
+async fn run(mut socket: WebSocket, s: AppState, auth: TeamAuth, id: String) {
+    let first = tokio::time::timeout(START_TIMEOUT, next_text(&mut socket)).await;
+    let req = match first {
+        Ok(Some(text)) => match serde_json::from_str::<ClientMessage>(&text) {
+            Ok(ClientMessage::Start {
+                cmd,
+                args,
+                envs,
+                cwd,
+            }) => ExecRequest {
+                cmd,
+                args,
+                envs,
+                cwd,
+                ..Default::default()
+            },
+            Ok(ClientMessage::Stop) => {
+                return fail(socket, "nothing to stop: send start first").await
+            }
+            Err(e) => return fail(socket, &format!("expected a start message: {e}")).await,
+        },
+        Ok(None) => return,
+        Err(_) => return fail(socket, "no start message within 30 s").await,
+    };
+    let mut stream = match s.capsules.exec_stream(&auth.team_id, &id, req).await {
+        Ok(stream) => stream,
+        Err(e) => return fail(socket, &e.message).await,
+    };
+    if send(&mut socket, json!({"type": "start", "pid": stream.pid}))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let (mut out, mut err) = (Utf8Stream::default(), Utf8Stream::default());
+    loop {
+        tokio::select! {
+            event = stream.next() => {
+                let msg = match event {
+                    Ok(ExecEvent::Stdout(b)) => json!({"type": "stdout", "data": out.decode(&b)}),
+                    Ok(ExecEvent::Stderr(b)) => json!({"type": "stderr", "data": err.decode(&b)}),
+                    Ok(ExecEvent::Exit { exit_code, .. }) => {
+                        for (kind, rest) in [("stdout", out.finish()), ("stderr", err.finish())] {
+                            if !rest.is_empty() {
+                                let _ = send(&mut socket, json!({"type": kind, "data": rest})).await;
+                            }
+                        }
+                        let _ = send(&mut socket, json!({"type": "exit", "exit_code": exit_code})).await;
+                        let _ = socket.send(Message::Close(None)).await;
+                        return;
+                    }
+                    Err(e) => return fail(socket, &e.to_string()).await,
+                };
+                if send(&mut socket, msg).await.is_err() {
+                    return; // the client left: dropping the stream kills the command
+                }
+            }
+            incoming = socket.recv() => match incoming {
+                Some(Ok(Message::Text(t))) => {
+                    let stop = matches!(serde_json::from_str::<ClientMessage>(&t), Ok(ClientMessage::Stop));
+                    if stop && stream.stop().await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+}
+
+/// The next text message, skipping pings; `None` when the client closes.
+async fn next_text(socket: &mut WebSocket) -> Option<String> {
+    loop {
+        match socket.recv().await? {
+            Ok(Message::Text(t)) => return Some(t.to_string()),
+            Ok(Message::Binary(b)) => return Some(String::from_utf8_lossy(&b).into_owned()),
+            Ok(Message::Close(_)) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
+}
+
+async fn send(socket: &mut WebSocket, value: serde_json::Value) -> Result<(), axum::Error> {
+    socket.send(Message::Text(value.to_string().into())).await
+}
+
+async fn fail(mut socket: WebSocket, message: &str) {
+    let _ = send(&mut socket, json!({"type": "error", "data": message})).await;
+    let _ = socket.send(Message::Close(None)).await;
+}
+
+/// Turns a byte stream into text without splitting a character across two events: an
+/// incomplete sequence at the end of a chunk waits for the next one; invalid bytes become U+FFFD.
+#[derive(Default)]
+pub struct Utf8Stream {
+    pending: Vec<u8>,
+}
+
+impl Utf8Stream {
+    pub fn decode(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
+        let mut out = String::new();
+        let mut rest: &[u8] = &self.pending;
+        loop {
+            match std::str::from_utf8(rest) {
+                Ok(s) => {
+                    out.push_str(s);
+                    rest = &[];
+                    break;
+                }
+                Err(e) => {
+                    let (valid, after) = rest.split_at(e.valid_up_to());
+                    out.push_str(std::str::from_utf8(valid).unwrap_or_default());
+                    match e.error_len() {
+                        Some(n) => {
+                            out.push('\u{FFFD}');
+                            rest = &after[n..];
+                        }
+                        None => {
+                            rest = after; // incomplete: wait for more
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        self.pending = rest.to_vec();
+        out
+    }
+
+    /// Whatever is left at the end of the stream.
+    pub fn finish(&mut self) -> String {
+        let rest = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        rest
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Utf8Stream;
+
+    #[test]
+    fn characters_split_across_chunks_arrive_whole() {
+        let mut d = Utf8Stream::default();
+        let bytes = "héllo €".as_bytes();
+        let mut out = String::new();
+        for b in bytes {
+            out.push_str(&d.decode(&[*b]));
+        }
+        out.push_str(&d.finish());
+        assert_eq!(out, "héllo €");
+    }
+
+    #[test]
+    fn invalid_bytes_become_replacement_characters() {
+        let mut d = Utf8Stream::default();
+        assert_eq!(d.decode(b"a\xffb"), "a\u{FFFD}b");
+        assert_eq!(d.decode(b"\xe2\x82"), "");
+        assert_eq!(d.finish(), "\u{FFFD}");
+    }
+}
