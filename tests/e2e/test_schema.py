@@ -10,7 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 OPERATIONS = [
     "createCapsule", "listCapsules", "getCapsule", "destroyCapsule", "execCommand", "listProcesses", "killProcess",
-    "execStream",
+    "execStream", "listDir", "makeDir", "removePath", "downloadFile", "streamDownloadFile", "uploadFile",
+    "streamUploadFile",
 ]
 
 

@@ -32,6 +32,8 @@ pub enum FrameKind {
     Stdout = 2,
     /// Raw bytes of a process's standard error.
     Stderr = 3,
+    /// Raw file content.
+    Data = 4,
 }
 
 impl FrameKind {
@@ -40,6 +42,7 @@ impl FrameKind {
             1 => Some(FrameKind::Json),
             2 => Some(FrameKind::Stdout),
             3 => Some(FrameKind::Stderr),
+            4 => Some(FrameKind::Data),
             _ => None,
         }
     }
@@ -59,6 +62,35 @@ pub enum Request {
     ListProcesses,
     /// Send a signal to a process chosen by numeric pid or by tag.
     Signal { selector: String, signal: Signal },
+    /// Entries under `path`: depth 0 = the entry itself, 1 = its children, N = N levels down.
+    ListDir { path: String, depth: u32 },
+    /// Create a directory and its parents; an existing path is `AlreadyExists`.
+    MakeDir { path: String },
+    /// Remove a file, link or whole directory tree.
+    Remove { path: String },
+    /// Stream a file: `FileStart`, then `Data` frames, then `Done`.
+    ReadFile { path: String },
+    /// Write a file from the `Data` frames that follow; an empty `Data` frame ends it, any other
+    /// frame abandons it. The file appears whole (written aside, then renamed) or not at all,
+    /// and envd answers only once the abandoned bytes are gone. Parent directories are made.
+    WriteFile { path: String },
+}
+
+/// One filesystem entry (the API's `FileEntry`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileEntry {
+    pub name: String,
+    pub path: String,
+    /// `file`, `directory` or `symlink`
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub size: u64,
+    pub mode: u32,
+    pub permissions: String,
+    pub owner: String,
+    pub group: String,
+    pub modified_at: i64,
+    pub symlink_target: Option<String>,
 }
 
 /// Signals the API lets users send.
@@ -130,6 +162,21 @@ pub enum Response {
     },
     /// The request was carried out and has nothing to report.
     Done,
+    Entries {
+        entries: Vec<FileEntry>,
+    },
+    Entry {
+        // Boxed: keeps every `Response` (and every `Result<_, Response>`) small.
+        entry: Box<FileEntry>,
+    },
+    /// A file read begins; `size` bytes of `Data` frames follow.
+    FileStart {
+        size: u64,
+    },
+    /// A file write finished.
+    Written {
+        size: u64,
+    },
     Exit {
         exit_code: i32,
         timed_out: bool,
@@ -150,6 +197,8 @@ pub enum ErrorKind {
     NotFound,
     /// A live process already has the requested tag.
     Conflict,
+    /// The path exists already.
+    AlreadyExists,
     /// The program to run does not exist (a shell would exit 127).
     CommandNotFound,
     /// The program exists but cannot be executed (a shell would exit 126).
@@ -163,6 +212,7 @@ pub enum Frame {
     Json(Vec<u8>),
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
+    Data(Vec<u8>),
 }
 
 #[derive(Debug)]
@@ -247,6 +297,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>
         FrameKind::Json => Frame::Json(payload),
         FrameKind::Stdout => Frame::Stdout(payload),
         FrameKind::Stderr => Frame::Stderr(payload),
+        FrameKind::Data => Frame::Data(payload),
     }))
 }
 

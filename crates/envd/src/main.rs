@@ -10,6 +10,7 @@
 
 mod background;
 mod exec;
+mod files;
 mod init;
 mod processes;
 
@@ -102,6 +103,11 @@ async fn handle(stream: TcpStream) {
         Request::Exec(spec) => exec::run(spec, rd, wr).await,
         Request::Start(spec) => background::start(spec, wr).await,
         Request::ListProcesses => processes::list(wr).await,
+        Request::ListDir { path, depth } => files::list(path, depth, wr).await,
+        Request::MakeDir { path } => files::mkdir(path, wr).await,
+        Request::Remove { path } => files::remove(path, wr).await,
+        Request::ReadFile { path } => files::read(path, wr).await,
+        Request::WriteFile { path } => files::write(path, rd, wr).await,
         Request::Signal { selector, signal } => processes::signal(selector, signal, wr).await,
     }
 }

@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use envd_proto::{
-    read_frame, write_json, ErrorKind, ExecSpec, Frame, ProcessInfo, Request, Response, Signal,
-    StartSpec,
+    read_frame, write_frame, write_json, ErrorKind, ExecSpec, FileEntry, Frame, FrameKind,
+    ProcessInfo, Request, Response, Signal, StartSpec,
 };
 use tokio::net::TcpStream;
 
@@ -154,6 +154,7 @@ impl ExecStream {
         match read_frame(&mut self.conn).await.map_err(proto)? {
             Some(Frame::Stdout(b)) => Ok(ExecEvent::Stdout(b)),
             Some(Frame::Stderr(b)) => Ok(ExecEvent::Stderr(b)),
+            Some(Frame::Data(_)) => Err(AgentError::Envd("unexpected data frame in exec".into())),
             Some(Frame::Json(j)) => match serde_json::from_slice::<Response>(&j) {
                 Ok(Response::Exit {
                     exit_code,
@@ -181,6 +182,76 @@ impl ExecStream {
         use tokio::io::AsyncWriteExt;
         self.conn.write_all(&[1]).await?;
         Ok(())
+    }
+}
+
+/// A file being read from the guest, chunk by chunk.
+pub struct FileReader {
+    conn: TcpStream,
+    pub size: u64,
+    done: bool,
+}
+
+impl FileReader {
+    /// The next chunk, or `None` at the end of the file.
+    pub async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>> {
+        if self.done {
+            return Ok(None);
+        }
+        match read_frame(&mut self.conn).await.map_err(proto)? {
+            Some(Frame::Data(b)) => Ok(Some(b)),
+            Some(Frame::Json(j)) => match serde_json::from_slice::<Response>(&j) {
+                Ok(Response::Done) => {
+                    self.done = true;
+                    Ok(None)
+                }
+                Ok(Response::Error { kind, message }) => Err(envd_error(kind, message)),
+                _ => Err(AgentError::Envd("unexpected frame in file read".into())),
+            },
+            _ => Err(AgentError::Envd("file read ended early".into())),
+        }
+    }
+}
+
+/// A file being written into the guest.
+pub struct FileWriter {
+    conn: TcpStream,
+}
+
+impl FileWriter {
+    pub async fn send(&mut self, bytes: &[u8]) -> Result<()> {
+        if bytes.is_empty() {
+            return Ok(()); // an empty frame would end the file
+        }
+        write_frame(&mut self.conn, FrameKind::Data, bytes)
+            .await
+            .map_err(proto)
+    }
+
+    /// Abandons the upload and waits until envd has removed what it wrote so far.
+    pub async fn abort(mut self) {
+        // Any JSON frame in place of data ends the upload as failed (envd-proto's contract).
+        if write_frame(&mut self.conn, FrameKind::Json, b"{}")
+            .await
+            .is_ok()
+        {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(10), read_response(&mut self.conn)).await;
+        }
+    }
+
+    /// Ends the file; it appears in the guest (whole) when this returns its size.
+    pub async fn finish(mut self) -> Result<u64> {
+        write_frame(&mut self.conn, FrameKind::Data, &[])
+            .await
+            .map_err(proto)?;
+        match read_response(&mut self.conn).await? {
+            Response::Written { size } => Ok(size),
+            Response::Error { kind, message } => Err(envd_error(kind, message)),
+            other => Err(AgentError::Envd(format!(
+                "unexpected answer to write: {other:?}"
+            ))),
+        }
     }
 }
 
@@ -231,6 +302,89 @@ impl EnvdClient {
         }
     }
 
+    pub async fn list_dir(&self, path: &str, depth: u32) -> Result<Vec<FileEntry>> {
+        let req = Request::ListDir {
+            path: path.to_string(),
+            depth,
+        };
+        match self.call(req).await? {
+            Response::Entries { entries } => Ok(entries),
+            Response::Error { kind, message } => Err(envd_error(kind, message)),
+            other => Err(AgentError::Envd(format!(
+                "unexpected answer to list: {other:?}"
+            ))),
+        }
+    }
+
+    pub async fn make_dir(&self, path: &str) -> Result<FileEntry> {
+        match self
+            .call(Request::MakeDir {
+                path: path.to_string(),
+            })
+            .await?
+        {
+            Response::Entry { entry } => Ok(*entry),
+            Response::Error { kind, message } => Err(envd_error(kind, message)),
+            other => Err(AgentError::Envd(format!(
+                "unexpected answer to mkdir: {other:?}"
+            ))),
+        }
+    }
+
+    pub async fn remove(&self, path: &str) -> Result<()> {
+        match self
+            .call(Request::Remove {
+                path: path.to_string(),
+            })
+            .await?
+        {
+            Response::Done => Ok(()),
+            Response::Error { kind, message } => Err(envd_error(kind, message)),
+            other => Err(AgentError::Envd(format!(
+                "unexpected answer to remove: {other:?}"
+            ))),
+        }
+    }
+
+    /// Opens a file for streaming; fails (not found, a directory, ...) before any byte flows.
+    pub async fn read_file(&self, path: &str) -> Result<FileReader> {
+        let mut conn = self.connect().await?;
+        write_json(
+            &mut conn,
+            &Request::ReadFile {
+                path: path.to_string(),
+            },
+        )
+        .await
+        .map_err(proto)?;
+        match read_response(&mut conn).await? {
+            Response::FileStart { size } => Ok(FileReader {
+                conn,
+                size,
+                done: false,
+            }),
+            Response::Error { kind, message } => Err(envd_error(kind, message)),
+            other => Err(AgentError::Envd(format!(
+                "unexpected answer to read: {other:?}"
+            ))),
+        }
+    }
+
+    /// Starts writing a file; send its bytes with [`FileWriter::send`], then
+    /// [`FileWriter::finish`]. Dropping the writer before `finish` leaves no file behind.
+    pub async fn write_file(&self, path: &str) -> Result<FileWriter> {
+        let mut conn = self.connect().await?;
+        write_json(
+            &mut conn,
+            &Request::WriteFile {
+                path: path.to_string(),
+            },
+        )
+        .await
+        .map_err(proto)?;
+        Ok(FileWriter { conn })
+    }
+
     /// One request, one JSON answer.
     async fn call(&self, req: Request) -> Result<Response> {
         let mut s = self.connect().await?;
@@ -246,6 +400,7 @@ fn envd_error(kind: ErrorKind, message: String) -> AgentError {
         ErrorKind::InvalidRequest => AgentError::InvalidRequest(message),
         ErrorKind::NotFound => AgentError::NotFound(message),
         ErrorKind::Conflict => AgentError::Conflict(message),
+        ErrorKind::AlreadyExists => AgentError::AlreadyExists(message),
         ErrorKind::CommandNotFound => AgentError::CannotRun {
             exit_code: 127,
             message,

@@ -15,6 +15,9 @@ pub enum AgentError {
     /// The program could not be started; `exit_code` is what a shell would report (127/126).
     #[error("{message}")]
     CannotRun { exit_code: i32, message: String },
+    /// The path (or other named thing) exists already.
+    #[error("{0}")]
+    AlreadyExists(String),
     /// The request clashes with what exists (e.g. a live process already has the tag).
     #[error("{0}")]
     Conflict(String),

@@ -308,6 +308,11 @@ impl CapsuleManager {
         self.envd_of(id).await?.signal(selector, signal).await
     }
 
+    /// The guest agent of a running capsule, for file operations (`list_dir`, `read_file`, ...).
+    pub async fn envd_client(&self, id: &str) -> Result<EnvdClient> {
+        self.envd_of(id).await
+    }
+
     /// The envd of a running capsule; the capsule's lock is held only while looking it up.
     async fn envd_of(&self, id: &str) -> Result<EnvdClient> {
         let entry = lock(&self.capsules)

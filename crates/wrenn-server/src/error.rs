@@ -46,6 +46,7 @@ pub fn from_agent(e: wrenn_agent::AgentError) -> ApiError {
         A::NotFound(m) => ApiError::not_found(m),
         A::InvalidState(m) => ApiError::invalid_state(m),
         A::Conflict(m) => ApiError::new(ErrorCode::Conflict, m),
+        A::AlreadyExists(m) => ApiError::new(ErrorCode::AlreadyExists, m),
         A::CannotRun { message, .. } => ApiError::invalid(message),
         other => ApiError::new(ErrorCode::AgentError, other.to_string()),
     }

@@ -36,6 +36,8 @@ pub trait HostClient: Send + Sync {
         id: &str,
         spec: envd_proto::ExecSpec,
     ) -> Result<ExecStream, AgentError>;
+    /// The guest agent of a running capsule, for file transfers.
+    async fn envd(&self, id: &str) -> Result<wrenn_agent::EnvdClient, AgentError>;
     async fn list(&self) -> Result<Vec<CapsuleInfo>, AgentError>;
 }
 
@@ -86,6 +88,9 @@ impl HostClient for LocalHost {
         spec: envd_proto::ExecSpec,
     ) -> Result<ExecStream, AgentError> {
         self.manager.exec_stream(id, spec).await
+    }
+    async fn envd(&self, id: &str) -> Result<wrenn_agent::EnvdClient, AgentError> {
+        self.manager.envd_client(id).await
     }
     async fn list(&self) -> Result<Vec<CapsuleInfo>, AgentError> {
         Ok(self.manager.list().await)

@@ -251,6 +251,13 @@ impl CapsuleService {
         self.host.exec_stream(id, spec).await.map_err(from_agent)
     }
 
+    /// The guest agent of a running capsule, for file operations (which count as activity).
+    pub async fn files(&self, team_id: &str, id: &str) -> Result<wrenn_agent::EnvdClient> {
+        self.require_running(team_id, id).await?;
+        let _ = self.store.touch_capsule(id).await;
+        self.host.envd(id).await.map_err(from_agent)
+    }
+
     /// Every user process in a running capsule.
     pub async fn processes(&self, team_id: &str, id: &str) -> Result<ProcessListResponse> {
         self.require_running(team_id, id).await?;

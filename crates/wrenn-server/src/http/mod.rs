@@ -2,6 +2,7 @@
 //! exist or are not built yet.
 
 mod capsules;
+mod files;
 mod stream;
 
 use axum::body::Bytes;
@@ -33,6 +34,20 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/capsules/{id}/exec", post(capsules::exec))
         .route("/v1/capsules/{id}/exec/stream", get(stream::exec_stream))
+        .route("/v1/capsules/{id}/files/list", post(files::list))
+        .route("/v1/capsules/{id}/files/mkdir", post(files::mkdir))
+        .route("/v1/capsules/{id}/files/remove", post(files::remove))
+        .route("/v1/capsules/{id}/files/read", post(files::read))
+        .route("/v1/capsules/{id}/files/stream/read", post(files::read))
+        // Uploads are streamed, never held whole: no body limit (write enforces its own).
+        .route(
+            "/v1/capsules/{id}/files/write",
+            post(files::write).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/v1/capsules/{id}/files/stream/write",
+            post(files::stream_write).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .route("/v1/capsules/{id}/processes", get(capsules::processes))
         .route(
             "/v1/capsules/{id}/processes/{selector}",

@@ -1,0 +1,184 @@
+//! `/v1/capsules/{id}/files/*`: list, mkdir, remove, and reads and writes streamed end to end.
+//!
+//! File bytes never sit whole in this process: a read is forwarded chunk by chunk from envd to
+//! the HTTP body, an upload chunk by chunk from the multipart body to envd. The non-streaming
+//! `write` differs from `stream/write` only in its size limit (answered 413 `too_large`).
+
+use axum::body::{Body, Bytes};
+use axum::extract::multipart::{Multipart, MultipartRejection};
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::json;
+use wrenn_agent::FileReader;
+use wrenn_api::{ApiError, ErrorCode};
+
+use super::ApiJson;
+use crate::auth::TeamAuth;
+use crate::error::{from_agent, HttpError};
+use crate::AppState;
+
+/// Largest upload through the non-streaming `files/write` (the reference platform's cap).
+pub const MAX_SIMPLE_UPLOAD: u64 = 100 * 1024 * 1024;
+/// Deepest recursive listing.
+const MAX_DEPTH: i64 = 64;
+
+#[derive(Deserialize)]
+pub struct PathBody {
+    path: String,
+}
+
+#[derive(Deserialize)]
+pub struct ListBody {
+    path: String,
+    depth: Option<i64>,
+}
+
+fn absolute(path: &str) -> Result<(), HttpError> {
+    if path.starts_with('/') && !path.contains('\0') {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!(
+            "path must be an absolute path inside the capsule, got {path:?}"
+        ))
+        .into())
+    }
+}
+
+pub async fn list(
+    State(s): State<AppState>,
+    auth: TeamAuth,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<ListBody>,
+) -> Result<impl IntoResponse, HttpError> {
+    absolute(&body.path)?;
+    let depth = body.depth.unwrap_or(1);
+    if !(0..=MAX_DEPTH).contains(&depth) {
+        return Err(ApiError::invalid(format!("depth must be between 0 and {MAX_DEPTH}")).into());
+    }
+    let envd = s.capsules.files(&auth.team_id, &id).await?;
+    let entries = envd
+        .list_dir(&body.path, depth as u32)
+        .await
+        .map_err(from_agent)?;
+    Ok(Json(json!({ "entries": entries })))
+}
+
+pub async fn mkdir(
+    State(s): State<AppState>,
+    auth: TeamAuth,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<PathBody>,
+) -> Result<impl IntoResponse, HttpError> {
+    absolute(&body.path)?;
+    let envd = s.capsules.files(&auth.team_id, &id).await?;
+    let entry = envd.make_dir(&body.path).await.map_err(from_agent)?;
+    Ok(Json(json!({ "entry": entry })))
+}
+
+pub async fn remove(
+    State(s): State<AppState>,
+    auth: TeamAuth,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<PathBody>,
+) -> Result<impl IntoResponse, HttpError> {
+    absolute(&body.path)?;
+    let envd = s.capsules.files(&auth.team_id, &id).await?;
+    envd.remove(&body.path).await.map_err(from_agent)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Both `read` and `stream/read`: the body is streamed either way.
+pub async fn read(
+    State(s): State<AppState>,
+    auth: TeamAuth,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<PathBody>,
+) -> Result<Response, HttpError> {
+    absolute(&body.path)?;
+    let envd = s.capsules.files(&auth.team_id, &id).await?;
+    // Opening first means "not found" and friends are still JSON errors, before any byte.
+    let reader = envd.read_file(&body.path).await.map_err(from_agent)?;
+    let chunks =
+        futures_util::stream::unfold(Some(reader), |state: Option<FileReader>| async move {
+            let mut r = state?;
+            match r.next_chunk().await {
+                Ok(Some(b)) => Some((Ok(Bytes::from(b)), Some(r))),
+                Ok(None) => None,
+                // The status is sent already: all that is left is to cut the body short.
+                Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
+            }
+        });
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        Body::from_stream(chunks),
+    )
+        .into_response())
+}
+
+pub async fn write(
+    State(s): State<AppState>,
+    auth: TeamAuth,
+    Path(id): Path<String>,
+    multipart: Result<Multipart, MultipartRejection>,
+) -> Result<StatusCode, HttpError> {
+    upload(s, auth, id, multipart, Some(MAX_SIMPLE_UPLOAD)).await
+}
+
+pub async fn stream_write(
+    State(s): State<AppState>,
+    auth: TeamAuth,
+    Path(id): Path<String>,
+    multipart: Result<Multipart, MultipartRejection>,
+) -> Result<StatusCode, HttpError> {
+    upload(s, auth, id, multipart, None).await
+}
+
+async fn upload(
+    s: AppState,
+    auth: TeamAuth,
+    id: String,
+    multipart: Result<Multipart, MultipartRejection>,
+    limit: Option<u64>,
+) -> Result<StatusCode, HttpError> {
+    let bad = |e: &dyn std::fmt::Display| {
+        HttpError(ApiError::invalid(format!("invalid multipart body: {e}")))
+    };
+    let envd = s.capsules.files(&auth.team_id, &id).await?;
+    let mut multipart = multipart.map_err(|e| bad(&e))?;
+    let mut path = None;
+    while let Some(mut field) = multipart.next_field().await.map_err(|e| bad(&e))? {
+        match field.name() {
+            Some("path") => path = Some(field.text().await.map_err(|e| bad(&e))?),
+            Some("file") => {
+                let Some(path) = path.take() else {
+                    return Err(ApiError::invalid("send the path part before the file part").into());
+                };
+                absolute(&path)?;
+                let mut writer = envd.write_file(&path).await.map_err(from_agent)?;
+                let mut total = 0u64;
+                while let Some(chunk) = field.chunk().await.map_err(|e| bad(&e))? {
+                    total += chunk.len() as u64;
+                    if limit.is_some_and(|l| total > l) {
+                        writer.abort().await;
+                        return Err(ApiError::new(
+                            ErrorCode::TooLarge,
+                            format!(
+                                "file is larger than {} MiB; use /files/stream/write for large files",
+                                MAX_SIMPLE_UPLOAD >> 20
+                            ),
+                        )
+                        .into());
+                    }
+                    writer.send(&chunk).await.map_err(from_agent)?;
+                }
+                writer.finish().await.map_err(from_agent)?;
+                return Ok(StatusCode::NO_CONTENT);
+            }
+            _ => {} // other parts are ignored
+        }
+    }
+    Err(ApiError::invalid("the multipart body needs a path part and a file part").into())
+}
