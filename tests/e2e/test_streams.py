@@ -85,3 +85,56 @@ def test_sdk_commands_stream(platform, running_capsule):
     assert events[-1].type == "exit" and events[-1].exit_code == 0
     assert "".join(e.data for e in events if e.type == "stdout") == "a\né"
     assert "".join(e.data for e in events if e.type == "stderr") == "b\n"
+
+
+def attach(c, cid, selector):
+    return httpx_ws.connect_ws(f"/v1/capsules/{cid}/processes/{selector}/stream", c)
+
+
+def events_until_end(s):
+    out = []
+    while True:
+        e = s.receive_json()
+        out.append(e)
+        if e["type"] in ("exit", "error"):
+            return out
+
+
+def test_process_stream_viewers_and_late_attach(platform, api, running_capsule):
+    cid = running_capsule["id"]
+    r = api.post(f"/v1/capsules/{cid}/exec", json={
+        "cmd": "sleep 1; for i in 1 2 3 4; do echo line$i; echo warn$i >&2; sleep 0.3; done; exit 3",
+        "background": True, "tag": "ticker"})
+    pid = r.json()["pid"]
+    with platform.client() as c1, platform.client() as c2, attach(c1, cid, "ticker") as a, attach(c2, cid, pid) as b:
+        ea, eb = events_until_end(a), events_until_end(b)
+    for ev in (ea, eb):
+        assert ev[0] == {"type": "start", "pid": pid}
+        assert ev[-1] == {"type": "exit", "exit_code": 3}
+        assert "".join(e["data"] for e in ev if e["type"] == "stdout") == "line1\nline2\nline3\nline4\n"
+        assert "".join(e["data"] for e in ev if e["type"] == "stderr") == "warn1\nwarn2\nwarn3\nwarn4\n"
+    # Attaching after the end yields the exit at once.
+    with platform.client() as c, attach(c, cid, "ticker") as s:
+        assert events_until_end(s) == [{"type": "start", "pid": pid}, {"type": "exit", "exit_code": 3}]
+    with platform.client() as c, attach(c, cid, "no-such-tag") as s:
+        assert s.receive_json()["type"] == "error"
+
+
+def test_process_stream_detach_leaves_the_process_running(platform, api, running_capsule):
+    cid = running_capsule["id"]
+    pid = api.post(f"/v1/capsules/{cid}/exec", json={"cmd": "while true; do echo tick; sleep 0.2; done", "background": True}).json()["pid"]
+    with platform.client() as c, attach(c, cid, pid) as s:
+        assert s.receive_json()["type"] == "start"
+        assert s.receive_json() == {"type": "stdout", "data": "tick\n"}
+    time.sleep(0.5)
+    assert pid in [p["pid"] for p in api.get(f"/v1/capsules/{cid}/processes").json()["processes"]]
+    # The SDK's connect() follows it too; killing the process ends the stream with its exit.
+    from wrenn import Capsule
+
+    cap = Capsule.connect(cid, api_key=platform.api_key, base_url=platform.base_url)
+    seen = []
+    for e in cap.commands.connect(pid):
+        seen.append(e)
+        if e.type == "stdout" and len(seen) == 3:
+            cap.commands.kill(pid)
+    assert seen[0].type == "start" and seen[-1].type == "exit" and seen[-1].exit_code == 137

@@ -58,6 +58,9 @@ pub enum Request {
     Exec(ExecSpec),
     /// Start a process in the background and answer at once with its pid and tag.
     Start(StartSpec),
+    /// Follow a background process (by pid or tag): `Spawned`, its output from now on, and
+    /// `Exit` (at once if it already ended). Hanging up detaches; the process keeps running.
+    Attach { selector: String },
     /// Every user process in the guest.
     ListProcesses,
     /// Send a signal to a process chosen by numeric pid or by tag.

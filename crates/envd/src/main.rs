@@ -102,6 +102,7 @@ async fn handle(stream: TcpStream) {
         }
         Request::Exec(spec) => exec::run(spec, rd, wr).await,
         Request::Start(spec) => background::start(spec, wr).await,
+        Request::Attach { selector } => background::attach(selector, rd, wr).await,
         Request::ListProcesses => processes::list(wr).await,
         Request::ListDir { path, depth } => files::list(path, depth, wr).await,
         Request::MakeDir { path } => files::mkdir(path, wr).await,

@@ -111,6 +111,23 @@ impl EnvdClient {
             .map_err(|_| AgentError::Envd("no answer from envd".into()))?
     }
 
+    /// Follows a background process (pid or tag): its output from now on and its exit.
+    /// Dropping the stream detaches; the process keeps running.
+    pub async fn attach(&self, selector: &str) -> Result<ExecStream> {
+        let mut conn = self.connect().await?;
+        let req = Request::Attach {
+            selector: selector.to_string(),
+        };
+        write_json(&mut conn, &req).await.map_err(proto)?;
+        match read_response(&mut conn).await? {
+            Response::Spawned { pid } => Ok(ExecStream { conn, pid }),
+            Response::Error { kind, message } => Err(envd_error(kind, message)),
+            other => Err(AgentError::Envd(format!(
+                "unexpected answer to attach: {other:?}"
+            ))),
+        }
+    }
+
     /// Starts a command and returns once it runs; its output and exit arrive through the
     /// returned stream. Dropping the stream kills the command.
     pub async fn exec_stream(&self, spec: ExecSpec) -> Result<ExecStream> {

@@ -251,11 +251,23 @@ impl CapsuleService {
         self.host.exec_stream(id, spec).await.map_err(from_agent)
     }
 
-    /// The guest agent of a running capsule, for file operations (which count as activity).
+    /// The guest agent of a running capsule, for direct operations (files, attach); using it
+    /// counts as activity.
     pub async fn files(&self, team_id: &str, id: &str) -> Result<wrenn_agent::EnvdClient> {
         self.require_running(team_id, id).await?;
         let _ = self.store.touch_capsule(id).await;
         self.host.envd(id).await.map_err(from_agent)
+    }
+
+    /// Follows a background process of a running capsule (by pid or tag).
+    pub async fn attach(
+        &self,
+        team_id: &str,
+        id: &str,
+        selector: &str,
+    ) -> Result<wrenn_agent::ExecStream> {
+        let envd = self.files(team_id, id).await?;
+        envd.attach(selector).await.map_err(from_agent)
     }
 
     /// Every user process in a running capsule.

@@ -50,6 +50,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/capsules/{id}/processes", get(capsules::processes))
         .route(
+            "/v1/capsules/{id}/processes/{selector}/stream",
+            get(stream::process_stream),
+        )
+        .route(
             "/v1/capsules/{id}/processes/{selector}",
             delete(capsules::kill_process),
         )

@@ -1,12 +1,15 @@
-//! `GET /v1/capsules/{id}/exec/stream`: a command over a WebSocket.
+//! Processes over WebSockets.
 //!
-//! Protocol (docs/openapi.yaml): the client's first message is
+//! `GET /v1/capsules/{id}/exec/stream` (docs/openapi.yaml): the client's first message is
 //! `{"type":"start","cmd":…,"args":[…]}` (optionally `envs`, `cwd`); the server answers
 //! `{"type":"start","pid"}`, then `stdout`/`stderr` events with text `data` in the order the
 //! process wrote them, then `{"type":"exit","exit_code"}` and closes. `{"type":"stop"}` kills the
 //! command (its `exit` still follows). Failures answer `{"type":"error","data"}` and close.
 //! A client that goes away kills the command. Nothing is buffered beyond one frame: a slow
 //! client slows the process down (its pipe fills), it never grows the server's memory.
+//!
+//! `GET /v1/capsules/{id}/processes/{selector}/stream`: the same events for a background
+//! process, from the moment of attaching; several viewers may attach; leaving only detaches.
 
 use std::time::Duration;
 
@@ -76,10 +79,36 @@ async fn run(mut socket: WebSocket, s: AppState, auth: TeamAuth, id: String) {
         Ok(None) => return,
         Err(_) => return fail(socket, "no start message within 30 s").await,
     };
-    let mut stream = match s.capsules.exec_stream(&auth.team_id, &id, req).await {
+    let stream = match s.capsules.exec_stream(&auth.team_id, &id, req).await {
         Ok(stream) => stream,
         Err(e) => return fail(socket, &e.message).await,
     };
+    forward(socket, stream, true).await;
+}
+
+/// `GET /v1/capsules/{id}/processes/{selector}/stream`: follow a background process. The
+/// server speaks first (`start`, output from now on, `exit`); closing only detaches.
+pub async fn process_stream(
+    State(s): State<AppState>,
+    auth: TeamAuth,
+    Path((id, selector)): Path<(String, String)>,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Result<Response, HttpError> {
+    s.capsules.require_running(&auth.team_id, &id).await?;
+    let ws =
+        ws.map_err(|e| ApiError::invalid(format!("this endpoint needs a WebSocket upgrade: {e}")))?;
+    Ok(ws.on_upgrade(move |socket| async move {
+        match s.capsules.attach(&auth.team_id, &id, &selector).await {
+            Ok(stream) => forward(socket, stream, false).await,
+            Err(e) => fail(socket, &e.message).await,
+        }
+    }))
+}
+
+/// Relays a process's events to the WebSocket until its exit. With `stoppable`, a client
+/// `stop` kills the process; a client that leaves drops the stream (for an exec: kills it; for
+/// an attach: detaches).
+async fn forward(mut socket: WebSocket, mut stream: wrenn_agent::ExecStream, stoppable: bool) {
     if send(&mut socket, json!({"type": "start", "pid": stream.pid}))
         .await
         .is_err()
@@ -106,12 +135,12 @@ async fn run(mut socket: WebSocket, s: AppState, auth: TeamAuth, id: String) {
                     Err(e) => return fail(socket, &e.to_string()).await,
                 };
                 if send(&mut socket, msg).await.is_err() {
-                    return; // the client left: dropping the stream kills the command
+                    return;
                 }
             }
             incoming = socket.recv() => match incoming {
                 Some(Ok(Message::Text(t))) => {
-                    let stop = matches!(serde_json::from_str::<ClientMessage>(&t), Ok(ClientMessage::Stop));
+                    let stop = stoppable && matches!(serde_json::from_str::<ClientMessage>(&t), Ok(ClientMessage::Stop));
                     if stop && stream.stop().await.is_err() {
                         return;
                     }
