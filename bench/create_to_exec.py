@@ -41,9 +41,11 @@ def start_platform(data_dir):
     env = dict(os.environ, WRENN_DATA_DIR=data_dir, WRENN_LISTEN=f"127.0.0.1:{p}",
                WRENN_IMAGES_DIR=os.environ.get("WRENN_IMAGES_DIR", str(ROOT / "target/wrenn-images")),
                WRENN_SLOT_BASE=SLOT_BASE, WRENN_DESTROY_ON_EXIT="true", RUST_LOG="warn")
-    binary = os.environ.get("WRENN_BIN", str(ROOT / "target/release/wrenn"))
-    if not Path(binary).exists():
-        binary = str(ROOT / "target/debug/wrenn")
+    # The newest build (envd beside it is always the current one, so an older wrenn would speak
+    # an older protocol).
+    builds = [p for p in (ROOT / "target/release/wrenn", ROOT / "target/debug/wrenn") if p.exists()]
+    newest = max(builds, key=lambda p: p.stat().st_mtime) if builds else ROOT / "target/release/wrenn"
+    binary = os.environ.get("WRENN_BIN", str(newest))
     proc = subprocess.Popen([binary, "up"], env=env, stdout=subprocess.DEVNULL, stderr=open(Path(data_dir) / "log", "w"))
     bootstrap = Path(data_dir) / "bootstrap.json"
     deadline = time.time() + 900

@@ -237,7 +237,7 @@ impl CapsuleManager {
         let started = Instant::now();
         let mut last_err = String::new();
         while Instant::now() < deadline {
-            if !self.vmm.is_alive(vm, &record.id) {
+            if !self.vmm.is_alive(vm) {
                 let qemu_log = vm.console_log.with_file_name("qemu.log");
                 return Err(AgentError::Vmm(format!(
                     "VM exited during boot; qemu: {}; console: {}",
@@ -383,7 +383,7 @@ impl CapsuleManager {
     /// Removes every piece of a capsule. Best effort on each piece; never fails half-way.
     async fn teardown(&self, r: &CapsuleRecord) {
         if let Some(vm) = &r.vm {
-            if let Err(e) = self.vmm.stop(vm, &r.id).await {
+            if let Err(e) = self.vmm.stop(vm).await {
                 warn!(capsule_id = %r.id, error = %e, "stopping the VM failed");
             }
         }
@@ -427,10 +427,7 @@ impl CapsuleManager {
                 let _ = tokio::fs::remove_dir_all(&dir).await;
                 continue;
             };
-            let alive = record
-                .vm
-                .as_ref()
-                .is_some_and(|vm| self.vmm.is_alive(vm, &record.id));
+            let alive = record.vm.as_ref().is_some_and(|vm| self.vmm.is_alive(vm));
             let healthy = alive && self.envd(&record).health().await.is_ok();
             if healthy && record.envd_version.is_some() {
                 info!(capsule_id = %record.id, "re-adopted running capsule");

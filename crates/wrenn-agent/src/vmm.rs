@@ -51,6 +51,9 @@ pub struct VmConfig {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct VmProcess {
     pub pid: u32,
+    /// Start time of the process (clock ticks after host boot): with `pid`, its identity.
+    #[serde(default)]
+    pub start_time: u64,
     pub qmp_socket: PathBuf,
     pub console_log: PathBuf,
 }
@@ -63,7 +66,7 @@ pub trait Vmm: Send + Sync {
     /// Starts the VM; returns once the process runs (not once the guest is ready).
     async fn boot(&self, cfg: &VmConfig) -> Result<VmProcess>;
     /// True while the VM process lives.
-    fn is_alive(&self, vm: &VmProcess, id: &str) -> bool;
+    fn is_alive(&self, vm: &VmProcess) -> bool;
     /// Stops the VM and waits until its process is gone.
-    async fn stop(&self, vm: &VmProcess, id: &str) -> Result<()>;
+    async fn stop(&self, vm: &VmProcess) -> Result<()>;
 }

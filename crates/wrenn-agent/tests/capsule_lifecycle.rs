@@ -171,12 +171,7 @@ async fn a_restarted_agent_readopts_live_vms_and_cleans_up_dead_ones() {
 }
 
 fn qemu_pids(id: &str) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| wrenn_agent::vmm::qemu::process_matches(*pid, id))
-        .collect()
+    wrenn_agent::vmm::qemu::find_by_name(id)
 }
 
 fn qemu_running(id: &str) -> bool {

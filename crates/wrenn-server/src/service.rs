@@ -153,7 +153,7 @@ impl CapsuleService {
                 )));
             }
         }
-        let _ = self.store.touch_capsule(id).await;
+        self.touch(id);
         let spec = envd_proto::StartSpec {
             command: command_spec(&req),
             tag: req.tag,
@@ -188,13 +188,12 @@ impl CapsuleService {
             }
             Some(t) => t as u32,
         };
-        let _ = self.store.touch_capsule(id).await;
+        self.touch(id);
         let spec = envd_proto::ExecSpec {
             command: command_spec(&req),
             timeout_ms: timeout_sec as u64 * 1000,
         };
         let mut out = self.host.exec(id, spec).await.map_err(from_agent)?;
-        let _ = self.store.touch_capsule(id).await;
         let mut exit_code = out.exit_code;
         if out.timed_out {
             // 124 is what coreutils' `timeout` reports; the note makes the kill visible to
@@ -243,7 +242,7 @@ impl CapsuleService {
     ) -> Result<wrenn_agent::ExecStream> {
         validate_command(&req)?;
         self.require_running(team_id, id).await?;
-        let _ = self.store.touch_capsule(id).await;
+        self.touch(id);
         let spec = envd_proto::ExecSpec {
             command: command_spec(&req),
             timeout_ms: 0,
@@ -255,7 +254,7 @@ impl CapsuleService {
     /// counts as activity.
     pub async fn files(&self, team_id: &str, id: &str) -> Result<wrenn_agent::EnvdClient> {
         self.require_running(team_id, id).await?;
-        let _ = self.store.touch_capsule(id).await;
+        self.touch(id);
         self.host.envd(id).await.map_err(from_agent)
     }
 
@@ -273,7 +272,7 @@ impl CapsuleService {
     /// Every user process in a running capsule.
     pub async fn processes(&self, team_id: &str, id: &str) -> Result<ProcessListResponse> {
         self.require_running(team_id, id).await?;
-        let _ = self.store.touch_capsule(id).await;
+        self.touch(id);
         let processes = self
             .host
             .list_processes(id)
@@ -308,7 +307,7 @@ impl CapsuleService {
             }
         };
         self.require_running(team_id, id).await?;
-        let _ = self.store.touch_capsule(id).await;
+        self.touch(id);
         self.host
             .signal_process(id, selector, signal)
             .await
@@ -375,6 +374,16 @@ impl CapsuleService {
             let _ = self.host.destroy(id).await;
         }
         Ok(())
+    }
+
+    /// Records activity on a capsule without making the request wait for the write.
+    fn touch(&self, id: &str) {
+        let (store, id) = (self.store.clone(), id.to_string());
+        tokio::spawn(async move {
+            if let Err(e) = store.touch_capsule(&id).await {
+                warn!(capsule_id = %id, error = %e, "cannot record activity");
+            }
+        });
     }
 
     async fn owned(&self, team_id: &str, id: &str) -> Result<CapsuleRow> {

@@ -1,10 +1,11 @@
 //! The QEMU `microvm` driver.
 //!
 //! QEMU runs inside the capsule's network namespace (`ip netns exec`), in its own process group so
-//! a Ctrl-C on the agent's terminal does not reach it, named `-name <capsule id>` so the agent can
-//! recognise its VMs after a restart (and never kill a recycled pid).
+//! a Ctrl-C on the agent's terminal does not reach it. A VM is identified by pid and process
+//! start time (persisted in the capsule's state), so after a restart the agent finds its VMs and
+//! never signals a recycled pid. `-name <capsule id>` labels it for humans and tests.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -158,10 +159,10 @@ impl Vmm for QemuVmm {
         let pid = child
             .id()
             .ok_or_else(|| AgentError::Vmm("qemu exited at once".into()))?;
-        // Until `ip netns exec` has exec'd QEMU, /proc shows the forked parent's command line;
-        // wait for QEMU proper so liveness checks by name are meaningful from here on.
+        // `ip netns exec` enters the namespace and execs QEMU in place (same pid). Wait for the
+        // exec so a QEMU that cannot start at all is reported here, with its log.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !process_matches(pid, &cfg.id) {
+        while !comm(pid).is_some_and(|c| c.starts_with("qemu-system")) {
             if let Ok(Some(status)) = child.try_wait() {
                 let log = std::fs::read_to_string(cfg.dir.join("qemu.log")).unwrap_or_default();
                 return Err(AgentError::Vmm(format!(
@@ -175,32 +176,35 @@ impl Vmm for QemuVmm {
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
+        let start_time = process_start_time(pid)
+            .ok_or_else(|| AgentError::Vmm("qemu vanished right after starting".into()))?;
         // Reap the process whenever it exits so it never lingers as a zombie.
         tokio::spawn(async move {
             let _ = child.wait().await;
         });
         Ok(VmProcess {
             pid,
+            start_time,
             qmp_socket: cfg.qmp_socket.clone(),
             console_log: cfg.dir.join("console.log"),
         })
     }
 
-    fn is_alive(&self, vm: &VmProcess, id: &str) -> bool {
-        process_matches(vm.pid, id)
+    fn is_alive(&self, vm: &VmProcess) -> bool {
+        is_running(vm)
     }
 
-    async fn stop(&self, vm: &VmProcess, id: &str) -> Result<()> {
-        if !process_matches(vm.pid, id) {
+    async fn stop(&self, vm: &VmProcess) -> Result<()> {
+        if !is_running(vm) {
             return Ok(());
         }
         // The capsule's state is being thrown away, so there is nothing to flush: kill at once.
-        // SAFETY: kill(2) on a pid we just verified is this capsule's QEMU.
+        // SAFETY: kill(2) on a pid whose start time proves it is still this capsule's QEMU.
         unsafe {
             libc::kill(vm.pid as i32, libc::SIGKILL);
         }
         for _ in 0..500 {
-            if !process_matches(vm.pid, id) {
+            if !is_running(vm) {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -209,22 +213,55 @@ impl Vmm for QemuVmm {
     }
 }
 
-/// True when `pid` is a live (non-zombie) QEMU named `id`.
-pub fn process_matches(pid: u32, id: &str) -> bool {
-    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
-    let Ok(cmdline) = std::fs::read(proc_dir.join("cmdline")) else {
-        return false;
-    };
-    let named = cmdline.split(|&b| b == 0).any(|arg| arg == id.as_bytes());
-    let zombie = std::fs::read_to_string(proc_dir.join("stat"))
+/// True while the VM's process lives: same pid *and* same start time (so a recycled pid never
+/// passes), and not a zombie. Reads only /proc/<pid>/stat, which never blocks on the process's
+/// memory (a busy QEMU's cmdline can read back empty; identifying VMs by it once leaked one).
+pub fn is_running(vm: &VmProcess) -> bool {
+    match stat_fields(vm.pid) {
+        Some((state, start)) => state != 'Z' && start == vm.start_time,
+        None => false,
+    }
+}
+
+/// The process's start time (clock ticks after boot), stable across exec.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    stat_fields(pid).map(|(_, start)| start)
+}
+
+/// (state, starttime) from /proc/<pid>/stat.
+fn stat_fields(pid: u32) -> Option<(char, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: fields start after the last ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: field 3 (state) is fields[0], field 22 (starttime) is fields[19].
+    let state = fields.first()?.chars().next()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((state, start))
+}
+
+fn comm(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .ok()
-        .and_then(|s| {
-            s.rsplit(')')
-                .next()
-                .map(|rest| rest.trim_start().starts_with('Z'))
+        .map(|c| c.trim().to_string())
+}
+
+/// PIDs of the QEMU processes whose command line names `id` (diagnostics and tests; the agent
+/// itself identifies its VMs by pid and start time).
+pub fn find_by_name(id: &str) -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| comm(*pid).is_some_and(|c| c.starts_with("qemu-system")))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| c.split(|&b| b == 0).any(|a| a == id.as_bytes()))
+                .unwrap_or(false)
         })
-        .unwrap_or(true);
-    named && !zombie
+        .filter(|pid| stat_fields(*pid).is_some_and(|(state, _)| state != 'Z'))
+        .collect()
 }
 
 /// The probe's answer is cached per host boot: KVM does not change while the host runs.
@@ -355,4 +392,34 @@ pub async fn host_tsc_khz() -> Option<u64> {
     }
     #[cfg(not(target_arch = "x86_64"))]
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_is_pid_and_start_time() {
+        let pid = std::process::id();
+        let start_time = process_start_time(pid).expect("own stat is readable");
+        let me = VmProcess {
+            pid,
+            start_time,
+            qmp_socket: "/nonexistent".into(),
+            console_log: "/nonexistent".into(),
+        };
+        assert!(is_running(&me));
+        let recycled = VmProcess {
+            start_time: start_time + 1,
+            ..me.clone()
+        };
+        assert!(
+            !is_running(&recycled),
+            "same pid, other start time: not ours"
+        );
+        assert!(!is_running(&VmProcess {
+            pid: u32::MAX,
+            ..me
+        }));
+    }
 }
