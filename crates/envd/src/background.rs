@@ -116,14 +116,7 @@ fn spawn(spec: StartSpec) -> Response {
     command.kill_on_drop(false);
     let mut child = match command.spawn() {
         Ok(c) => c,
-        Err(e) => {
-            let kind = if e.kind() == std::io::ErrorKind::NotFound {
-                ErrorKind::CommandNotFound
-            } else {
-                ErrorKind::NotExecutable
-            };
-            return crate::error(kind, format!("cannot run {}: {e}", spec.command.cmd));
-        }
+        Err(e) => return crate::exec::spawn_error(&spec.command.cmd, e),
     };
     let Some(pid) = child.id() else {
         return crate::error(

@@ -17,6 +17,16 @@ enum Chunk {
     Err(Vec<u8>),
 }
 
+/// Why a program could not be started, classified as a shell would (127 / 126).
+pub fn spawn_error(cmd: &str, e: std::io::Error) -> Response {
+    let kind = if e.kind() == std::io::ErrorKind::NotFound {
+        ErrorKind::CommandNotFound
+    } else {
+        ErrorKind::NotExecutable
+    };
+    crate::error(kind, format!("cannot run {cmd}: {e}"))
+}
+
 /// Builds the command: with no `args`, `cmd` is a shell command line (`/bin/sh -c cmd`);
 /// with `args`, `cmd` is the program and `args` its arguments.
 pub fn command(spec: &CommandSpec) -> Command {
@@ -65,13 +75,7 @@ pub async fn run(spec: ExecSpec, mut rd: OwnedReadHalf, mut wr: OwnedWriteHalf) 
     let mut child = match command(&spec.command).spawn() {
         Ok(c) => c,
         Err(e) => {
-            let kind = if e.kind() == std::io::ErrorKind::NotFound {
-                ErrorKind::CommandNotFound
-            } else {
-                ErrorKind::NotExecutable
-            };
-            let message = format!("cannot run {}: {e}", spec.command.cmd);
-            let _ = write_json(&mut wr, &crate::error(kind, message)).await;
+            let _ = write_json(&mut wr, &spawn_error(&spec.command.cmd, e)).await;
             return;
         }
     };
