@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 OPERATIONS = [
     "createCapsule", "listCapsules", "getCapsule", "destroyCapsule", "execCommand", "listProcesses", "killProcess",
-    "execStream", "connectProcess", "listDir", "makeDir", "removePath", "downloadFile", "streamDownloadFile", "uploadFile",
+    "execStream", "connectProcess", "ptySession", "listDir", "makeDir", "removePath", "downloadFile", "streamDownloadFile", "uploadFile",
     "streamUploadFile",
 ]
 

@@ -61,6 +61,12 @@ pub enum Request {
     /// Follow a background process (by pid or tag): `Spawned`, its output from now on, and
     /// `Exit` (at once if it already ended). Hanging up detaches; the process keeps running.
     Attach { selector: String },
+    /// Start a terminal session. Answer `PtyStarted`, then output as `Stdout` frames and `Exit`.
+    /// Meanwhile the host sends input as `Data` frames and [`PtyControl`] as JSON frames;
+    /// hanging up detaches (the session lives on).
+    PtyStart(PtySpec),
+    /// Re-attach to a session by tag: `PtyStarted`, recent output replayed, then live output.
+    PtyConnect { tag: String },
     /// Every user process in the guest.
     ListProcesses,
     /// Send a signal to a process chosen by numeric pid or by tag.
@@ -94,6 +100,29 @@ pub struct FileEntry {
     pub group: String,
     pub modified_at: i64,
     pub symlink_target: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct PtySpec {
+    /// Default `/bin/bash`.
+    pub cmd: Option<String>,
+    #[serde(default)]
+    pub args: Vec<String>,
+    pub cols: Option<u16>,
+    pub rows: Option<u16>,
+    #[serde(default)]
+    pub envs: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    /// Run as this guest user (default root).
+    pub user: Option<String>,
+}
+
+/// Control messages for a terminal session (JSON frames from the host).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum PtyControl {
+    Resize { cols: u16, rows: u16 },
+    Kill,
 }
 
 /// Signals the API lets users send.
@@ -155,6 +184,10 @@ pub enum Response {
     Started {
         pid: u32,
         tag: String,
+    },
+    PtyStarted {
+        tag: String,
+        pid: u32,
     },
     /// First frame of an exec: the process runs. Output frames and `Exit` follow.
     Spawned {

@@ -13,6 +13,7 @@ mod exec;
 mod files;
 mod init;
 mod processes;
+mod pty;
 
 use envd_proto::{read_frame, write_json, ErrorKind, Frame, Request, Response, ENVD_PORT};
 use tokio::net::{TcpListener, TcpStream};
@@ -104,6 +105,8 @@ async fn handle(stream: TcpStream) {
         Request::Start(spec) => background::start(spec, wr).await,
         Request::Attach { selector } => background::attach(selector, rd, wr).await,
         Request::ListProcesses => processes::list(wr).await,
+        Request::PtyStart(spec) => pty::start(spec, rd, wr).await,
+        Request::PtyConnect { tag } => pty::connect(tag, rd, wr).await,
         Request::ListDir { path, depth } => files::list(path, depth, wr).await,
         Request::MakeDir { path } => files::mkdir(path, wr).await,
         Request::Remove { path } => files::remove(path, wr).await,

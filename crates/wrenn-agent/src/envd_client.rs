@@ -128,6 +128,64 @@ impl EnvdClient {
         }
     }
 
+    /// Starts a terminal session.
+    pub async fn pty_start(&self, spec: envd_proto::PtySpec) -> Result<PtySession> {
+        self.pty(Request::PtyStart(spec)).await
+    }
+
+    /// Re-attaches to a terminal session by tag (recent output is replayed first).
+    pub async fn pty_connect(&self, tag: &str) -> Result<PtySession> {
+        self.pty(Request::PtyConnect {
+            tag: tag.to_string(),
+        })
+        .await
+    }
+
+    async fn pty(&self, req: Request) -> Result<PtySession> {
+        let mut conn = self.connect().await?;
+        write_json(&mut conn, &req).await.map_err(proto)?;
+        let (tag, pid) = match read_response(&mut conn).await? {
+            Response::PtyStarted { tag, pid } => (tag, pid),
+            Response::Error { kind, message } => return Err(envd_error(kind, message)),
+            other => {
+                return Err(AgentError::Envd(format!(
+                    "unexpected answer to pty: {other:?}"
+                )))
+            }
+        };
+        let (mut rd, writer) = conn.into_split();
+        let (tx, events) = tokio::sync::mpsc::channel(16);
+        // Frames are read by a task of their own: reading one is not cancel-safe, and callers
+        // select between terminal output and their own input.
+        let reader = tokio::spawn(async move {
+            loop {
+                let ev = match read_frame(&mut rd).await {
+                    Ok(Some(Frame::Stdout(b))) => Ok(PtyEvent::Output(b)),
+                    Ok(Some(Frame::Json(j))) => match serde_json::from_slice::<Response>(&j) {
+                        Ok(Response::Exit { exit_code, .. }) => Ok(PtyEvent::Exit(exit_code)),
+                        _ => Err(AgentError::Envd(
+                            "unexpected frame in terminal session".into(),
+                        )),
+                    },
+                    Ok(None) => Err(AgentError::Envd("terminal connection closed".into())),
+                    Ok(Some(_)) => continue,
+                    Err(e) => Err(proto(e)),
+                };
+                let last = !matches!(ev, Ok(PtyEvent::Output(_)));
+                if tx.send(ev).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        Ok(PtySession {
+            tag,
+            pid,
+            events,
+            writer,
+            reader,
+        })
+    }
+
     /// Starts a command and returns once it runs; its output and exit arrive through the
     /// returned stream. Dropping the stream kills the command.
     pub async fn exec_stream(&self, spec: ExecSpec) -> Result<ExecStream> {
@@ -199,6 +257,60 @@ impl ExecStream {
         use tokio::io::AsyncWriteExt;
         self.conn.write_all(&[1]).await?;
         Ok(())
+    }
+}
+
+/// What a terminal session produces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PtyEvent {
+    Output(Vec<u8>),
+    /// The session's process ended; always the last event.
+    Exit(i32),
+}
+
+/// An attached terminal session. Dropping it detaches; the session lives on in the guest.
+pub struct PtySession {
+    pub tag: String,
+    pub pid: u32,
+    events: tokio::sync::mpsc::Receiver<Result<PtyEvent>>,
+    writer: tokio::net::tcp::OwnedWriteHalf,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl PtySession {
+    /// The next event (cancel-safe); `None` after the last.
+    pub async fn next(&mut self) -> Option<Result<PtyEvent>> {
+        self.events.recv().await
+    }
+
+    pub async fn input(&mut self, bytes: &[u8]) -> Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        write_frame(&mut self.writer, FrameKind::Data, bytes)
+            .await
+            .map_err(proto)
+    }
+
+    pub async fn resize(&mut self, cols: u16, rows: u16) -> Result<()> {
+        write_json(
+            &mut self.writer,
+            &envd_proto::PtyControl::Resize { cols, rows },
+        )
+        .await
+        .map_err(proto)
+    }
+
+    pub async fn kill(&mut self) -> Result<()> {
+        write_json(&mut self.writer, &envd_proto::PtyControl::Kill)
+            .await
+            .map_err(proto)
+    }
+}
+
+impl Drop for PtySession {
+    fn drop(&mut self) {
+        self.reader.abort();
     }
 }
 

@@ -21,6 +21,6 @@ pub mod net;
 pub mod vmm;
 
 pub use config::AgentConfig;
-pub use envd_client::{EnvdClient, FileReader, FileWriter};
+pub use envd_client::{EnvdClient, FileReader, FileWriter, PtyEvent, PtySession};
 pub use error::AgentError;
 pub use manager::{CapsuleInfo, CapsuleManager, ExecEvent, ExecOutput, ExecStream, StartedProcess};

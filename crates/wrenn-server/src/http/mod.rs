@@ -3,6 +3,7 @@
 
 mod capsules;
 mod files;
+mod pty;
 mod stream;
 
 use axum::body::Bytes;
@@ -34,6 +35,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/capsules/{id}/exec", post(capsules::exec))
         .route("/v1/capsules/{id}/exec/stream", get(stream::exec_stream))
+        .route("/v1/capsules/{id}/pty", get(pty::pty))
         .route("/v1/capsules/{id}/files/list", post(files::list))
         .route("/v1/capsules/{id}/files/mkdir", post(files::mkdir))
         .route("/v1/capsules/{id}/files/remove", post(files::remove))

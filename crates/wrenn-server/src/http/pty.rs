@@ -1,0 +1,194 @@
+//! `GET /v1/capsules/{id}/pty`: interactive terminals over a WebSocket.
+//!
+//! First client message: `{"type":"start",cmd?,args?,cols?,rows?,envs?,cwd?,user?}` or
+//! `{"type":"connect","tag"}`. Server: `{"type":"started","tag","pid"}`, output, `exit`, `error`
+//! (`fatal: true` ends the connection), and `{"type":"ping"}` every 30 s.
+//!
+//! Two framings share the endpoint, chosen once at the upgrade: a browser (it always sends an
+//! `Origin` header) gets the spec's JSON `{"type":"output","data":<base64>}`; other clients (the
+//! official SDK sends no `Origin`) get output as binary frames from the first byte. Input is
+//! accepted in both forms from everyone: binary frames, or JSON `{"type":"input","data":<base64>}`.
+//! Sessions outlive the WebSocket: closing detaches, `connect` re-attaches and replays the
+//! recent screen.
+
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap};
+use axum::response::Response;
+use base64::Engine;
+use serde::Deserialize;
+use serde_json::json;
+use wrenn_agent::{PtyEvent, PtySession};
+use wrenn_api::ApiError;
+
+use crate::auth::TeamAuth;
+use crate::error::HttpError;
+use crate::AppState;
+
+const PING_EVERY: Duration = Duration::from_secs(30);
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum ClientMessage {
+    Start {
+        cmd: Option<String>,
+        #[serde(default)]
+        args: Vec<String>,
+        cols: Option<u16>,
+        rows: Option<u16>,
+        #[serde(default)]
+        envs: std::collections::BTreeMap<String, String>,
+        cwd: Option<String>,
+        user: Option<String>,
+    },
+    Connect {
+        tag: String,
+    },
+    Input {
+        data: String,
+    },
+    Resize {
+        cols: u16,
+        rows: u16,
+    },
+    Kill,
+    Pong,
+    Ping,
+}
+
+pub async fn pty(
+    State(s): State<AppState>,
+    auth: TeamAuth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Result<Response, HttpError> {
+    s.capsules.require_running(&auth.team_id, &id).await?;
+    let ws =
+        ws.map_err(|e| ApiError::invalid(format!("this endpoint needs a WebSocket upgrade: {e}")))?;
+    let json_output = headers.contains_key(header::ORIGIN);
+    Ok(ws.on_upgrade(move |socket| run(socket, s, auth, id, json_output)))
+}
+
+async fn run(mut socket: WebSocket, s: AppState, auth: TeamAuth, id: String, json_output: bool) {
+    let first = tokio::time::timeout(Duration::from_secs(30), socket.recv()).await;
+    let text = match first {
+        Ok(Some(Ok(Message::Text(t)))) => t.to_string(),
+        Ok(Some(Ok(Message::Binary(b)))) => String::from_utf8_lossy(&b).into_owned(),
+        Ok(_) => return,
+        Err(_) => return fatal(socket, "no start or connect message within 30 s").await,
+    };
+    let envd = match s.capsules.files(&auth.team_id, &id).await {
+        Ok(e) => e,
+        Err(e) => return fatal(socket, &e.message).await,
+    };
+    let session = match serde_json::from_str::<ClientMessage>(&text) {
+        Ok(ClientMessage::Start {
+            cmd,
+            args,
+            cols,
+            rows,
+            envs,
+            cwd,
+            user,
+        }) => {
+            let spec = envd_proto::PtySpec {
+                cmd,
+                args,
+                cols,
+                rows,
+                envs,
+                cwd,
+                user,
+            };
+            envd.pty_start(spec).await
+        }
+        Ok(ClientMessage::Connect { tag }) => envd.pty_connect(&tag).await,
+        Ok(_) => return fatal(socket, "the first message must be start or connect").await,
+        Err(e) => return fatal(socket, &format!("bad first message: {e}")).await,
+    };
+    match session {
+        Ok(session) => relay(socket, session, json_output).await,
+        Err(e) => fatal(socket, &crate::error::from_agent(e).message).await,
+    }
+}
+
+async fn relay(mut socket: WebSocket, mut session: PtySession, json_output: bool) {
+    let started = json!({"type": "started", "tag": session.tag, "pid": session.pid});
+    if send(&mut socket, started).await.is_err() {
+        return;
+    }
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.tick().await;
+    loop {
+        tokio::select! {
+            ev = session.next() => match ev {
+                Some(Ok(PtyEvent::Output(b))) => {
+                    let msg = if json_output {
+                        Message::Text(json!({"type": "output", "data": b64.encode(&b)}).to_string().into())
+                    } else {
+                        Message::Binary(b.into())
+                    };
+                    if socket.send(msg).await.is_err() {
+                        return; // detach
+                    }
+                }
+                Some(Ok(PtyEvent::Exit(code))) => {
+                    let _ = send(&mut socket, json!({"type": "exit", "exit_code": code})).await;
+                    let _ = socket.send(Message::Close(None)).await;
+                    return;
+                }
+                Some(Err(e)) => return fatal(socket, &e.to_string()).await,
+                None => return,
+            },
+            incoming = socket.recv() => {
+                let result = match incoming {
+                    Some(Ok(Message::Binary(b))) => session.input(&b).await,
+                    Some(Ok(Message::Text(t))) => match serde_json::from_str::<ClientMessage>(&t) {
+                        Ok(ClientMessage::Input { data }) => match b64.decode(data.as_bytes()) {
+                            Ok(bytes) => session.input(&bytes).await,
+                            Err(_) => {
+                                let _ = send(&mut socket, json!({"type": "error", "data": "input data must be base64", "fatal": false})).await;
+                                Ok(())
+                            }
+                        },
+                        Ok(ClientMessage::Resize { cols, rows }) => session.resize(cols, rows).await,
+                        Ok(ClientMessage::Kill) => session.kill().await,
+                        Ok(ClientMessage::Ping) => send(&mut socket, json!({"type": "pong"})).await.map_err(|_| wrenn_agent::AgentError::Envd("client gone".into())),
+                        Ok(_) => Ok(()),
+                        Err(_) => {
+                            let _ = send(&mut socket, json!({"type": "error", "data": "unknown message", "fatal": false})).await;
+                            Ok(())
+                        }
+                    },
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return, // detach
+                    Some(Ok(_)) => Ok(()),
+                };
+                if result.is_err() {
+                    return;
+                }
+            }
+            _ = ping.tick() => {
+                if send(&mut socket, json!({"type": "ping"})).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn send(socket: &mut WebSocket, value: serde_json::Value) -> Result<(), axum::Error> {
+    socket.send(Message::Text(value.to_string().into())).await
+}
+
+async fn fatal(mut socket: WebSocket, message: &str) {
+    let _ = send(
+        &mut socket,
+        json!({"type": "error", "data": message, "fatal": true}),
+    )
+    .await;
+    let _ = socket.send(Message::Close(None)).await;
+}
