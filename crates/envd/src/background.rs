@@ -154,13 +154,7 @@ fn spawn(spec: StartSpec) -> Response {
         for p in pumps.into_iter().flatten() {
             let _ = tokio::time::timeout(Duration::from_secs(1), p).await;
         }
-        let code = match status {
-            Ok(s) => s.code().unwrap_or_else(|| {
-                use std::os::unix::process::ExitStatusExt;
-                128 + s.signal().unwrap_or(0)
-            }),
-            Err(_) => -1,
-        };
+        let code = crate::exec::exit_code(status);
         let _ = exit_tx.send(Some(code));
         let mut table = lock();
         table.exited_order.push_back(pid);

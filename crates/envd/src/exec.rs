@@ -17,6 +17,16 @@ enum Chunk {
     Err(Vec<u8>),
 }
 
+/// A process's exit as a shell reports it: its code, or 128 + the signal that killed it
+/// (-1 when the status could not be read).
+pub fn exit_code(status: std::io::Result<std::process::ExitStatus>) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)),
+        Err(_) => -1,
+    }
+}
+
 /// Why a program could not be started, classified as a shell would (127 / 126).
 pub fn spawn_error(cmd: &str, e: std::io::Error) -> Response {
     let kind = if e.kind() == std::io::ErrorKind::NotFound {
@@ -147,13 +157,7 @@ pub async fn run(spec: ExecSpec, mut rd: OwnedReadHalf, mut wr: OwnedWriteHalf) 
         kill_group(pgid);
     }
     let status = status.unwrap_or_else(|| Err(std::io::Error::other("no exit status")));
-    let exit_code = match status {
-        Ok(s) => s.code().unwrap_or_else(|| {
-            use std::os::unix::process::ExitStatusExt;
-            128 + s.signal().unwrap_or(0)
-        }),
-        Err(_) => -1,
-    };
+    let exit_code = exit_code(status);
     let _ = write_json(
         &mut wr,
         &Response::Exit {

@@ -190,13 +190,7 @@ fn spawn(spec: PtySpec) -> Result<(String, Arc<Session>), Response> {
     let s = session.clone();
     std::thread::spawn(move || pump(reader, s));
     std::thread::spawn(move || {
-        let code = match child.wait() {
-            Ok(st) => st.code().unwrap_or_else(|| {
-                use std::os::unix::process::ExitStatusExt;
-                128 + st.signal().unwrap_or(0)
-            }),
-            Err(_) => -1,
-        };
+        let code = crate::exec::exit_code(child.wait());
         let _ = exit_tx.send(Some(code));
     });
     Ok((tag, session))
