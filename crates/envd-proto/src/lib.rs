@@ -224,6 +224,17 @@ pub enum Response {
     },
 }
 
+impl Response {
+    /// The exit of a process envd did not time (background processes, terminals).
+    pub fn exited(exit_code: i32) -> Self {
+        Response::Exit {
+            exit_code,
+            timed_out: false,
+            duration_ms: 0,
+        }
+    }
+}
+
 /// Classes of failure envd reports, so the host can map them to API errors.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]

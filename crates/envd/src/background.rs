@@ -226,15 +226,7 @@ pub async fn attach(selector: String, mut rd: OwnedReadHalf, mut wr: OwnedWriteH
                     return;
                 }
             }
-            let _ = write_json(
-                &mut wr,
-                &Response::Exit {
-                    exit_code: code,
-                    timed_out: false,
-                    duration_ms: 0,
-                },
-            )
-            .await;
+            let _ = write_json(&mut wr, &Response::exited(code)).await;
             return;
         }
         tokio::select! {

@@ -281,15 +281,7 @@ async fn serve(
             while let Ok(b) = output.try_recv() {
                 let _ = write_frame(&mut wr, FrameKind::Stdout, &b).await;
             }
-            let _ = write_json(
-                &mut wr,
-                &Response::Exit {
-                    exit_code: code,
-                    timed_out: false,
-                    duration_ms: 0,
-                },
-            )
-            .await;
+            let _ = write_json(&mut wr, &Response::exited(code)).await;
             break;
         }
         tokio::select! {

@@ -32,17 +32,8 @@ const PING_EVERY: Duration = Duration::from_secs(30);
 #[derive(Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 enum ClientMessage {
-    Start {
-        cmd: Option<String>,
-        #[serde(default)]
-        args: Vec<String>,
-        cols: Option<u16>,
-        rows: Option<u16>,
-        #[serde(default)]
-        envs: std::collections::BTreeMap<String, String>,
-        cwd: Option<String>,
-        user: Option<String>,
-    },
+    /// Same fields as the guest agent's spec; all optional.
+    Start(envd_proto::PtySpec),
     Connect {
         tag: String,
     },
@@ -85,26 +76,7 @@ async fn run(mut socket: WebSocket, s: AppState, auth: TeamAuth, id: String, jso
         Err(e) => return fatal(socket, &e.message).await,
     };
     let session = match serde_json::from_str::<ClientMessage>(&text) {
-        Ok(ClientMessage::Start {
-            cmd,
-            args,
-            cols,
-            rows,
-            envs,
-            cwd,
-            user,
-        }) => {
-            let spec = envd_proto::PtySpec {
-                cmd,
-                args,
-                cols,
-                rows,
-                envs,
-                cwd,
-                user,
-            };
-            envd.pty_start(spec).await
-        }
+        Ok(ClientMessage::Start(spec)) => envd.pty_start(spec).await,
         Ok(ClientMessage::Connect { tag }) => envd.pty_connect(&tag).await,
         Ok(_) => return fatal(socket, "the first message must be start or connect").await,
         Err(e) => return fatal(socket, &format!("bad first message: {e}")).await,
