@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import time
 
 from wrenn import Capsule
 
@@ -81,10 +82,20 @@ def test_simple_upload_limit(api, running_capsule):
     assert not [e for e in left if "big" in e["name"]], f"half-written upload left behind: {left}"
 
 
+def envd_memory_kib(cap):
+    """VmRSS and VmHWM of the serving envd (PID 1's child; PID 1 is envd's reaper)."""
+    out = cap.commands.run(
+        "for p in $(pgrep -x envd); do [ $p != 1 ] && grep -E '^Vm(RSS|HWM):' /proc/$p/status; done"
+    ).stdout
+    fields = dict(line.split(":", 1) for line in out.strip().splitlines())
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
 def test_streamed_transfer_keeps_memory_flat(platform, running_capsule):
-    """256 MiB up and down through upload_stream/download_stream; the server must not buffer it."""
+    """1 GiB up and down through upload_stream/download_stream. No process on the way may buffer
+    it: the control plane + agent process and envd each report their peak RSS growth."""
     cap = sdk(platform, running_capsule)
-    size, chunk = 256 * 1024 * 1024, 1024 * 1024
+    size, chunk = 1024 * 1024 * 1024, 1024 * 1024
     block = os.urandom(chunk)
     up = hashlib.sha256()
 
@@ -96,16 +107,28 @@ def test_streamed_transfer_keeps_memory_flat(platform, running_capsule):
 
     pid = platform.proc.pid
     before = rss_kib(pid, "VmRSS")
+    envd_before, _ = envd_memory_kib(cap)
+    started = time.monotonic()
     cap.files.upload_stream("/root/big.bin", chunks())
+    uploaded = time.monotonic()
     down = hashlib.sha256()
     total = 0
     for b in cap.files.download_stream("/root/big.bin"):
         down.update(b)
         total += len(b)
+    downloaded = time.monotonic()
     peak = rss_kib(pid, "VmHWM")
+    _, envd_peak = envd_memory_kib(cap)
     assert total == size
     assert down.hexdigest() == up.hexdigest()
     growth_mib = (peak - before) / 1024
-    print(f"control plane + agent RSS: before {before / 1024:.0f} MiB, peak {peak / 1024:.0f} MiB")
+    envd_growth_mib = (envd_peak - envd_before) / 1024
+    print(
+        f"\n1 GiB up in {uploaded - started:.1f} s, down in {downloaded - uploaded:.1f} s; "
+        f"control plane + agent RSS before {before / 1024:.0f} MiB, peak {peak / 1024:.0f} MiB "
+        f"(+{growth_mib:.1f}); envd RSS before {envd_before / 1024:.1f} MiB, peak "
+        f"{envd_peak / 1024:.1f} MiB (+{envd_growth_mib:.1f})"
+    )
     assert growth_mib < 64, f"server memory grew by {growth_mib:.0f} MiB moving a {size >> 20} MiB file"
+    assert envd_growth_mib < 32, f"envd memory grew by {envd_growth_mib:.0f} MiB moving a {size >> 20} MiB file"
     cap.files.remove("/root/big.bin")

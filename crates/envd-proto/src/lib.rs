@@ -410,3 +410,51 @@ mod tests {
         assert_eq!(a.len() + b.len(), big.len());
     }
 }
+
+/// The serial lifeline: a virtio-serial port (guest `/dev/vportNp1`, host unix socket) that does
+/// not depend on the guest network. It carries one JSON object per line each way, low rate:
+/// health, and repairing the platform interface when TCP to envd fails. Replies echo the
+/// request's `id`, so a client skips any stale reply a timed-out predecessor left in the port.
+pub mod lifeline {
+    use serde::{Deserialize, Serialize};
+
+    /// Name of the lifeline port (QEMU `virtserialport,name=`); the guest finds its device node
+    /// through `/sys/class/virtio-ports/*/name`, since the node's number follows the device's
+    /// position on the virtio bus.
+    pub const PORT_NAME: &str = "org.wrenn.lifeline";
+    /// Longest line either side accepts.
+    pub const MAX_LINE: usize = 64 * 1024;
+
+    #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+    pub struct LifelineRequest {
+        pub id: u64,
+        pub op: LifelineOp,
+    }
+
+    #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+    #[serde(rename_all = "snake_case")]
+    pub enum LifelineOp {
+        /// Is envd alive? Also checks (and repairs) the network, like `repair_network`.
+        Health,
+        /// Put the platform interface back as the boot configured it.
+        RepairNetwork,
+    }
+
+    #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+    pub struct LifelineReply {
+        pub id: u64,
+        pub envd_version: String,
+        /// Absent when envd knows no network configuration (started outside a capsule).
+        #[serde(default)]
+        pub network: Option<super::NetworkRepair>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub error: Option<String>,
+    }
+}
+
+/// What a network check found and put back (names like `link up`, `default route`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct NetworkRepair {
+    pub repaired: Vec<String>,
+    pub failed: Vec<String>,
+}

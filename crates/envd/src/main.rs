@@ -1,5 +1,6 @@
 //! envd: Wrenn's guest agent. It runs inside every capsule as PID 1's only child and serves the
-//! host agent over TCP (see the `envd-proto` crate for the protocol).
+//! host agent over TCP (see the `envd-proto` crate for the protocol), plus a serial lifeline and
+//! a guard that keeps the platform interface configured whatever user code does to it.
 //!
 //! Invariants:
 //! - envd never panics on a request: every failure is answered as a `Response::Error` frame or by
@@ -12,6 +13,8 @@ mod background;
 mod exec;
 mod files;
 mod init;
+mod lifeline;
+mod netguard;
 mod processes;
 mod pty;
 
@@ -40,6 +43,9 @@ fn main() {
 
 async fn serve() {
     init::after_boot();
+    let net = netguard::NetConfig::from_env();
+    netguard::spawn_watchdog(net);
+    lifeline::spawn(net);
     let addr = std::env::var("ENVD_LISTEN").unwrap_or_else(|_| format!("0.0.0.0:{ENVD_PORT}"));
     let listener = loop {
         match TcpListener::bind(&addr).await {

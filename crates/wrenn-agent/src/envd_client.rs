@@ -3,11 +3,15 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use envd_proto::lifeline::{LifelineOp, LifelineReply};
 use envd_proto::{
     read_frame, write_frame, write_json, ErrorKind, ExecSpec, FileEntry, Frame, FrameKind,
     ProcessInfo, Request, Response, Signal, StartSpec,
 };
+use std::path::Path;
+use std::sync::Arc;
 use tokio::net::TcpStream;
+use tracing::warn;
 
 use crate::error::{AgentError, Result};
 
@@ -34,17 +38,67 @@ pub struct ExecOutput {
     pub dropped_bytes: u64,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct EnvdClient {
     addr: SocketAddr,
+    lifeline: Option<Arc<Path>>,
 }
 
 impl EnvdClient {
     pub fn new(addr: SocketAddr) -> Self {
-        Self { addr }
+        Self {
+            addr,
+            lifeline: None,
+        }
+    }
+
+    /// A client that, when TCP to envd fails, asks envd over the serial lifeline to repair the
+    /// guest network and tries once more.
+    pub fn with_lifeline(mut self, socket: Option<&Path>) -> Self {
+        self.lifeline = socket.map(Arc::from);
+        self
+    }
+
+    /// Asks envd over the lifeline directly (health, or a network repair).
+    pub async fn lifeline(&self, op: LifelineOp) -> Result<LifelineReply> {
+        let socket = self
+            .lifeline
+            .as_deref()
+            .ok_or_else(|| AgentError::Envd("this VM has no lifeline".into()))?;
+        crate::lifeline::call(socket, op).await
     }
 
     async fn connect(&self) -> Result<TcpStream> {
+        let first = match self.connect_tcp().await {
+            Ok(s) => return Ok(s),
+            Err(e) => e,
+        };
+        if self.lifeline.is_none() {
+            return Err(first);
+        }
+        match self.lifeline(LifelineOp::RepairNetwork).await {
+            Ok(reply) => {
+                let network = reply.network.unwrap_or_default();
+                warn!(
+                    addr = %self.addr,
+                    error = %first,
+                    repaired = ?network.repaired,
+                    failed = ?network.failed,
+                    "envd unreachable over TCP; asked for a network repair over the lifeline"
+                );
+                self.connect_tcp().await.map_err(|e| {
+                    AgentError::Envd(format!(
+                        "{e} (envd answers on the serial lifeline; network repaired {:?}, \
+                         failed {:?})",
+                        network.repaired, network.failed
+                    ))
+                })
+            }
+            Err(lifeline) => Err(AgentError::Envd(format!("{first}; {lifeline}"))),
+        }
+    }
+
+    async fn connect_tcp(&self) -> Result<TcpStream> {
         let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.addr))
             .await
             .map_err(|_| AgentError::Envd(format!("connect {} timed out", self.addr)))?
@@ -157,7 +211,9 @@ impl EnvdClient {
         let (tx, events) = tokio::sync::mpsc::channel(16);
         // Frames are read by a task of their own: reading one is not cancel-safe, and callers
         // select between terminal output and their own input.
-        let reader = tokio::spawn(async move {
+        // The task ends on its own: at the session's last event, or once a detached
+        // connection is closed (see `Drop`).
+        tokio::spawn(async move {
             loop {
                 let ev = match read_frame(&mut rd).await {
                     Ok(Some(Frame::Stdout(b))) => Ok(PtyEvent::Output(b)),
@@ -172,7 +228,16 @@ impl EnvdClient {
                     Err(e) => Err(proto(e)),
                 };
                 let last = !matches!(ev, Ok(PtyEvent::Output(_)));
-                if tx.send(ev).await.is_err() || last {
+                if last {
+                    let _ = tx.send(ev).await;
+                    return;
+                }
+                if tx.send(ev).await.is_err() {
+                    // Detached: read on until envd closes its side (it does at once when it
+                    // sees our end of stream). Closing a socket with unread data in it sends a
+                    // reset, which can overtake input not yet delivered.
+                    let drain = async { while let Ok(Some(_)) = read_frame(&mut rd).await {} };
+                    let _ = tokio::time::timeout(DETACH_DRAIN, drain).await;
                     return;
                 }
             }
@@ -181,8 +246,7 @@ impl EnvdClient {
             tag,
             pid,
             events,
-            writer,
-            reader,
+            writer: Some(writer),
         })
     }
 
@@ -273,11 +337,17 @@ pub struct PtySession {
     pub tag: String,
     pub pid: u32,
     events: tokio::sync::mpsc::Receiver<Result<PtyEvent>>,
-    writer: tokio::net::tcp::OwnedWriteHalf,
-    reader: tokio::task::JoinHandle<()>,
+    /// `None` only inside `Drop`.
+    writer: Option<tokio::net::tcp::OwnedWriteHalf>,
 }
 
 impl PtySession {
+    fn writer(&mut self) -> Result<&mut tokio::net::tcp::OwnedWriteHalf> {
+        self.writer
+            .as_mut()
+            .ok_or_else(|| AgentError::Envd("terminal session detached".into()))
+    }
+
     /// The next event (cancel-safe); `None` after the last.
     pub async fn next(&mut self) -> Option<Result<PtyEvent>> {
         self.events.recv().await
@@ -287,14 +357,14 @@ impl PtySession {
         if bytes.is_empty() {
             return Ok(());
         }
-        write_frame(&mut self.writer, FrameKind::Data, bytes)
+        write_frame(self.writer()?, FrameKind::Data, bytes)
             .await
             .map_err(proto)
     }
 
     pub async fn resize(&mut self, cols: u16, rows: u16) -> Result<()> {
         write_json(
-            &mut self.writer,
+            self.writer()?,
             &envd_proto::PtyControl::Resize { cols, rows },
         )
         .await
@@ -302,15 +372,27 @@ impl PtySession {
     }
 
     pub async fn kill(&mut self) -> Result<()> {
-        write_json(&mut self.writer, &envd_proto::PtyControl::Kill)
+        write_json(self.writer()?, &envd_proto::PtyControl::Kill)
             .await
             .map_err(proto)
     }
 }
 
+/// How long a detached terminal connection may take to close in order.
+const DETACH_DRAIN: Duration = Duration::from_secs(5);
+
 impl Drop for PtySession {
+    /// Detaches (the session lives on in the guest): our end of stream goes out after every
+    /// byte of input already written, and the reader task drains the connection until envd
+    /// closes it, so nothing the client typed last is lost to a reset.
     fn drop(&mut self) {
-        self.reader.abort();
+        if let Some(mut w) = self.writer.take() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
+                });
+            }
+        }
     }
 }
 

@@ -24,6 +24,7 @@ pub const GUEST_MODULES: &[&str] = &[
     "net_failover",
     "virtio_net",
     "virtio-rng",
+    "virtio_console",
 ];
 
 /// The guest's `/init`: loads drivers, configures the network from kernel-command-line variables,
@@ -184,7 +185,11 @@ impl ImageStore {
                 modules_dir: root.join(&version).join("modules"),
                 version,
             };
-            if k.vmlinux.exists() && k.modules_dir.exists() {
+            // A cache made before a module joined GUEST_MODULES is extracted again.
+            let has_modules = GUEST_MODULES
+                .iter()
+                .all(|m| k.modules_dir.join(format!("{m}.ko")).exists());
+            if k.vmlinux.exists() && has_modules {
                 return Ok(k);
             }
         }

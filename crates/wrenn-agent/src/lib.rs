@@ -8,7 +8,7 @@
 //! - [`disk`]: per-capsule copy-on-write overlays.
 //! - [`net`]: network slots (netns + TAP + veth + NAT) and the host's firewall table.
 //! - [`vmm`]: the VMM trait and its QEMU `microvm` driver, the KVM probe, QMP.
-//! - [`envd_client`]: the host side of the envd protocol.
+//! - [`envd_client`]: the host side of the envd protocol; [`lifeline`]: the serial fallback.
 
 pub mod cmd;
 pub mod config;
@@ -16,6 +16,7 @@ pub mod disk;
 pub mod envd_client;
 pub mod error;
 pub mod images;
+pub mod lifeline;
 pub mod manager;
 pub mod net;
 pub mod vmm;

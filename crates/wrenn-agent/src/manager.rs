@@ -204,6 +204,7 @@ impl CapsuleManager {
             initramfs: self.boot.initramfs.clone(),
             disk,
             qmp_socket: self.cfg.run_dir().join(format!("{}.qmp", record.id)),
+            lifeline_socket: self.cfg.run_dir().join(format!("{}.life", record.id)),
             guest_env: vec![
                 ("WRENN_IP".into(), format!("{}/24", net::GUEST_IP)),
                 ("WRENN_GW".into(), net::GATEWAY_IP.to_string()),
@@ -233,7 +234,8 @@ impl CapsuleManager {
         vm: &VmProcess,
         deadline: Instant,
     ) -> Result<crate::envd_client::EnvdHealth> {
-        let client = self.envd(record);
+        // Without the lifeline: a guest still booting is not a broken network to repair.
+        let client = self.envd(record).with_lifeline(None);
         let started = Instant::now();
         let mut last_err = String::new();
         while Instant::now() < deadline {
@@ -378,6 +380,7 @@ impl CapsuleManager {
             r.slot.reach_ip.into(),
             envd_proto::ENVD_PORT,
         ))
+        .with_lifeline(r.vm.as_ref().and_then(|vm| vm.lifeline_socket.as_deref()))
     }
 
     /// Removes every piece of a capsule. Best effort on each piece; never fails half-way.
@@ -390,6 +393,7 @@ impl CapsuleManager {
         net::destroy(&r.slot).await;
         let _ = tokio::fs::remove_dir_all(self.capsule_dir(&r.id)).await;
         let _ = tokio::fs::remove_file(self.cfg.run_dir().join(format!("{}.qmp", r.id))).await;
+        let _ = tokio::fs::remove_file(self.cfg.run_dir().join(format!("{}.life", r.id))).await;
         lock(&self.slots).remove(&r.slot.index);
     }
 

@@ -42,6 +42,8 @@ pub struct VmConfig {
     pub disk: PathBuf,
     /// QMP control socket (a short path: unix socket paths are limited to 108 bytes).
     pub qmp_socket: PathBuf,
+    /// Host end of the serial lifeline to envd (a unix socket QEMU listens on).
+    pub lifeline_socket: PathBuf,
     /// `KEY=value` words appended to the kernel command line; they reach the guest's /init as
     /// environment variables.
     pub guest_env: Vec<(String, String)>,
@@ -56,6 +58,9 @@ pub struct VmProcess {
     pub start_time: u64,
     pub qmp_socket: PathBuf,
     pub console_log: PathBuf,
+    /// Host end of the serial lifeline; `None` for VMs started before it existed.
+    #[serde(default)]
+    pub lifeline_socket: Option<PathBuf>,
 }
 
 #[async_trait]

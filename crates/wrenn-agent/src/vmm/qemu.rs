@@ -129,6 +129,20 @@ impl QemuVmm {
             format!("virtio-net-device,netdev=n0,mac={}", crate::net::GUEST_MAC),
             "-device".into(),
             "virtio-rng-device".into(),
+            // The serial lifeline (found in the guest by its name): envd stays reachable when user code
+            // breaks the guest network.
+            "-device".into(),
+            "virtio-serial-device,max_ports=2".into(),
+            "-chardev".into(),
+            format!(
+                "socket,id=lifeline,path={},server=on,wait=off",
+                s(&cfg.lifeline_socket)?
+            ),
+            "-device".into(),
+            format!(
+                "virtserialport,chardev=lifeline,nr=1,name={}",
+                envd_proto::lifeline::PORT_NAME
+            ),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", s(&cfg.qmp_socket)?),
         ])
@@ -187,6 +201,7 @@ impl Vmm for QemuVmm {
             start_time,
             qmp_socket: cfg.qmp_socket.clone(),
             console_log: cfg.dir.join("console.log"),
+            lifeline_socket: Some(cfg.lifeline_socket.clone()),
         })
     }
 
@@ -407,6 +422,7 @@ mod tests {
             start_time,
             qmp_socket: "/nonexistent".into(),
             console_log: "/nonexistent".into(),
+            lifeline_socket: None,
         };
         assert!(is_running(&me));
         let recycled = VmProcess {

@@ -105,7 +105,7 @@ async fn relay(mut socket: WebSocket, mut session: PtySession, json_output: bool
                         Message::Binary(b.into())
                     };
                     if socket.send(msg).await.is_err() {
-                        return; // detach
+                        return drain(socket, session).await;
                     }
                 }
                 Some(Ok(PtyEvent::Exit(code))) => {
@@ -117,37 +117,75 @@ async fn relay(mut socket: WebSocket, mut session: PtySession, json_output: bool
                 None => return,
             },
             incoming = socket.recv() => {
-                let result = match incoming {
-                    Some(Ok(Message::Binary(b))) => session.input(&b).await,
-                    Some(Ok(Message::Text(t))) => match serde_json::from_str::<ClientMessage>(&t) {
-                        Ok(ClientMessage::Input { data }) => match b64.decode(data.as_bytes()) {
-                            Ok(bytes) => session.input(&bytes).await,
-                            Err(_) => {
-                                let _ = send(&mut socket, json!({"type": "error", "data": "input data must be base64", "fatal": false})).await;
-                                Ok(())
-                            }
-                        },
-                        Ok(ClientMessage::Resize { cols, rows }) => session.resize(cols, rows).await,
-                        Ok(ClientMessage::Kill) => session.kill().await,
-                        Ok(ClientMessage::Ping) => send(&mut socket, json!({"type": "pong"})).await.map_err(|_| wrenn_agent::AgentError::Envd("client gone".into())),
-                        Ok(_) => Ok(()),
-                        Err(_) => {
-                            let _ = send(&mut socket, json!({"type": "error", "data": "unknown message", "fatal": false})).await;
-                            Ok(())
-                        }
-                    },
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return, // detach
-                    Some(Ok(_)) => Ok(()),
-                };
-                if result.is_err() {
+                if apply(incoming, &mut socket, &mut session).await == Flow::Detach {
                     return;
                 }
             }
             _ = ping.tick() => {
                 if send(&mut socket, json!({"type": "ping"})).await.is_err() {
-                    return;
+                    return drain(socket, session).await;
                 }
             }
+        }
+    }
+}
+
+#[derive(PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Detach,
+}
+
+/// Applies one message from the client to the session.
+async fn apply(
+    incoming: Option<Result<Message, axum::Error>>,
+    socket: &mut WebSocket,
+    session: &mut PtySession,
+) -> Flow {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let result = match incoming {
+        Some(Ok(Message::Binary(b))) => session.input(&b).await,
+        Some(Ok(Message::Text(t))) => match serde_json::from_str::<ClientMessage>(&t) {
+            Ok(ClientMessage::Input { data }) => match b64.decode(data.as_bytes()) {
+                Ok(bytes) => session.input(&bytes).await,
+                Err(_) => {
+                    let _ = send(socket, json!({"type": "error", "data": "input data must be base64", "fatal": false})).await;
+                    Ok(())
+                }
+            },
+            Ok(ClientMessage::Resize { cols, rows }) => session.resize(cols, rows).await,
+            Ok(ClientMessage::Kill) => session.kill().await,
+            Ok(ClientMessage::Ping) => {
+                let _ = send(socket, json!({"type": "pong"})).await;
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+            Err(_) => {
+                let _ = send(
+                    socket,
+                    json!({"type": "error", "data": "unknown message", "fatal": false}),
+                )
+                .await;
+                Ok(())
+            }
+        },
+        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return Flow::Detach,
+        Some(Ok(_)) => Ok(()),
+    };
+    match result {
+        Ok(()) => Flow::Continue,
+        Err(_) => Flow::Detach,
+    }
+}
+
+/// The client is gone (a send failed), but what it sent before leaving still counts: the
+/// official SDK, for one, sends `kill` and closes at once. Apply what is already buffered, then
+/// detach.
+async fn drain(mut socket: WebSocket, mut session: PtySession) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while let Ok(incoming) = tokio::time::timeout_at(deadline, socket.recv()).await {
+        if apply(incoming, &mut socket, &mut session).await == Flow::Detach {
+            return;
         }
     }
 }
