@@ -83,6 +83,16 @@ pub enum Request {
     /// frame abandons it. The file appears whole (written aside, then renamed) or not at all,
     /// and envd answers only once the abandoned bytes are gone. Parent directories are made.
     WriteFile { path: String },
+    /// The VM was just restored from a snapshot (resume, or a create from a template): set the
+    /// wall clock to the host's (the guest's stood still while it was saved) and mix fresh
+    /// entropy into the kernel's pool (a restored pool is a copy of the saved one). Answer
+    /// `Done`.
+    Restored {
+        /// Host wall-clock time, nanoseconds since the Unix epoch.
+        unix_nanos: u64,
+        /// Random bytes from the host, hex-encoded.
+        seed: String,
+    },
 }
 
 /// One filesystem entry (the API's `FileEntry`).

@@ -52,6 +52,31 @@ pub fn after_boot() {
     });
 }
 
+/// After a restore: set the wall clock and mix the host's seed into the entropy pool.
+pub fn restored(unix_nanos: u64, seed_hex: &str) -> Result<(), String> {
+    let ts = libc::timespec {
+        tv_sec: (unix_nanos / 1_000_000_000) as libc::time_t,
+        tv_nsec: (unix_nanos % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: clock_settime reads a timespec from a live local.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
+        return Err(format!(
+            "cannot set the clock: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let seed: Vec<u8> = (0..seed_hex.len() / 2)
+        .filter_map(|i| u8::from_str_radix(seed_hex.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect();
+    // Writing to the pool mixes the bytes in (without crediting entropy, which needs no more:
+    // the pool was already initialised before the snapshot).
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")
+        .and_then(|mut f| std::io::Write::write_all(&mut f, &seed))
+        .map_err(|e| format!("cannot seed the entropy pool: {e}"))
+}
+
 pub fn kernel_version() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())

@@ -119,6 +119,13 @@ async fn handle(stream: TcpStream) {
         Request::ReadFile { path } => files::read(path, wr).await,
         Request::WriteFile { path } => files::write(path, rd, wr).await,
         Request::Signal { selector, signal } => processes::signal(selector, signal, wr).await,
+        Request::Restored { unix_nanos, seed } => {
+            let answer = match init::restored(unix_nanos, &seed) {
+                Ok(()) => Response::Done,
+                Err(e) => error(ErrorKind::Internal, e),
+            };
+            let _ = write_json(&mut wr, &answer).await;
+        }
     }
 }
 

@@ -11,6 +11,9 @@ use envd_proto::{
 use std::path::Path;
 use std::sync::Arc;
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::envd_conn::EnvdConn;
 use tracing::warn;
 
 use crate::error::{AgentError, Result};
@@ -42,6 +45,8 @@ pub struct ExecOutput {
 pub struct EnvdClient {
     addr: SocketAddr,
     lifeline: Option<Arc<Path>>,
+    /// Cancelled when the capsule's VM stops: every connection made through this client fails.
+    vm_gone: CancellationToken,
 }
 
 impl EnvdClient {
@@ -49,6 +54,7 @@ impl EnvdClient {
         Self {
             addr,
             lifeline: None,
+            vm_gone: CancellationToken::new(),
         }
     }
 
@@ -56,6 +62,12 @@ impl EnvdClient {
     /// guest network and tries once more.
     pub fn with_lifeline(mut self, socket: Option<&Path>) -> Self {
         self.lifeline = socket.map(Arc::from);
+        self
+    }
+
+    /// Connections made through this client fail once `token` is cancelled.
+    pub fn with_cancellation(mut self, token: CancellationToken) -> Self {
+        self.vm_gone = token;
         self
     }
 
@@ -68,7 +80,13 @@ impl EnvdClient {
         crate::lifeline::call(socket, op).await
     }
 
-    async fn connect(&self) -> Result<TcpStream> {
+    async fn connect(&self) -> Result<EnvdConn> {
+        self.connect_or_repair()
+            .await
+            .map(|s| EnvdConn::new(s, self.vm_gone.clone()))
+    }
+
+    async fn connect_or_repair(&self) -> Result<TcpStream> {
         let first = match self.connect_tcp().await {
             Ok(s) => return Ok(s),
             Err(e) => e,
@@ -207,7 +225,7 @@ impl EnvdClient {
                 )))
             }
         };
-        let (mut rd, writer) = conn.into_split();
+        let (mut rd, writer) = tokio::io::split(conn);
         let (tx, events) = tokio::sync::mpsc::channel(16);
         // Frames are read by a task of their own: reading one is not cancel-safe, and callers
         // select between terminal output and their own input.
@@ -283,7 +301,7 @@ pub enum ExecEvent {
 /// A running command's output. Reading applies backpressure all the way to the process (its
 /// pipe fills when nobody reads); dropping the stream kills it.
 pub struct ExecStream {
-    conn: TcpStream,
+    conn: EnvdConn,
     pub pid: u32,
 }
 
@@ -338,11 +356,11 @@ pub struct PtySession {
     pub pid: u32,
     events: tokio::sync::mpsc::Receiver<Result<PtyEvent>>,
     /// `None` only inside `Drop`.
-    writer: Option<tokio::net::tcp::OwnedWriteHalf>,
+    writer: Option<tokio::io::WriteHalf<EnvdConn>>,
 }
 
 impl PtySession {
-    fn writer(&mut self) -> Result<&mut tokio::net::tcp::OwnedWriteHalf> {
+    fn writer(&mut self) -> Result<&mut tokio::io::WriteHalf<EnvdConn>> {
         self.writer
             .as_mut()
             .ok_or_else(|| AgentError::Envd("terminal session detached".into()))
@@ -398,7 +416,7 @@ impl Drop for PtySession {
 
 /// A file being read from the guest, chunk by chunk.
 pub struct FileReader {
-    conn: TcpStream,
+    conn: EnvdConn,
     pub size: u64,
     done: bool,
 }
@@ -426,7 +444,7 @@ impl FileReader {
 
 /// A file being written into the guest.
 pub struct FileWriter {
-    conn: TcpStream,
+    conn: EnvdConn,
 }
 
 impl FileWriter {
@@ -597,6 +615,26 @@ impl EnvdClient {
     }
 
     /// One request, one JSON answer.
+    /// Tells envd its VM was just restored: it sets the clock to now and reseeds entropy.
+    pub async fn restored(&self) -> Result<()> {
+        let unix_nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let seed: [u8; 32] = rand::random();
+        let req = Request::Restored {
+            unix_nanos,
+            seed: hex::encode(seed),
+        };
+        match self.call(req).await? {
+            Response::Done => Ok(()),
+            Response::Error { kind, message } => Err(envd_error(kind, message)),
+            other => Err(AgentError::Envd(format!(
+                "unexpected answer to restored: {other:?}"
+            ))),
+        }
+    }
+
     async fn call(&self, req: Request) -> Result<Response> {
         let mut s = self.connect().await?;
         write_json(&mut s, &req).await.map_err(proto)?;
@@ -631,7 +669,7 @@ fn capture(buf: &mut Vec<u8>, bytes: &[u8], dropped: &mut u64) {
     *dropped += (bytes.len() - take) as u64;
 }
 
-async fn read_response(s: &mut TcpStream) -> Result<Response> {
+async fn read_response(s: &mut EnvdConn) -> Result<Response> {
     match read_frame(s).await.map_err(proto)? {
         Some(Frame::Json(j)) => {
             serde_json::from_slice(&j).map_err(|e| AgentError::Envd(format!("bad answer: {e}")))

@@ -484,7 +484,7 @@ pub(crate) fn path_str(p: &Path) -> Result<&str> {
         .ok_or_else(|| AgentError::Image(format!("path is not UTF-8: {}", p.display())))
 }
 
-fn sh_quote(s: &str) -> String {
+pub(crate) fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 

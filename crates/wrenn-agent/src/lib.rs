@@ -14,6 +14,7 @@ pub mod cmd;
 pub mod config;
 pub mod disk;
 pub mod envd_client;
+pub mod envd_conn;
 pub mod error;
 pub mod images;
 pub mod lifeline;
@@ -24,4 +25,6 @@ pub mod vmm;
 pub use config::AgentConfig;
 pub use envd_client::{EnvdClient, FileReader, FileWriter, PtyEvent, PtySession};
 pub use error::AgentError;
-pub use manager::{CapsuleInfo, CapsuleManager, ExecEvent, ExecOutput, ExecStream, StartedProcess};
+pub use manager::{
+    CapsuleInfo, CapsuleManager, ExecEvent, ExecOutput, ExecStream, Phase, StartedProcess,
+};

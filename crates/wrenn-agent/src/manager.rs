@@ -27,13 +27,35 @@ use crate::images::{BootImages, ImageStore};
 use crate::net::{self, Slot};
 use crate::vmm::qemu::QemuVmm;
 use crate::vmm::{VmConfig, VmProcess, Vmm};
+use tokio_util::sync::CancellationToken;
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// A paused capsule's saved VM state (devices and RAM), in its directory.
+const SAVED_STATE: &str = "saved.state";
 
-/// What the control plane learns about a running capsule.
+/// Where a capsule stands on its host.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// The VM runs.
+    #[default]
+    Running,
+    /// Being saved; the VM may still exist (frozen). Only seen in `state.json` after a crash.
+    Pausing,
+    /// Only files remain: disk overlay and saved state. The slot's number stays reserved.
+    Paused,
+    /// Being restored from its saved state. Only seen in `state.json` after a crash.
+    Resuming,
+}
+
+/// What the control plane learns about a capsule on this host.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CapsuleInfo {
     pub id: String,
+    /// `Running` or `Paused` (transitions in progress are reported as where they started).
+    pub phase: Phase,
     pub template: String,
     pub guest_ip: String,
     pub host_ip: String,
@@ -53,6 +75,11 @@ struct CapsuleRecord {
     vm: Option<VmProcess>,
     envd_version: Option<String>,
     kernel_version: Option<String>,
+    #[serde(default)]
+    phase: Phase,
+    /// Cancelled when this VM stops: fails every open connection to its envd at once.
+    #[serde(skip)]
+    vm_gone: CancellationToken,
 }
 
 struct Entry {
@@ -165,6 +192,8 @@ impl CapsuleManager {
             vm: None,
             envd_version: None,
             kernel_version: None,
+            phase: Phase::Running,
+            vm_gone: CancellationToken::new(),
         };
         let started = Instant::now();
         match self.boot_vm(&mut record, &rootfs).await {
@@ -187,22 +216,18 @@ impl CapsuleManager {
         }
     }
 
-    async fn boot_vm(&self, record: &mut CapsuleRecord, rootfs: &std::path::Path) -> Result<()> {
+    /// The VM a capsule runs in; the same for its first boot and every restore.
+    fn vm_config(&self, record: &CapsuleRecord) -> VmConfig {
         let dir = self.capsule_dir(&record.id);
-        std::fs::create_dir_all(&dir)?;
-        self.persist(record)?;
-        let disk = dir.join("disk.qcow2");
-        crate::disk::create_overlay(rootfs, &disk, record.disk_size_mb).await?;
-        net::create(&record.slot).await?;
-        let cfg = VmConfig {
+        VmConfig {
             id: record.id.clone(),
-            dir: dir.clone(),
+            disk: dir.join("disk.qcow2"),
+            dir,
             netns: record.slot.netns.clone(),
             vcpus: record.vcpus,
             memory_mb: record.memory_mb,
             kernel: self.boot.kernel.vmlinux.clone(),
             initramfs: self.boot.initramfs.clone(),
-            disk,
             qmp_socket: self.cfg.run_dir().join(format!("{}.qmp", record.id)),
             lifeline_socket: self.cfg.run_dir().join(format!("{}.life", record.id)),
             guest_env: vec![
@@ -210,7 +235,15 @@ impl CapsuleManager {
                 ("WRENN_GW".into(), net::GATEWAY_IP.to_string()),
                 ("WRENN_GWMAC".into(), net::GATEWAY_MAC.into()),
             ],
-        };
+        }
+    }
+
+    async fn boot_vm(&self, record: &mut CapsuleRecord, rootfs: &std::path::Path) -> Result<()> {
+        let cfg = self.vm_config(record);
+        std::fs::create_dir_all(&cfg.dir)?;
+        self.persist(record)?;
+        crate::disk::create_overlay(rootfs, &cfg.disk, record.disk_size_mb).await?;
+        net::create(&record.slot).await?;
         let vm = self.vmm.boot(&cfg).await?;
         record.vm = Some(vm.clone());
         self.persist(record)?;
@@ -276,6 +309,129 @@ impl CapsuleManager {
         Ok(true)
     }
 
+    /// Saves a running capsule (processes, memory, open files, disk) to files in its directory,
+    /// then stops its VM and removes its network slot; the slot's number (so its host-reachable
+    /// address) stays reserved for the resume. On failure the capsule runs on, or, when even
+    /// resuming its frozen VM fails, it is destroyed and the error says so.
+    pub async fn pause(&self, id: &str) -> Result<()> {
+        let entry = self.entry(id)?;
+        let mut state = entry.state.lock().await;
+        let record = state
+            .as_mut()
+            .filter(|r| r.phase == Phase::Running)
+            .ok_or_else(|| AgentError::InvalidState(format!("capsule {id} is not running")))?;
+        let vm = record
+            .vm
+            .clone()
+            .ok_or_else(|| AgentError::InvalidState(format!("capsule {id} has no VM")))?;
+        let started = Instant::now();
+        record.phase = Phase::Pausing;
+        self.persist(record)?;
+        let saved = self.capsule_dir(id).join(SAVED_STATE);
+        if let Err(e) = self.vmm.save(&vm, &saved).await {
+            let _ = std::fs::remove_file(&saved);
+            match self.vmm.thaw(&vm).await {
+                Ok(()) => {
+                    warn!(capsule_id = id, error = %e, "pause failed; the capsule runs on");
+                    record.phase = Phase::Running;
+                    self.persist(record)?;
+                    return Err(e);
+                }
+                Err(thaw) => {
+                    warn!(capsule_id = id, error = %e, thaw = %thaw, "pause failed and the VM cannot run on; destroying it");
+                    if let Some(r) = state.take() {
+                        self.teardown(&r).await;
+                    }
+                    lock(&self.capsules).remove(id);
+                    return Err(AgentError::Vmm(format!(
+                        "pause failed ({e}) and the frozen VM could not be resumed ({thaw}); the capsule was destroyed"
+                    )));
+                }
+            }
+        }
+        let saved_ms = started.elapsed().as_millis() as u64;
+        record.vm_gone.cancel();
+        record.vm_gone = CancellationToken::new();
+        if let Err(e) = self.vmm.shutdown(&vm).await {
+            warn!(capsule_id = id, error = %e, "stopping the saved VM failed");
+        }
+        net::destroy(&record.slot).await;
+        record.vm = None;
+        record.phase = Phase::Paused;
+        self.persist(record)?;
+        info!(
+            capsule_id = id,
+            saved_ms,
+            ms = started.elapsed().as_millis() as u64,
+            state_bytes = std::fs::metadata(&saved).map(|m| m.len()).unwrap_or(0),
+            "capsule paused"
+        );
+        Ok(())
+    }
+
+    /// Restores a paused capsule into the same network slot and returns once envd answers
+    /// (its clock set, its entropy reseeded). On failure it stays paused, files intact.
+    pub async fn resume(&self, id: &str) -> Result<CapsuleInfo> {
+        let entry = self.entry(id)?;
+        let mut state = entry.state.lock().await;
+        let record = state
+            .as_mut()
+            .filter(|r| r.phase == Phase::Paused)
+            .ok_or_else(|| AgentError::InvalidState(format!("capsule {id} is not paused")))?;
+        let started = Instant::now();
+        let saved = self.capsule_dir(id).join(SAVED_STATE);
+        if !saved.exists() {
+            return Err(AgentError::Vmm(format!(
+                "capsule {id} has no saved state to resume from"
+            )));
+        }
+        record.phase = Phase::Resuming;
+        self.persist(record)?;
+        match self.restore_vm(record, &saved).await {
+            Ok(()) => {
+                record.phase = Phase::Running;
+                self.persist(record)?;
+                let _ = std::fs::remove_file(&saved);
+                info!(
+                    capsule_id = id,
+                    ms = started.elapsed().as_millis() as u64,
+                    "capsule resumed"
+                );
+                Ok(self.info(record))
+            }
+            Err(e) => {
+                warn!(capsule_id = id, error = %e, "resume failed; the capsule stays paused");
+                record.vm_gone.cancel();
+                record.vm_gone = CancellationToken::new();
+                if let Some(vm) = record.vm.take() {
+                    let _ = self.vmm.stop(&vm).await;
+                }
+                net::destroy(&record.slot).await;
+                record.phase = Phase::Paused;
+                self.persist(record)?;
+                Err(e)
+            }
+        }
+    }
+
+    async fn restore_vm(&self, record: &mut CapsuleRecord, saved: &std::path::Path) -> Result<()> {
+        net::create(&record.slot).await?;
+        let cfg = self.vm_config(record);
+        let vm = self.vmm.restore(&cfg, saved).await?;
+        record.vm = Some(vm.clone());
+        self.persist(record)?;
+        let deadline = Instant::now() + self.cfg.boot_timeout;
+        self.wait_for_envd(record, &vm, deadline).await?;
+        self.envd(record).restored().await
+    }
+
+    fn entry(&self, id: &str) -> Result<Arc<Entry>> {
+        lock(&self.capsules)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| AgentError::NotFound(format!("capsule {id} not found on this host")))
+    }
+
     /// Runs a foreground command in a running capsule.
     pub async fn exec(&self, id: &str, spec: envd_proto::ExecSpec) -> Result<ExecOutput> {
         self.envd_of(id).await?.exec(spec).await
@@ -324,6 +480,7 @@ impl CapsuleManager {
         let state = entry.state.lock().await;
         let record = state
             .as_ref()
+            .filter(|r| r.phase == Phase::Running)
             .ok_or_else(|| AgentError::InvalidState(format!("capsule {id} is not running")))?;
         Ok(self.envd(record))
     }
@@ -368,6 +525,10 @@ impl CapsuleManager {
         metadata.insert("accelerator".into(), self.vmm.accel().as_str().to_string());
         CapsuleInfo {
             id: r.id.clone(),
+            phase: match r.phase {
+                Phase::Running | Phase::Pausing => Phase::Running,
+                Phase::Paused | Phase::Resuming => Phase::Paused,
+            },
             template: r.template.clone(),
             guest_ip: net::GUEST_IP.to_string(),
             host_ip: r.slot.reach_ip.to_string(),
@@ -381,10 +542,12 @@ impl CapsuleManager {
             envd_proto::ENVD_PORT,
         ))
         .with_lifeline(r.vm.as_ref().and_then(|vm| vm.lifeline_socket.as_deref()))
+        .with_cancellation(r.vm_gone.clone())
     }
 
     /// Removes every piece of a capsule. Best effort on each piece; never fails half-way.
     async fn teardown(&self, r: &CapsuleRecord) {
+        r.vm_gone.cancel();
         if let Some(vm) = &r.vm {
             if let Err(e) = self.vmm.stop(vm).await {
                 warn!(capsule_id = %r.id, error = %e, "stopping the VM failed");
@@ -431,19 +594,19 @@ impl CapsuleManager {
                 let _ = tokio::fs::remove_dir_all(&dir).await;
                 continue;
             };
-            let alive = record.vm.as_ref().is_some_and(|vm| self.vmm.is_alive(vm));
-            let healthy = alive && self.envd(&record).health().await.is_ok();
-            if healthy && record.envd_version.is_some() {
-                info!(capsule_id = %record.id, "re-adopted running capsule");
-                lock(&self.slots).insert(record.slot.index);
-                let entry = Arc::new(Entry {
-                    state: tokio::sync::Mutex::new(Some(record.clone())),
-                });
-                lock(&self.capsules).insert(record.id.clone(), entry);
-            } else {
-                warn!(capsule_id = %record.id, "capsule did not survive; cleaning up");
-                lock(&self.slots).insert(record.slot.index);
-                self.teardown(&record).await;
+            lock(&self.slots).insert(record.slot.index);
+            match self.recover_one(record.clone(), &dir).await {
+                Some(r) => {
+                    info!(capsule_id = %r.id, phase = ?r.phase, "re-adopted capsule");
+                    let entry = Arc::new(Entry {
+                        state: tokio::sync::Mutex::new(Some(r.clone())),
+                    });
+                    lock(&self.capsules).insert(r.id.clone(), entry);
+                }
+                None => {
+                    warn!(capsule_id = %record.id, phase = ?record.phase, "capsule did not survive; cleaning up");
+                    self.teardown(&record).await;
+                }
             }
         }
         // Namespaces no capsule owns are leftovers of a crash between slot creation and persist.
@@ -451,6 +614,69 @@ impl CapsuleManager {
         for index in net::existing_slots(self.cfg.slot_base, self.cfg.max_slots) {
             if !owned.contains(&index) {
                 net::destroy(&Slot::new(self.cfg.slot_base, index)).await;
+            }
+        }
+    }
+}
+
+impl CapsuleManager {
+    /// Decides what one capsule found at start-up is now: running, paused, or lost (`None`).
+    /// A crash in the middle of a pause or resume lands on whichever side is whole.
+    async fn recover_one(
+        &self,
+        mut record: CapsuleRecord,
+        dir: &std::path::Path,
+    ) -> Option<CapsuleRecord> {
+        let saved = dir.join(SAVED_STATE);
+        let alive = record.vm.as_ref().is_some_and(|vm| self.vmm.is_alive(vm));
+        let healthy = |r: &CapsuleRecord| {
+            let client = self.envd(r);
+            async move { client.health().await.is_ok() }
+        };
+        let to_paused = |mut r: CapsuleRecord| async move {
+            if let Some(vm) = r.vm.take() {
+                let _ = self.vmm.stop(&vm).await;
+            }
+            net::destroy(&r.slot).await;
+            r.phase = Phase::Paused;
+            self.persist(&r).ok()?;
+            Some(r)
+        };
+        match record.phase {
+            Phase::Running => {
+                if alive && record.envd_version.is_some() && healthy(&record).await {
+                    // A saved state left by a crash right after a resume is stale.
+                    let _ = std::fs::remove_file(&saved);
+                    return Some(record);
+                }
+                None
+            }
+            Phase::Pausing if saved.exists() => to_paused(record).await,
+            Phase::Pausing => {
+                // Crashed while saving: the frozen VM, if it lives, simply runs on.
+                let vm = record.vm.clone().filter(|_| alive)?;
+                self.vmm.thaw(&vm).await.ok()?;
+                record.phase = Phase::Running;
+                if !healthy(&record).await {
+                    return None;
+                }
+                self.persist(&record).ok()?;
+                Some(record)
+            }
+            Phase::Paused if saved.exists() => to_paused(record).await,
+            Phase::Paused => None,
+            Phase::Resuming => {
+                if alive && healthy(&record).await {
+                    record.phase = Phase::Running;
+                    self.persist(&record).ok()?;
+                    let _ = self.envd(&record).restored().await;
+                    let _ = std::fs::remove_file(&saved);
+                    return Some(record);
+                }
+                if saved.exists() {
+                    return to_paused(record).await;
+                }
+                None
             }
         }
     }

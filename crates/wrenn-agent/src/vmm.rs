@@ -4,7 +4,7 @@
 pub mod qemu;
 pub mod qmp;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
@@ -74,4 +74,15 @@ pub trait Vmm: Send + Sync {
     fn is_alive(&self, vm: &VmProcess) -> bool;
     /// Stops the VM and waits until its process is gone.
     async fn stop(&self, vm: &VmProcess) -> Result<()>;
+    /// Freezes the guest and writes its whole state (devices and RAM) to `state`, flushing
+    /// its disk first. The file appears under its name only once complete and on disk. On
+    /// error the guest is left frozen: [`Vmm::thaw`] resumes it.
+    async fn save(&self, vm: &VmProcess, state: &Path) -> Result<()>;
+    /// Resumes a guest frozen by [`Vmm::save`].
+    async fn thaw(&self, vm: &VmProcess) -> Result<()>;
+    /// Starts a VM from a state [`Vmm::save`] wrote, with the same configuration; returns
+    /// once the guest runs again.
+    async fn restore(&self, cfg: &VmConfig, state: &Path) -> Result<VmProcess>;
+    /// Asks the VMM to exit cleanly (disk images closed); kills it if it will not.
+    async fn shutdown(&self, vm: &VmProcess) -> Result<()>;
 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use envd_proto::{CommandSpec, ExecSpec};
-use wrenn_agent::{AgentConfig, CapsuleManager};
+use wrenn_agent::{AgentConfig, CapsuleManager, Phase};
 use wrenn_api::CreateCapsuleRequest;
 
 fn workspace() -> PathBuf {
@@ -168,6 +168,79 @@ async fn a_restarted_agent_readopts_live_vms_and_cleans_up_dead_ones() {
     }
     let base_slots = wrenn_agent::net::existing_slots(cfg.slot_base, cfg.max_slots);
     assert!(base_slots.is_empty(), "slots left: {base_slots:?}");
+}
+
+/// Pause/resume across agent restarts, including crashes in the middle of either: every
+/// capsule lands on a whole side (running, or paused with its saved state) and nothing leaks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_capsules_and_interrupted_transitions_survive_an_agent_restart() {
+    let mut cfg = config("agent-pause");
+    cfg.slot_base = std::net::Ipv4Addr::new(10, 201, 230, 0);
+    let spec = CreateCapsuleRequest::default().validate().unwrap();
+    let (paused, mid_pause, mid_resume) = (
+        "cl-agenttest0000000000000000005",
+        "cl-agenttest0000000000000000006",
+        "cl-agenttest0000000000000000007",
+    );
+    let set_phase = |id: &str, phase: &str| {
+        let path = cfg.capsules_dir().join(id).join("state.json");
+        let mut state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        state["phase"] = phase.into();
+        std::fs::write(&path, serde_json::to_vec(&state).unwrap()).unwrap();
+    };
+    {
+        let mgr = CapsuleManager::start(cfg.clone())
+            .await
+            .expect("agent starts");
+        for id in [paused, mid_pause, mid_resume] {
+            mgr.create(id, &spec).await.expect("boots");
+            mgr.exec(id, sh("echo kept > /root/mark")).await.unwrap();
+        }
+        mgr.pause(paused).await.expect("pauses");
+        assert!(!qemu_running(paused), "a paused capsule has no VM");
+        assert!(
+            mgr.exec(paused, sh("true")).await.is_err(),
+            "no exec while paused"
+        );
+        mgr.pause(mid_resume).await.expect("pauses");
+        // Crashes: one after recording "pausing" but before saving anything, one after
+        // recording "resuming" but before its VM started.
+        set_phase(mid_pause, "pausing");
+        set_phase(mid_resume, "resuming");
+    }
+    let mgr = CapsuleManager::start(cfg.clone())
+        .await
+        .expect("agent restarts");
+    let mut phases: Vec<(String, Phase)> = mgr
+        .list()
+        .await
+        .into_iter()
+        .map(|c| (c.id, c.phase))
+        .collect();
+    phases.sort();
+    assert_eq!(
+        phases,
+        vec![
+            (paused.to_string(), Phase::Paused),
+            (mid_pause.to_string(), Phase::Running),
+            (mid_resume.to_string(), Phase::Paused),
+        ]
+    );
+    let out = mgr.exec(mid_pause, sh("cat /root/mark")).await.unwrap();
+    assert_eq!(out.stdout, b"kept\n");
+    for id in [paused, mid_resume] {
+        mgr.resume(id).await.expect("resumes after the restart");
+        let out = mgr.exec(id, sh("cat /root/mark")).await.unwrap();
+        assert_eq!(out.stdout, b"kept\n");
+    }
+    mgr.destroy_all().await;
+    for id in [paused, mid_pause, mid_resume] {
+        assert!(!qemu_running(id));
+        assert!(!cfg.capsules_dir().join(id).exists());
+    }
+    let slots = wrenn_agent::net::existing_slots(cfg.slot_base, cfg.max_slots);
+    assert!(slots.is_empty(), "slots left: {slots:?}");
 }
 
 fn qemu_pids(id: &str) -> Vec<u32> {

@@ -18,6 +18,11 @@ pub trait HostClient: Send + Sync {
     async fn create(&self, id: &str, spec: &CapsuleSpec) -> Result<CapsuleInfo, AgentError>;
     /// Idempotent: destroying an unknown capsule succeeds with `false`.
     async fn destroy(&self, id: &str) -> Result<bool, AgentError>;
+    /// Saves a running capsule to files and frees its VM. On error it runs on, or was destroyed
+    /// (see [`HostClient::list`]).
+    async fn pause(&self, id: &str) -> Result<(), AgentError>;
+    /// Restores a paused capsule; on error it stays paused.
+    async fn resume(&self, id: &str) -> Result<CapsuleInfo, AgentError>;
     async fn exec(&self, id: &str, spec: envd_proto::ExecSpec) -> Result<ExecOutput, AgentError>;
     async fn start_process(
         &self,
@@ -60,6 +65,12 @@ impl HostClient for LocalHost {
     }
     async fn destroy(&self, id: &str) -> Result<bool, AgentError> {
         self.manager.destroy(id).await
+    }
+    async fn pause(&self, id: &str) -> Result<(), AgentError> {
+        self.manager.pause(id).await
+    }
+    async fn resume(&self, id: &str) -> Result<CapsuleInfo, AgentError> {
+        self.manager.resume(id).await
     }
     async fn exec(&self, id: &str, spec: envd_proto::ExecSpec) -> Result<ExecOutput, AgentError> {
         self.manager.exec(id, spec).await

@@ -7,6 +7,7 @@
 //!   handlers or services.
 //! - [`host`]: how the control plane reaches a host agent ([`host::HostClient`]).
 
+pub mod activity;
 pub mod auth;
 pub mod bootstrap;
 pub mod error;

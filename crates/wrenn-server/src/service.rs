@@ -16,6 +16,7 @@ use wrenn_api::{
     MAX_EXEC_TIMEOUT_SEC, MAX_TAG_LEN,
 };
 
+use crate::activity::{Activity, Busy};
 use crate::error::from_agent;
 use crate::host::HostClient;
 use crate::store::{CapsuleRow, Store};
@@ -26,13 +27,36 @@ const DESTROY_WAIT: Duration = Duration::from_secs(5);
 pub struct CapsuleService {
     store: Store,
     host: Arc<dyn HostClient>,
+    activity: Activity,
+}
+
+/// Why a capsule is paused (kept in its row).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PauseReason {
+    /// `POST /pause`.
+    User,
+    /// The inactivity timeout passed.
+    TtlExpired,
+}
+
+impl PauseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PauseReason::User => "user",
+            PauseReason::TtlExpired => "ttl_expired",
+        }
+    }
 }
 
 type Result<T> = std::result::Result<T, ApiError>;
 
 impl CapsuleService {
     pub fn new(store: Store, host: Arc<dyn HostClient>) -> Self {
-        Self { store, host }
+        Self {
+            activity: Activity::new(store.clone()),
+            store,
+            host,
+        }
     }
 
     /// Records the capsule as `starting` and boots it in the background.
@@ -106,7 +130,17 @@ impl CapsuleService {
         self.store
             .transition(
                 id,
-                &[Pending, Starting, Running, Paused, Missing, Stopping],
+                &[
+                    Pending,
+                    Starting,
+                    Running,
+                    Pausing,
+                    Paused,
+                    Resuming,
+                    Snapshotting,
+                    Missing,
+                    Stopping,
+                ],
                 Stopping,
             )
             .await?;
@@ -126,6 +160,105 @@ impl CapsuleService {
             }
         });
         let _ = tokio::time::timeout(DESTROY_WAIT, task).await;
+        Ok(self.owned(team_id, id).await?.capsule)
+    }
+
+    /// `running` → `pausing`, and the host saves the capsule in the background → `paused`.
+    /// A failed pause goes back to `running` if the host still runs it, `error` otherwise.
+    pub async fn pause(&self, team_id: &str, id: &str) -> Result<Capsule> {
+        let row = self.owned(team_id, id).await?;
+        self.begin_pause(id, row.capsule.status, PauseReason::User)
+            .await?;
+        Ok(self.owned(team_id, id).await?.capsule)
+    }
+
+    /// `running` → `pausing`, then the host's pause in the background.
+    async fn begin_pause(
+        &self,
+        id: &str,
+        status: CapsuleStatus,
+        reason: PauseReason,
+    ) -> Result<()> {
+        use CapsuleStatus::*;
+        if !self.store.transition(id, &[Running], Pausing).await? {
+            return Err(ApiError::invalid_state(format!(
+                "capsule {id} is {}, not running",
+                status.as_str()
+            )));
+        }
+        self.store.set_pause_reason(id, reason.as_str()).await?;
+        info!(capsule_id = %id, reason = reason.as_str(), "capsule pause accepted");
+        let (store, host, id_owned) = (self.store.clone(), self.host.clone(), id.to_string());
+        let activity = self.activity.clone();
+        tokio::spawn(async move {
+            let id = id_owned;
+            match host.pause(&id).await {
+                Ok(()) => {
+                    let _ = store.transition(&id, &[Pausing], Paused).await;
+                }
+                Err(e) => {
+                    let runs_on = host.list().await.is_ok_and(|l| {
+                        l.iter()
+                            .any(|c| c.id == id && c.phase == wrenn_agent::Phase::Running)
+                    });
+                    warn!(capsule_id = %id, error = %e, runs_on, "pause failed");
+                    if runs_on {
+                        // It runs on, untouched; an auto-pause tries again after another
+                        // full timeout rather than at once.
+                        let _ = store.transition(&id, &[Pausing], Running).await;
+                        activity.touch(&id);
+                    } else {
+                        let _ = store.mark_error(&id, &format!("pause failed: {e}")).await;
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// `paused` → `resuming`, and the host restores it in the background → `running`. A failed
+    /// resume leaves it `paused` (its files intact) if the host still holds it, `error` otherwise.
+    pub async fn resume(&self, team_id: &str, id: &str) -> Result<Capsule> {
+        use CapsuleStatus::*;
+        let row = self.owned(team_id, id).await?;
+        if !self.store.transition(id, &[Paused], Resuming).await? {
+            return Err(ApiError::invalid_state(format!(
+                "capsule {id} is {}, not paused",
+                row.capsule.status.as_str()
+            )));
+        }
+        info!(capsule_id = %id, "capsule resume accepted");
+        let (store, host, id_owned) = (self.store.clone(), self.host.clone(), id.to_string());
+        tokio::spawn(async move {
+            let id = id_owned;
+            match host.resume(&id).await {
+                Ok(info) => {
+                    match store
+                        .mark_resumed(&id, &info.guest_ip, &info.host_ip, &info.metadata)
+                        .await
+                    {
+                        Ok(true) => {}
+                        // Destroyed while resuming: nobody wants the VM any more.
+                        Ok(false) => {
+                            let _ = host.destroy(&id).await;
+                        }
+                        Err(e) => warn!(capsule_id = %id, error = %e, "cannot record the resume"),
+                    }
+                }
+                Err(e) => {
+                    let still_paused = host.list().await.is_ok_and(|l| {
+                        l.iter()
+                            .any(|c| c.id == id && c.phase == wrenn_agent::Phase::Paused)
+                    });
+                    warn!(capsule_id = %id, error = %e, still_paused, "resume failed");
+                    if still_paused {
+                        let _ = store.transition(&id, &[Resuming], Paused).await;
+                    } else {
+                        let _ = store.mark_error(&id, &format!("resume failed: {e}")).await;
+                    }
+                }
+            }
+        });
         Ok(self.owned(team_id, id).await?.capsule)
     }
 
@@ -188,12 +321,14 @@ impl CapsuleService {
             }
             Some(t) => t as u32,
         };
-        self.touch(id);
+        let busy = self.hold(id);
         let spec = envd_proto::ExecSpec {
             command: command_spec(&req),
             timeout_ms: timeout_sec as u64 * 1000,
         };
-        let mut out = self.host.exec(id, spec).await.map_err(from_agent)?;
+        let out = self.host.exec(id, spec).await.map_err(from_agent);
+        drop(busy);
+        let mut out = out?;
         let mut exit_code = out.exit_code;
         if out.timed_out {
             // 124 is what coreutils' `timeout` reports; the note makes the kill visible to
@@ -326,51 +461,76 @@ impl CapsuleService {
         Ok(row)
     }
 
-    /// Makes the DB agree with what the host actually runs (at start-up).
+    /// Makes the DB agree with what the host actually holds (at start-up): the host is the
+    /// source of truth for running and paused capsules.
     pub async fn reconcile(&self) -> Result<()> {
+        use wrenn_agent::Phase;
         use CapsuleStatus::*;
-        let live: std::collections::HashSet<String> = self
+        let live: std::collections::HashMap<String, Phase> = self
             .host
             .list()
             .await
             .map_err(from_agent)?
             .into_iter()
-            .map(|c| c.id)
+            .map(|c| (c.id, c.phase))
             .collect();
         let rows = self
             .store
             .capsules_on_host(
                 self.host.host_id(),
-                &[Pending, Starting, Running, Stopping, Stopped, Error],
+                &[
+                    Pending,
+                    Starting,
+                    Running,
+                    Pausing,
+                    Paused,
+                    Resuming,
+                    Snapshotting,
+                    Stopping,
+                    Stopped,
+                    Error,
+                ],
             )
             .await?;
         let mut known = std::collections::HashSet::new();
         for CapsuleRow { capsule: c, .. } in rows {
             known.insert(c.id.clone());
-            let on_host = live.contains(&c.id);
-            match c.status {
-                Running if on_host => {}
-                Starting | Running | Pending => {
-                    warn!(capsule_id = %c.id, "capsule lost while the platform was down");
-                    let _ = self
-                        .store
-                        .mark_error(&c.id, "capsule lost while the platform was down")
-                        .await;
-                    if on_host {
-                        let _ = self.host.destroy(&c.id).await;
-                    }
-                }
-                Stopping | Stopped | Error => {
-                    if on_host {
+            let on_host = live.get(&c.id).copied();
+            match (c.status, on_host) {
+                (Stopping | Stopped | Error, _) => {
+                    if on_host.is_some() {
                         let _ = self.host.destroy(&c.id).await;
                     }
                     let _ = self.store.transition(&c.id, &[Stopping], Stopped).await;
                 }
-                _ => {}
+                (Pending | Starting, _) => {
+                    warn!(capsule_id = %c.id, "capsule lost while starting");
+                    let _ = self
+                        .store
+                        .mark_error(&c.id, "capsule lost while the platform was down")
+                        .await;
+                    if on_host.is_some() {
+                        let _ = self.host.destroy(&c.id).await;
+                    }
+                }
+                (status, Some(Phase::Running)) if status != Running => {
+                    let _ = self.store.transition(&c.id, &[status], Running).await;
+                }
+                (status, Some(Phase::Paused)) if status != Paused => {
+                    let _ = self.store.transition(&c.id, &[status], Paused).await;
+                }
+                (_, Some(_)) => {}
+                (status, None) => {
+                    warn!(capsule_id = %c.id, status = status.as_str(), "capsule lost while the platform was down");
+                    let _ = self
+                        .store
+                        .mark_error(&c.id, "capsule lost while the platform was down")
+                        .await;
+                }
             }
         }
-        for id in live.difference(&known) {
-            warn!(capsule_id = %id, "host runs a capsule the control plane does not know; destroying");
+        for id in live.keys().filter(|id| !known.contains(*id)) {
+            warn!(capsule_id = %id, "host holds a capsule the control plane does not know; destroying");
             let _ = self.host.destroy(id).await;
         }
         Ok(())
@@ -378,12 +538,40 @@ impl CapsuleService {
 
     /// Records activity on a capsule without making the request wait for the write.
     fn touch(&self, id: &str) {
-        let (store, id) = (self.store.clone(), id.to_string());
-        tokio::spawn(async move {
-            if let Err(e) = store.touch_capsule(&id).await {
-                warn!(capsule_id = %id, error = %e, "cannot record activity");
+        self.activity.touch(id);
+    }
+
+    /// Marks a capsule in use (never auto-paused) until the guard is dropped.
+    pub fn hold(&self, id: &str) -> Busy {
+        self.activity.hold(id)
+    }
+
+    /// `POST /ping`: resets the inactivity timer of a running capsule (recorded before the
+    /// answer, so a client that reads the capsule next sees it).
+    pub async fn ping(&self, team_id: &str, id: &str) -> Result<()> {
+        self.require_running(team_id, id).await?;
+        self.store.touch_capsule(id).await?;
+        Ok(())
+    }
+
+    /// One pass of the TTL reaper: auto-pauses every running capsule whose inactivity timeout
+    /// has passed and that nothing is attached to.
+    pub async fn pause_idle(&self) -> Result<()> {
+        let now = chrono::Utc::now();
+        for row in self.store.running_with_timeout().await? {
+            let c = &row.capsule;
+            let last = c.last_active_at.or(c.started_at).unwrap_or(c.created_at);
+            let idle = now.signed_duration_since(last);
+            if idle < chrono::Duration::seconds(i64::from(c.timeout_sec))
+                || self.activity.is_busy(&c.id)
+            {
+                continue;
             }
-        });
+            info!(capsule_id = %c.id, idle_sec = idle.num_seconds(), timeout_sec = c.timeout_sec, "inactivity timeout: auto-pausing");
+            self.begin_pause(&c.id, c.status, PauseReason::TtlExpired)
+                .await?;
+        }
+        Ok(())
     }
 
     async fn owned(&self, team_id: &str, id: &str) -> Result<CapsuleRow> {

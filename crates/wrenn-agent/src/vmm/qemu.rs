@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tracing::{info, warn};
 
+use super::qmp::Qmp;
 use super::{Accel, VmConfig, VmProcess, Vmm};
 use crate::config::AccelChoice;
 use crate::error::{AgentError, Result};
@@ -77,7 +78,9 @@ impl QemuVmm {
         })
     }
 
-    fn args(&self, cfg: &VmConfig) -> Result<Vec<String>> {
+    /// QEMU's arguments. `incoming`: start frozen, waiting for a saved state (`-S -incoming
+    /// defer`); the machine must be exactly the one that was saved, so both paths share this.
+    fn args(&self, cfg: &VmConfig, incoming: bool) -> Result<Vec<String>> {
         let s = |p: &Path| -> Result<String> { Ok(crate::images::path_str(p)?.to_string()) };
         let mut cmdline = BASE_CMDLINE.to_string();
         if let Some(khz) = self.tsc_khz {
@@ -106,8 +109,14 @@ impl QemuVmm {
             format!("{}M", cfg.memory_mb),
             "-smp".into(),
             cfg.vcpus.to_string(),
+            // Appended to, so a resumed capsule's console follows on from before its pause.
+            "-chardev".into(),
+            format!(
+                "file,id=console,path={},append=on",
+                s(&dir.join("console.log"))?
+            ),
             "-serial".into(),
-            format!("file:{}", s(&dir.join("console.log"))?),
+            "chardev:console".into(),
             "-kernel".into(),
             s(&cfg.kernel)?,
             "-initrd".into(),
@@ -145,25 +154,30 @@ impl QemuVmm {
             ),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", s(&cfg.qmp_socket)?),
-        ])
-    }
-}
-
-#[async_trait]
-impl Vmm for QemuVmm {
-    fn version(&self) -> &str {
-        &self.version
-    }
-
-    fn accel(&self) -> Accel {
-        self.accel
+        ]
+        .into_iter()
+        .chain(
+            incoming
+                .then(|| ["-S", "-incoming", "defer"].map(String::from))
+                .into_iter()
+                .flatten(),
+        )
+        .collect())
     }
 
-    async fn boot(&self, cfg: &VmConfig) -> Result<VmProcess> {
-        let log = std::fs::File::create(cfg.dir.join("qemu.log"))?;
+    async fn spawn(&self, cfg: &VmConfig, incoming: bool) -> Result<VmProcess> {
+        // Sockets a previous QEMU of this capsule left (a paused capsule's) would make this
+        // one fail to listen.
+        for sock in [&cfg.qmp_socket, &cfg.lifeline_socket] {
+            let _ = std::fs::remove_file(sock);
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(cfg.dir.join("qemu.log"))?;
         let mut child = tokio::process::Command::new("ip")
             .args(["netns", "exec", &cfg.netns, &self.binary])
-            .args(self.args(cfg)?)
+            .args(self.args(cfg, incoming)?)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -205,6 +219,62 @@ impl Vmm for QemuVmm {
         })
     }
 
+    /// Connects to a VM's QMP socket, waiting for QEMU to create it.
+    async fn qmp(&self, vm: &VmProcess) -> Result<Qmp> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match Qmp::connect(&vm.qmp_socket).await {
+                Ok(q) => return Ok(q),
+                Err(e) if std::time::Instant::now() > deadline || !is_running(vm) => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+}
+
+/// How long writing or loading a guest's state may take (a large, busy guest under TCG).
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Polls `query-migrate` until the migration ends; `Err` with QEMU's reason when it fails.
+async fn wait_migration(qmp: &mut Qmp, what: &str) -> Result<()> {
+    let deadline = std::time::Instant::now() + MIGRATION_TIMEOUT;
+    loop {
+        let info = qmp.execute("query-migrate", None).await?;
+        match info.get("status").and_then(|s| s.as_str()) {
+            Some("completed") => return Ok(()),
+            Some("failed") | Some("cancelled") => {
+                let why = info
+                    .get("error-desc")
+                    .and_then(|e| e.as_str())
+                    .unwrap_or("no reason given");
+                return Err(AgentError::Vmm(format!("{what} failed: {why}")));
+            }
+            _ => {}
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = qmp.execute("migrate_cancel", None).await;
+            return Err(AgentError::Vmm(format!(
+                "{what} did not finish within {MIGRATION_TIMEOUT:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[async_trait]
+impl Vmm for QemuVmm {
+    fn version(&self) -> &str {
+        &self.version
+    }
+
+    fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    async fn boot(&self, cfg: &VmConfig) -> Result<VmProcess> {
+        self.spawn(cfg, false).await
+    }
+
     fn is_alive(&self, vm: &VmProcess) -> bool {
         is_running(vm)
     }
@@ -225,6 +295,91 @@ impl Vmm for QemuVmm {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         Err(AgentError::Vmm(format!("qemu pid {} did not exit", vm.pid)))
+    }
+
+    async fn save(&self, vm: &VmProcess, state: &Path) -> Result<()> {
+        let mut qmp = self.qmp(vm).await?;
+        // `stop` drains and flushes every disk: the overlay is complete on the host from here.
+        qmp.execute("stop", None).await?;
+        // The default cap is 32 MiB/s; the state goes to a local file.
+        qmp.execute(
+            "migrate-set-parameters",
+            Some(serde_json::json!({ "max-bandwidth": 1u64 << 40 })),
+        )
+        .await?;
+        let path = crate::images::path_str(state)?;
+        let tmp = format!("{path}.partial");
+        let _ = std::fs::remove_file(&tmp);
+        // dd fsyncs before it exits and the rename follows, so the final name only ever holds
+        // a whole state that is on disk.
+        let uri = format!(
+            "exec:dd of={} bs=1M conv=fsync status=none && mv {} {}",
+            crate::images::sh_quote(&tmp),
+            crate::images::sh_quote(&tmp),
+            crate::images::sh_quote(path)
+        );
+        qmp.execute("migrate", Some(serde_json::json!({ "uri": uri })))
+            .await?;
+        wait_migration(&mut qmp, "saving the guest").await?;
+        // QEMU reports completion when it has written the last byte to the pipe; the writer
+        // may still be syncing and renaming.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !state.exists() {
+            if std::time::Instant::now() > deadline {
+                return Err(AgentError::Vmm(
+                    "the saved state never reached the disk".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if let Some(dir) = state.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    async fn thaw(&self, vm: &VmProcess) -> Result<()> {
+        let mut qmp = self.qmp(vm).await?;
+        qmp.execute("cont", None).await?;
+        Ok(())
+    }
+
+    async fn restore(&self, cfg: &VmConfig, state: &Path) -> Result<VmProcess> {
+        let vm = self.spawn(cfg, true).await?;
+        let result = async {
+            let mut qmp = self.qmp(&vm).await?;
+            let uri = format!(
+                "exec:cat {}",
+                crate::images::sh_quote(crate::images::path_str(state)?)
+            );
+            qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })))
+                .await?;
+            wait_migration(&mut qmp, "loading the saved guest").await?;
+            qmp.execute("cont", None).await?;
+            Ok::<_, AgentError>(())
+        }
+        .await;
+        if let Err(e) = result {
+            let _ = self.stop(&vm).await;
+            let log = std::fs::read_to_string(cfg.dir.join("qemu.log")).unwrap_or_default();
+            let last = log.lines().rev().take(3).collect::<Vec<_>>().join(" | ");
+            return Err(AgentError::Vmm(format!("{e}; qemu: {last}")));
+        }
+        Ok(vm)
+    }
+
+    async fn shutdown(&self, vm: &VmProcess) -> Result<()> {
+        if let Ok(mut qmp) = self.qmp(vm).await {
+            let _ = qmp.execute("quit", None).await;
+            for _ in 0..500 {
+                if !is_running(vm) {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            warn!(pid = vm.pid, "qemu did not quit; killing it");
+        }
+        self.stop(vm).await
     }
 }
 

@@ -45,6 +45,33 @@ pub async fn destroy(
     Ok((StatusCode::ACCEPTED, Json(capsule)))
 }
 
+pub async fn pause(
+    State(s): State<AppState>,
+    auth: TeamAuth,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, HttpError> {
+    let capsule = s.capsules.pause(&auth.team_id, &id).await?;
+    Ok((StatusCode::ACCEPTED, Json(capsule)))
+}
+
+pub async fn resume(
+    State(s): State<AppState>,
+    auth: TeamAuth,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, HttpError> {
+    let capsule = s.capsules.resume(&auth.team_id, &id).await?;
+    Ok((StatusCode::ACCEPTED, Json(capsule)))
+}
+
+pub async fn ping(
+    State(s): State<AppState>,
+    auth: TeamAuth,
+    Path(id): Path<String>,
+) -> Result<StatusCode, HttpError> {
+    s.capsules.ping(&auth.team_id, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 pub async fn exec(
     State(s): State<AppState>,
     auth: TeamAuth,

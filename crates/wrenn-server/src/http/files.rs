@@ -16,6 +16,7 @@ use wrenn_agent::FileReader;
 use wrenn_api::{ApiError, ErrorCode};
 
 use super::ApiJson;
+use crate::activity::Busy;
 use crate::auth::TeamAuth;
 use crate::error::{from_agent, HttpError};
 use crate::AppState;
@@ -101,16 +102,20 @@ pub async fn read(
     let envd = s.capsules.files(&auth.team_id, &id).await?;
     // Opening first means "not found" and friends are still JSON errors, before any byte.
     let reader = envd.read_file(&body.path).await.map_err(from_agent)?;
-    let chunks =
-        futures_util::stream::unfold(Some(reader), |state: Option<FileReader>| async move {
-            let mut r = state?;
+    // The capsule is in use until the last byte has left (or the client went away).
+    let busy = s.capsules.hold(&id);
+    let chunks = futures_util::stream::unfold(
+        Some((reader, busy)),
+        |state: Option<(FileReader, Busy)>| async move {
+            let (mut r, busy) = state?;
             match r.next_chunk().await {
-                Ok(Some(b)) => Some((Ok(Bytes::from(b)), Some(r))),
+                Ok(Some(b)) => Some((Ok(Bytes::from(b)), Some((r, busy)))),
                 Ok(None) => None,
                 // The status is sent already: all that is left is to cut the body short.
                 Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
             }
-        });
+        },
+    );
     Ok((
         [(header::CONTENT_TYPE, "application/octet-stream")],
         Body::from_stream(chunks),
@@ -147,6 +152,7 @@ async fn upload(
         HttpError(ApiError::invalid(format!("invalid multipart body: {e}")))
     };
     let envd = s.capsules.files(&auth.team_id, &id).await?;
+    let _busy = s.capsules.hold(&id);
     let mut multipart = multipart.map_err(|e| bad(&e))?;
     let mut path = None;
     while let Some(mut field) = multipart.next_field().await.map_err(|e| bad(&e))? {

@@ -34,6 +34,9 @@ pub fn router(state: AppState) -> Router {
             get(capsules::get).delete(capsules::destroy),
         )
         .route("/v1/capsules/{id}/exec", post(capsules::exec))
+        .route("/v1/capsules/{id}/pause", post(capsules::pause))
+        .route("/v1/capsules/{id}/resume", post(capsules::resume))
+        .route("/v1/capsules/{id}/ping", post(capsules::ping))
         .route("/v1/capsules/{id}/exec/stream", get(stream::exec_stream))
         .route("/v1/capsules/{id}/pty", get(pty::pty))
         .route("/v1/capsules/{id}/files/list", post(files::list))

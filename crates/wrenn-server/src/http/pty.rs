@@ -82,7 +82,10 @@ async fn run(mut socket: WebSocket, s: AppState, auth: TeamAuth, id: String, jso
         Err(e) => return fatal(socket, &format!("bad first message: {e}")).await,
     };
     match session {
-        Ok(session) => relay(socket, session, json_output).await,
+        Ok(session) => {
+            let _busy = s.capsules.hold(&id);
+            relay(socket, session, json_output).await
+        }
         Err(e) => fatal(socket, &crate::error::from_agent(e).message).await,
     }
 }

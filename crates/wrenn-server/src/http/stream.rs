@@ -83,6 +83,7 @@ async fn run(mut socket: WebSocket, s: AppState, auth: TeamAuth, id: String) {
         Ok(stream) => stream,
         Err(e) => return fail(socket, &e.message).await,
     };
+    let _busy = s.capsules.hold(&id);
     forward(socket, stream, true).await;
 }
 
@@ -99,7 +100,10 @@ pub async fn process_stream(
         ws.map_err(|e| ApiError::invalid(format!("this endpoint needs a WebSocket upgrade: {e}")))?;
     Ok(ws.on_upgrade(move |socket| async move {
         match s.capsules.attach(&auth.team_id, &id, &selector).await {
-            Ok(stream) => forward(socket, stream, false).await,
+            Ok(stream) => {
+                let _busy = s.capsules.hold(&id);
+                forward(socket, stream, false).await
+            }
             Err(e) => fail(socket, &e.message).await,
         }
     }))

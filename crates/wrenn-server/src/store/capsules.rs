@@ -177,6 +177,32 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// `resuming` → `running` with what the host reported (the activity clock restarts);
+    /// false if the capsule left `resuming` meanwhile.
+    pub async fn mark_resumed(
+        &self,
+        id: &str,
+        guest_ip: &str,
+        host_ip: &str,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<bool> {
+        let now = ts(Utc::now());
+        let meta =
+            serde_json::to_string(metadata).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let done = sqlx::query(
+            "UPDATE capsules SET status = 'running', guest_ip = $1, host_ip = $2, metadata = $3, \
+             last_active_at = $4, last_updated = $4 WHERE id = $5 AND status = 'resuming'",
+        )
+        .bind(guest_ip)
+        .bind(host_ip)
+        .bind(meta)
+        .bind(&now)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// Any non-terminal state → `error`, keeping the reason.
     pub async fn mark_error(&self, id: &str, reason: &str) -> Result<()> {
         sqlx::query(
@@ -189,6 +215,35 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Running capsules with an inactivity timeout (candidates for auto-pause).
+    pub async fn running_with_timeout(&self) -> Result<Vec<CapsuleRow>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM capsules WHERE status = 'running' AND timeout_sec > 0"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(from_row).collect()
+    }
+
+    pub async fn set_pause_reason(&self, id: &str, reason: &str) -> Result<()> {
+        sqlx::query("UPDATE capsules SET pause_reason = $1 WHERE id = $2")
+            .bind(reason)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn pause_reason(&self, id: &str) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar::<_, Option<String>>(
+            "SELECT pause_reason FROM capsules WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .flatten())
     }
 
     pub async fn touch_capsule(&self, id: &str) -> Result<()> {
