@@ -10,7 +10,17 @@ use crate::images::path_str;
 /// The guest grows its filesystem to the device size at boot.
 pub async fn create_overlay(base: &Path, overlay: &Path, size_mb: u32) -> Result<()> {
     let base_mb = std::fs::metadata(base)?.len().div_ceil(1024 * 1024);
-    let size = format!("{}M", base_mb.max(size_mb as u64));
+    overlay_on(base, "raw", overlay, base_mb.max(size_mb as u64)).await
+}
+
+/// Creates `overlay` on top of a template snapshot's disk (itself a qcow2 overlay), with the
+/// same virtual size: the restored guest already knows its disk's size.
+pub async fn create_overlay_on_snapshot(base: &Path, overlay: &Path, size_mb: u64) -> Result<()> {
+    overlay_on(base, "qcow2", overlay, size_mb).await
+}
+
+async fn overlay_on(base: &Path, format: &str, overlay: &Path, size_mb: u64) -> Result<()> {
+    let size = format!("{size_mb}M");
     cmd::run(
         "qemu-img",
         &[
@@ -21,7 +31,7 @@ pub async fn create_overlay(base: &Path, overlay: &Path, size_mb: u32) -> Result
             "-b",
             path_str(base)?,
             "-F",
-            "raw",
+            format,
             path_str(overlay)?,
             &size,
         ],

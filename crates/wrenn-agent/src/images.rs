@@ -45,7 +45,9 @@ ip route add default via "$WRENN_GW"
 arp -i eth0 -s "$WRENN_GW" "$WRENN_GWMAC" || echo "init: static arp entry failed"
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 500 ]; do sleep 0.01; i=$((i+1)); done
-mount -t ext4 -o rw,noatime /dev/vda /newroot || { echo "init: cannot mount root"; poweroff -f; }
+# noinit_itable: no background zeroing of inode tables (the grown filesystem's new groups would
+# otherwise keep every fresh capsule's CPU and disk busy for seconds).
+mount -t ext4 -o rw,noatime,noinit_itable /dev/vda /newroot || { echo "init: cannot mount root"; poweroff -f; }
 mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp
 mount -t tmpfs -o mode=755 tmpfs /newroot/run
 mkdir -p /newroot/run/wrenn
@@ -305,12 +307,8 @@ impl ImageStore {
         cmd::run("sh", &["-c", &script]).await?;
         std::fs::rename(&tmp, &target)?;
         std::fs::remove_dir_all(&stage)?;
-        // Older initramfs builds (previous envd versions) are never used again.
-        for old in std::fs::read_dir(&dir)?.flatten().map(|e| e.path()) {
-            if old != target && old.extension().is_some_and(|x| x == "cpio") {
-                let _ = std::fs::remove_file(old);
-            }
-        }
+        // Older builds stay: another agent sharing this directory may still boot from one, and
+        // template snapshots are keyed by it.
         Ok(target)
     }
 
@@ -375,12 +373,12 @@ impl ImageStore {
 }
 
 /// An exclusive `flock` on a file, released when dropped (or when the process dies).
-struct DirLock {
+pub(crate) struct DirLock {
     _file: std::fs::File,
 }
 
 impl DirLock {
-    async fn acquire(path: PathBuf) -> Result<Self> {
+    pub(crate) async fn acquire(path: PathBuf) -> Result<Self> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)

@@ -33,6 +33,26 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// A paused capsule's saved VM state (devices and RAM), in its directory.
 const SAVED_STATE: &str = "saved.state";
 
+/// A template snapshot: `ram` (guest memory, mapped copy-on-write by every capsule), `state`
+/// (devices, without RAM), `disk.qcow2` (the disk at that instant; capsules' overlays sit on it).
+/// Never changed once published; capsules' disks depend on it.
+struct TemplateSnapshot {
+    dir: PathBuf,
+    disk_mb: u64,
+}
+
+impl TemplateSnapshot {
+    fn ram(&self) -> PathBuf {
+        self.dir.join("ram")
+    }
+    fn state(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+    fn disk(&self) -> PathBuf {
+        self.dir.join("disk.qcow2")
+    }
+}
+
 /// Where a capsule stands on its host.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
@@ -235,13 +255,173 @@ impl CapsuleManager {
                 ("WRENN_GW".into(), net::GATEWAY_IP.to_string()),
                 ("WRENN_GWMAC".into(), net::GATEWAY_MAC.into()),
             ],
+            memory: crate::vmm::Memory::Anonymous,
         }
     }
 
+    /// Starts the capsule's VM: restored from the template's snapshot (made on first use), or
+    /// cold-booted when no snapshot can be made. A restore that fails fails the create (the
+    /// caller removes every piece): falling back would hide a VMM dying under the capsule.
     async fn boot_vm(&self, record: &mut CapsuleRecord, rootfs: &std::path::Path) -> Result<()> {
-        let cfg = self.vm_config(record);
-        std::fs::create_dir_all(&cfg.dir)?;
+        std::fs::create_dir_all(self.capsule_dir(&record.id))?;
         self.persist(record)?;
+        match self.template_snapshot(record, rootfs).await {
+            Ok(snap) => self.restore_from_template(record, &snap).await,
+            Err(e) => {
+                warn!(capsule_id = %record.id, error = %e, "no template snapshot; cold-booting");
+                self.cold_boot(record, rootfs).await
+            }
+        }
+    }
+
+    async fn restore_from_template(
+        &self,
+        record: &mut CapsuleRecord,
+        snap: &TemplateSnapshot,
+    ) -> Result<()> {
+        let mut cfg = self.vm_config(record);
+        cfg.memory = crate::vmm::Memory::PrivateFile(snap.ram());
+        crate::disk::create_overlay_on_snapshot(&snap.disk(), &cfg.disk, snap.disk_mb).await?;
+        net::create(&record.slot).await?;
+        let vm = self.vmm.restore(&cfg, &snap.state(), true).await?;
+        record.vm = Some(vm.clone());
+        self.persist(record)?;
+        let deadline = Instant::now() + self.cfg.boot_timeout;
+        let health = self.wait_for_envd(record, &vm, deadline).await?;
+        self.envd(record).restored().await?;
+        record.envd_version = Some(health.envd_version);
+        record.kernel_version = Some(health.kernel_version);
+        self.persist(record)?;
+        Ok(())
+    }
+
+    /// The snapshot every capsule of this template and shape is restored from: made once, by
+    /// cold-booting the template with its RAM in a file, waiting for envd, and saving the
+    /// device state without the RAM (which stays in the file). Shared by agents using the same
+    /// images directory (built under a lock, published by a rename).
+    async fn template_snapshot(
+        &self,
+        record: &CapsuleRecord,
+        rootfs: &std::path::Path,
+    ) -> Result<TemplateSnapshot> {
+        let base_mb = std::fs::metadata(rootfs)?.len().div_ceil(1024 * 1024);
+        let disk_mb = base_mb.max(u64::from(record.disk_size_mb));
+        let key = {
+            use sha2::{Digest, Sha256};
+            let mut h = Sha256::new();
+            for part in [
+                rootfs.to_string_lossy().as_ref(),
+                self.boot.initramfs.to_string_lossy().as_ref(),
+                &self.boot.kernel.version,
+                self.vmm.version(),
+                self.vmm.accel().as_str(),
+                &format!("{}/{}/{}", record.vcpus, record.memory_mb, disk_mb),
+            ] {
+                h.update(part.as_bytes());
+                h.update([0]);
+            }
+            hex::encode(&h.finalize()[..8])
+        };
+        let root = self.cfg.images_dir().join("snapshots");
+        let snap = TemplateSnapshot {
+            dir: root.join(&key),
+            disk_mb,
+        };
+        if snap.state().exists() {
+            return Ok(snap);
+        }
+        std::fs::create_dir_all(&root)?;
+        let _lock = crate::images::DirLock::acquire(root.join(format!("{key}.lock"))).await?;
+        if snap.state().exists() {
+            return Ok(snap);
+        }
+        let slot = self
+            .allocate_slot()
+            .ok_or_else(|| AgentError::InvalidState("no free network slot on this host".into()))?;
+        let tmp = root.join(format!("{key}.tmp"));
+        let started = Instant::now();
+        let result = self
+            .build_template_snapshot(record, rootfs, &slot, &tmp, disk_mb)
+            .await;
+        net::destroy(&slot).await;
+        lock(&self.slots).remove(&slot.index);
+        match result {
+            Ok(()) => {
+                std::fs::rename(&tmp, &snap.dir)?;
+                info!(template = %record.template, key, ms = started.elapsed().as_millis() as u64, "template snapshot ready");
+                Ok(snap)
+            }
+            Err(e) => {
+                let _ = tokio::fs::remove_dir_all(&tmp).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn build_template_snapshot(
+        &self,
+        record: &CapsuleRecord,
+        rootfs: &std::path::Path,
+        slot: &Slot,
+        tmp: &std::path::Path,
+        disk_mb: u64,
+    ) -> Result<()> {
+        let _ = tokio::fs::remove_dir_all(tmp).await;
+        std::fs::create_dir_all(tmp)?;
+        let name = format!(
+            "tpl-{}",
+            tmp.file_stem()
+                .map(|s| s.to_string_lossy())
+                .unwrap_or_default()
+        );
+        let mut cfg = self.vm_config(record);
+        cfg.id = name.clone();
+        cfg.dir = tmp.to_path_buf();
+        cfg.disk = tmp.join("disk.qcow2");
+        cfg.netns = slot.netns.clone();
+        cfg.qmp_socket = self.cfg.run_dir().join(format!("{name}.qmp"));
+        cfg.lifeline_socket = self.cfg.run_dir().join(format!("{name}.life"));
+        cfg.memory = crate::vmm::Memory::SharedFile(tmp.join("ram"));
+        crate::disk::create_overlay(rootfs, &cfg.disk, disk_mb as u32).await?;
+        net::create(slot).await?;
+        let vm = self.vmm.boot(&cfg).await?;
+        let result = async {
+            let client =
+                EnvdClient::new(SocketAddr::new(slot.reach_ip.into(), envd_proto::ENVD_PORT));
+            let deadline = Instant::now() + self.cfg.boot_timeout;
+            loop {
+                match tokio::time::timeout(Duration::from_secs(2), client.health()).await {
+                    Ok(Ok(_)) => break,
+                    _ if Instant::now() > deadline || !self.vmm.is_alive(&vm) => {
+                        return Err(AgentError::Envd(format!(
+                            "template VM: envd did not answer; console: {}",
+                            tail(&vm.console_log)
+                        )))
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(25)).await,
+                }
+            }
+            // Let boot-time work (growing the filesystem) finish in the template, not in every
+            // capsule restored from it.
+            let settle = envd_proto::ExecSpec {
+                command: envd_proto::CommandSpec {
+                    cmd: "while pgrep -x resize2fs >/dev/null; do sleep 0.05; done; sync".into(),
+                    ..Default::default()
+                },
+                timeout_ms: 60_000,
+            };
+            client.exec(settle).await?;
+            self.vmm.save(&vm, &tmp.join("state"), true).await
+        }
+        .await;
+        let _ = self.vmm.shutdown(&vm).await;
+        let _ = std::fs::remove_file(&cfg.qmp_socket);
+        let _ = std::fs::remove_file(&cfg.lifeline_socket);
+        result
+    }
+
+    async fn cold_boot(&self, record: &mut CapsuleRecord, rootfs: &std::path::Path) -> Result<()> {
+        let cfg = self.vm_config(record);
         crate::disk::create_overlay(rootfs, &cfg.disk, record.disk_size_mb).await?;
         net::create(&record.slot).await?;
         let vm = self.vmm.boot(&cfg).await?;
@@ -328,7 +508,7 @@ impl CapsuleManager {
         record.phase = Phase::Pausing;
         self.persist(record)?;
         let saved = self.capsule_dir(id).join(SAVED_STATE);
-        if let Err(e) = self.vmm.save(&vm, &saved).await {
+        if let Err(e) = self.vmm.save(&vm, &saved, false).await {
             let _ = std::fs::remove_file(&saved);
             match self.vmm.thaw(&vm).await {
                 Ok(()) => {
@@ -417,7 +597,7 @@ impl CapsuleManager {
     async fn restore_vm(&self, record: &mut CapsuleRecord, saved: &std::path::Path) -> Result<()> {
         net::create(&record.slot).await?;
         let cfg = self.vm_config(record);
-        let vm = self.vmm.restore(&cfg, saved).await?;
+        let vm = self.vmm.restore(&cfg, saved, false).await?;
         record.vm = Some(vm.clone());
         self.persist(record)?;
         let deadline = Instant::now() + self.cfg.boot_timeout;

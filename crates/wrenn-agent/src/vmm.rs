@@ -47,6 +47,21 @@ pub struct VmConfig {
     /// `KEY=value` words appended to the kernel command line; they reach the guest's /init as
     /// environment variables.
     pub guest_env: Vec<(String, String)>,
+    pub memory: Memory,
+}
+
+/// Where guest RAM lives. The RAM region has the same name in every case, so a state saved
+/// from one kind restores into another (as long as the RAM travels in the state).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Memory {
+    /// Private anonymous memory (a cold boot, a resume).
+    Anonymous,
+    /// A file written through (`share=on`): a template VM, whose RAM stays in the file when
+    /// it is saved with `ignore_shared`.
+    SharedFile(PathBuf),
+    /// A template's RAM file mapped copy-on-write (`share=off`): pages stay shared between
+    /// capsules until one writes them.
+    PrivateFile(PathBuf),
 }
 
 /// A VM process the VMM started (or re-adopted after an agent restart).
@@ -77,12 +92,16 @@ pub trait Vmm: Send + Sync {
     /// Freezes the guest and writes its whole state (devices and RAM) to `state`, flushing
     /// its disk first. The file appears under its name only once complete and on disk. On
     /// error the guest is left frozen: [`Vmm::thaw`] resumes it.
-    async fn save(&self, vm: &VmProcess, state: &Path) -> Result<()>;
+    /// With `ignore_shared`, RAM in a shared file is left out of the state (it stays in the
+    /// file).
+    async fn save(&self, vm: &VmProcess, state: &Path, ignore_shared: bool) -> Result<()>;
     /// Resumes a guest frozen by [`Vmm::save`].
     async fn thaw(&self, vm: &VmProcess) -> Result<()>;
     /// Starts a VM from a state [`Vmm::save`] wrote, with the same configuration; returns
     /// once the guest runs again.
-    async fn restore(&self, cfg: &VmConfig, state: &Path) -> Result<VmProcess>;
+    /// With `ignore_shared`, RAM comes from `cfg.memory`'s file instead of the state.
+    async fn restore(&self, cfg: &VmConfig, state: &Path, ignore_shared: bool)
+        -> Result<VmProcess>;
     /// Asks the VMM to exit cleanly (disk images closed); kills it if it will not.
     async fn shutdown(&self, vm: &VmProcess) -> Result<()>;
 }

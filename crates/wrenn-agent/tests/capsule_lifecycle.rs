@@ -110,8 +110,14 @@ async fn create_exec_destroy_leaves_nothing_behind() {
 async fn envd_that_never_answers_fails_the_create_and_leaves_nothing() {
     let mut cfg = config("agent-boot-timeout");
     cfg.slot_base = std::net::Ipv4Addr::new(10, 201, 210, 0);
-    // No guest boots to envd in 300 ms, so this create must fail and clean up.
-    cfg.boot_timeout = std::time::Duration::from_millis(300);
+    // A guest agent that starts but never answers (a script that sleeps in envd's place):
+    // neither the template snapshot nor the cold boot can finish, so the create must fail and
+    // clean up.
+    let fake = workspace().join("target/test-data/envd-that-sleeps");
+    std::fs::create_dir_all(fake.parent().unwrap()).unwrap();
+    std::fs::write(&fake, "#!/bin/sh\nexec sleep 100000\n").unwrap();
+    cfg.envd_path = fake;
+    cfg.boot_timeout = std::time::Duration::from_secs(3);
     let capsules_dir = cfg.capsules_dir();
     let slot = wrenn_agent::net::Slot::new(cfg.slot_base, 0);
     let mgr = CapsuleManager::start(cfg).await.expect("agent starts");

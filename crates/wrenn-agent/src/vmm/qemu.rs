@@ -14,7 +14,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tracing::{info, warn};
 
 use super::qmp::Qmp;
-use super::{Accel, VmConfig, VmProcess, Vmm};
+use super::{Accel, Memory, VmConfig, VmProcess, Vmm};
 use crate::config::AccelChoice;
 use crate::error::{AgentError, Result};
 
@@ -107,6 +107,22 @@ impl QemuVmm {
             "microvm".into(),
             "-m".into(),
             format!("{}M", cfg.memory_mb),
+            "-object".into(),
+            match &cfg.memory {
+                Memory::Anonymous => format!("memory-backend-ram,id=mem,size={}M", cfg.memory_mb),
+                Memory::SharedFile(p) => format!(
+                    "memory-backend-file,id=mem,size={}M,mem-path={},share=on",
+                    cfg.memory_mb,
+                    s(p)?
+                ),
+                Memory::PrivateFile(p) => format!(
+                    "memory-backend-file,id=mem,size={}M,mem-path={},share=off",
+                    cfg.memory_mb,
+                    s(p)?
+                ),
+            },
+            "-machine".into(),
+            "memory-backend=mem".into(),
             "-smp".into(),
             cfg.vcpus.to_string(),
             // Appended to, so a resumed capsule's console follows on from before its pause.
@@ -232,6 +248,17 @@ impl QemuVmm {
     }
 }
 
+async fn set_ignore_shared(qmp: &mut Qmp, on: bool) -> Result<()> {
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(serde_json::json!({
+            "capabilities": [{ "capability": "x-ignore-shared", "state": on }]
+        })),
+    )
+    .await?;
+    Ok(())
+}
+
 /// How long writing or loading a guest's state may take (a large, busy guest under TCG).
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -297,10 +324,11 @@ impl Vmm for QemuVmm {
         Err(AgentError::Vmm(format!("qemu pid {} did not exit", vm.pid)))
     }
 
-    async fn save(&self, vm: &VmProcess, state: &Path) -> Result<()> {
+    async fn save(&self, vm: &VmProcess, state: &Path, ignore_shared: bool) -> Result<()> {
         let mut qmp = self.qmp(vm).await?;
         // `stop` drains and flushes every disk: the overlay is complete on the host from here.
         qmp.execute("stop", None).await?;
+        set_ignore_shared(&mut qmp, ignore_shared).await?;
         // The default cap is 32 MiB/s; the state goes to a local file.
         qmp.execute(
             "migrate-set-parameters",
@@ -344,10 +372,16 @@ impl Vmm for QemuVmm {
         Ok(())
     }
 
-    async fn restore(&self, cfg: &VmConfig, state: &Path) -> Result<VmProcess> {
+    async fn restore(
+        &self,
+        cfg: &VmConfig,
+        state: &Path,
+        ignore_shared: bool,
+    ) -> Result<VmProcess> {
         let vm = self.spawn(cfg, true).await?;
         let result = async {
             let mut qmp = self.qmp(&vm).await?;
+            set_ignore_shared(&mut qmp, ignore_shared).await?;
             let uri = format!(
                 "exec:cat {}",
                 crate::images::sh_quote(crate::images::path_str(state)?)
