@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[2]
 OPERATIONS = [
     "createCapsule", "listCapsules", "getCapsule", "destroyCapsule", "execCommand", "listProcesses", "killProcess",
     "execStream", "connectProcess", "ptySession", "listDir", "makeDir", "removePath", "downloadFile", "streamDownloadFile", "uploadFile",
-    "streamUploadFile", "pauseCapsule", "resumeCapsule", "pingCapsule",
+    "streamUploadFile", "pauseCapsule", "resumeCapsule", "pingCapsule", "createSnapshot", "listSnapshots",
+    "deleteSnapshot",
 ]
 
 

@@ -39,3 +39,36 @@ async fn overlay_on(base: &Path, format: &str, overlay: &Path, size_mb: u64) -> 
     .await?;
     Ok(())
 }
+
+/// Copies a disk and every layer under it into one standalone qcow2 (allocated data only).
+pub async fn flatten(top: &Path, out: &Path) -> Result<()> {
+    cmd::run(
+        "qemu-img",
+        &[
+            "convert",
+            "-q",
+            "-O",
+            "qcow2",
+            "-U",
+            path_str(top)?,
+            path_str(out)?,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// A disk image's virtual size in MiB.
+pub async fn virtual_size_mb(image: &Path) -> Result<u64> {
+    let out = cmd::run(
+        "qemu-img",
+        &["info", "-U", "--output=json", path_str(image)?],
+    )
+    .await?;
+    let info: serde_json::Value = serde_json::from_str(&out)
+        .map_err(|e| crate::error::AgentError::Image(format!("qemu-img info: {e}")))?;
+    info.get("virtual-size")
+        .and_then(|v| v.as_u64())
+        .map(|b| b.div_ceil(1024 * 1024))
+        .ok_or_else(|| crate::error::AgentError::Image("qemu-img info: no virtual-size".into()))
+}

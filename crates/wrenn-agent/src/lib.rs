@@ -26,5 +26,6 @@ pub use config::AgentConfig;
 pub use envd_client::{EnvdClient, FileReader, FileWriter, PtyEvent, PtySession};
 pub use error::AgentError;
 pub use manager::{
-    CapsuleInfo, CapsuleManager, ExecEvent, ExecOutput, ExecStream, Phase, StartedProcess,
+    CapsuleInfo, CapsuleManager, ExecEvent, ExecOutput, ExecStream, Phase, SnapshotMeta,
+    StartedProcess, UserSnapshot,
 };

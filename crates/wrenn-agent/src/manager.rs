@@ -33,6 +33,34 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// A paused capsule's saved VM state (devices and RAM), in its directory.
 const SAVED_STATE: &str = "saved.state";
 
+/// A user snapshot as the control plane names it on this host.
+#[derive(Debug, Clone)]
+pub struct UserSnapshot {
+    pub id: String,
+}
+
+/// What a user snapshot holds (`meta.json` beside its `state` and flattened `disk.qcow2`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SnapshotMeta {
+    pub id: String,
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    /// Virtual size of the disk.
+    pub disk_mb: u64,
+    pub size_bytes: u64,
+}
+
+/// Snapshot ids become directory names: letters, digits and dashes only.
+fn valid_snapshot_id(id: &str) -> Result<()> {
+    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
+        return Err(AgentError::InvalidRequest(format!(
+            "bad snapshot id {id:?}"
+        )));
+    }
+    Ok(())
+}
+
 /// A template snapshot: `ram` (guest memory, mapped copy-on-write by every capsule), `state`
 /// (devices, without RAM), `disk.qcow2` (the disk at that instant; capsules' overlays sit on it).
 /// Never changed once published; capsules' disks depend on it.
@@ -97,6 +125,13 @@ struct CapsuleRecord {
     kernel_version: Option<String>,
     #[serde(default)]
     phase: Phase,
+    /// The disk the VM writes to, when not `disk.qcow2` (a live snapshot moves it onto a new
+    /// overlay).
+    #[serde(default)]
+    disk: Option<PathBuf>,
+    /// The user snapshot this capsule was created from (its disk sits on that snapshot's).
+    #[serde(default)]
+    snapshot: Option<String>,
     /// Cancelled when this VM stops: fails every open connection to its envd at once.
     #[serde(skip)]
     vm_gone: CancellationToken,
@@ -167,18 +202,42 @@ impl CapsuleManager {
             .collect()
     }
 
+    /// Templates this host can boot: name, size of the root filesystem image, when it was built.
+    pub fn base_templates(&self) -> Vec<(String, u64, std::time::SystemTime)> {
+        crate::images::TEMPLATES
+            .iter()
+            .filter_map(|r| {
+                let meta = std::fs::metadata(self.images.rootfs_path(r.name)?).ok()?;
+                let built = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+                Some((r.name.to_string(), meta.len(), built))
+            })
+            .collect()
+    }
+
     pub fn has_template(&self, name: &str) -> bool {
         self.images.rootfs_path(name).is_some()
     }
 
     /// Boots a capsule and returns once envd answers. On any failure nothing is left behind.
-    pub async fn create(&self, id: &str, spec: &CapsuleSpec) -> Result<CapsuleInfo> {
-        let rootfs = self.images.rootfs_path(&spec.template).ok_or_else(|| {
-            AgentError::InvalidRequest(format!(
-                "template {:?} is not available on this host",
-                spec.template
-            ))
-        })?;
+    pub async fn create(
+        &self,
+        id: &str,
+        spec: &CapsuleSpec,
+        from: Option<&UserSnapshot>,
+    ) -> Result<CapsuleInfo> {
+        let rootfs = match from {
+            Some(_) => PathBuf::new(),
+            None => self.images.rootfs_path(&spec.template).ok_or_else(|| {
+                AgentError::InvalidRequest(format!(
+                    "template {:?} is not available on this host",
+                    spec.template
+                ))
+            })?,
+        };
+        let from_meta = match from {
+            Some(s) => Some(self.snapshot_meta(&s.id)?),
+            None => None,
+        };
         let entry = Arc::new(Entry {
             state: tokio::sync::Mutex::new(None),
         });
@@ -214,9 +273,20 @@ impl CapsuleManager {
             kernel_version: None,
             phase: Phase::Running,
             vm_gone: CancellationToken::new(),
+            disk: None,
+            snapshot: from.map(|s| s.id.clone()),
         };
         let started = Instant::now();
-        match self.boot_vm(&mut record, &rootfs).await {
+        if let Some(meta) = &from_meta {
+            // The snapshot's machine is restored as it was.
+            record.vcpus = meta.vcpus;
+            record.memory_mb = meta.memory_mb;
+        }
+        let booted = match &from_meta {
+            Some(meta) => self.restore_from_user_snapshot(&mut record, meta).await,
+            None => self.boot_vm(&mut record, &rootfs).await,
+        };
+        match booted {
             Ok(()) => {
                 info!(
                     capsule_id = id,
@@ -241,7 +311,10 @@ impl CapsuleManager {
         let dir = self.capsule_dir(&record.id);
         VmConfig {
             id: record.id.clone(),
-            disk: dir.join("disk.qcow2"),
+            disk: record
+                .disk
+                .clone()
+                .unwrap_or_else(|| dir.join("disk.qcow2")),
             dir,
             netns: record.slot.netns.clone(),
             vcpus: record.vcpus,
@@ -272,6 +345,155 @@ impl CapsuleManager {
                 self.cold_boot(record, rootfs).await
             }
         }
+    }
+
+    async fn restore_from_user_snapshot(
+        &self,
+        record: &mut CapsuleRecord,
+        meta: &SnapshotMeta,
+    ) -> Result<()> {
+        std::fs::create_dir_all(self.capsule_dir(&record.id))?;
+        self.persist(record)?;
+        let dir = self.snapshot_dir(&meta.id);
+        let cfg = self.vm_config(record);
+        crate::disk::create_overlay_on_snapshot(&dir.join("disk.qcow2"), &cfg.disk, meta.disk_mb)
+            .await?;
+        net::create(&record.slot).await?;
+        let vm = self.vmm.restore(&cfg, &dir.join("state"), false).await?;
+        record.vm = Some(vm.clone());
+        self.persist(record)?;
+        let deadline = Instant::now() + self.cfg.boot_timeout;
+        let health = self.wait_for_envd(record, &vm, deadline).await?;
+        self.envd(record).restored().await?;
+        record.envd_version = Some(health.envd_version);
+        record.kernel_version = Some(health.kernel_version);
+        self.persist(record)?;
+        Ok(())
+    }
+
+    fn snapshot_dir(&self, id: &str) -> PathBuf {
+        self.cfg.data_dir.join("snapshots").join(id)
+    }
+
+    fn snapshot_meta(&self, id: &str) -> Result<SnapshotMeta> {
+        valid_snapshot_id(id)?;
+        let bytes = std::fs::read(self.snapshot_dir(id).join("meta.json")).map_err(|e| {
+            AgentError::NotFound(format!("snapshot {id} is not on this host ({e})"))
+        })?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| AgentError::Vmm(format!("snapshot {id}: unreadable metadata: {e}")))
+    }
+
+    /// A live snapshot of a running capsule: the guest freezes for as long as saving its
+    /// memory takes (its disk moves onto a new overlay meanwhile) and runs on; then the frozen
+    /// disk layers are flattened into the snapshot, which depends on nothing afterwards.
+    pub async fn snapshot(&self, id: &str, snapshot_id: &str) -> Result<SnapshotMeta> {
+        valid_snapshot_id(snapshot_id)?;
+        let final_dir = self.snapshot_dir(snapshot_id);
+        if final_dir.exists() {
+            return Err(AgentError::AlreadyExists(format!(
+                "snapshot {snapshot_id} exists"
+            )));
+        }
+        let tmp = final_dir.with_extension("tmp");
+        let _ = tokio::fs::remove_dir_all(&tmp).await;
+        std::fs::create_dir_all(&tmp)?;
+        let started = Instant::now();
+        let frozen = {
+            let entry = self.entry(id)?;
+            let mut state = entry.state.lock().await;
+            let record = state
+                .as_mut()
+                .filter(|r| r.phase == Phase::Running)
+                .ok_or_else(|| AgentError::InvalidState(format!("capsule {id} is not running")))?;
+            let vm = record
+                .vm
+                .clone()
+                .ok_or_else(|| AgentError::InvalidState(format!("capsule {id} has no VM")))?;
+            let frozen = self.vm_config(record).disk;
+            let next = self
+                .capsule_dir(id)
+                .join(format!("disk-{:08x}.qcow2", rand::random::<u32>()));
+            let result = self.vmm.snapshot(&vm, &next, &tmp.join("state")).await;
+            if next.exists() {
+                record.disk = Some(next);
+                self.persist(record)?;
+            }
+            if let Err(e) = result {
+                let _ = tokio::fs::remove_dir_all(&tmp).await;
+                return Err(e);
+            }
+            let meta = SnapshotMeta {
+                id: snapshot_id.to_string(),
+                vcpus: record.vcpus,
+                memory_mb: record.memory_mb,
+                disk_mb: 0,
+                size_bytes: 0,
+            };
+            (frozen, meta)
+        };
+        let frozen_ms = started.elapsed().as_millis() as u64;
+        let (frozen_disk, mut meta) = frozen;
+        // The frozen layers never change again while the capsule lives; if it is destroyed
+        // meanwhile the copy fails and so does the snapshot.
+        let flattened = async {
+            crate::disk::flatten(&frozen_disk, &tmp.join("disk.qcow2")).await?;
+            meta.disk_mb = crate::disk::virtual_size_mb(&tmp.join("disk.qcow2")).await?;
+            meta.size_bytes = ["state", "disk.qcow2"]
+                .iter()
+                .map(|f| std::fs::metadata(tmp.join(f)).map(|m| m.len()).unwrap_or(0))
+                .sum();
+            let json = serde_json::to_vec_pretty(&meta).map_err(|e| AgentError::Io(e.into()))?;
+            std::fs::write(tmp.join("meta.json"), json)?;
+            std::fs::rename(&tmp, &final_dir)?;
+            Ok::<_, AgentError>(())
+        }
+        .await;
+        if let Err(e) = flattened {
+            let _ = tokio::fs::remove_dir_all(&tmp).await;
+            return Err(e);
+        }
+        info!(
+            capsule_id = id,
+            snapshot_id,
+            frozen_ms,
+            ms = started.elapsed().as_millis() as u64,
+            size_bytes = meta.size_bytes,
+            "snapshot taken"
+        );
+        Ok(meta)
+    }
+
+    /// Deletes a user snapshot's files, or, while capsules created from it still exist, marks
+    /// it so that the last of them removes the files when it goes.
+    pub async fn delete_snapshot(&self, snapshot_id: &str) -> Result<()> {
+        valid_snapshot_id(snapshot_id)?;
+        let dir = self.snapshot_dir(snapshot_id);
+        if !dir.exists() {
+            return Ok(());
+        }
+        std::fs::write(dir.join("deleted"), b"")?;
+        self.collect_snapshot(snapshot_id).await;
+        Ok(())
+    }
+
+    /// Removes a deleted snapshot's files once no capsule on this host uses them.
+    async fn collect_snapshot(&self, snapshot_id: &str) {
+        let dir = self.snapshot_dir(snapshot_id);
+        if !dir.join("deleted").exists() {
+            return;
+        }
+        let entries: Vec<_> = lock(&self.capsules).values().cloned().collect();
+        for e in entries {
+            // A capsule being created or changed right now: decide next time.
+            let Ok(state) = e.state.try_lock() else {
+                return;
+            };
+            if state.as_ref().and_then(|r| r.snapshot.as_deref()) == Some(snapshot_id) {
+                return;
+            }
+        }
+        let _ = tokio::fs::remove_dir_all(&dir).await;
     }
 
     async fn restore_from_template(
@@ -485,6 +707,10 @@ impl CapsuleManager {
         };
         self.teardown(&record).await;
         lock(&self.capsules).remove(id);
+        drop(state);
+        if let Some(snap) = &record.snapshot {
+            self.collect_snapshot(snap).await;
+        }
         info!(capsule_id = id, "capsule destroyed");
         Ok(true)
     }

@@ -95,6 +95,10 @@ pub trait Vmm: Send + Sync {
     /// With `ignore_shared`, RAM in a shared file is left out of the state (it stays in the
     /// file).
     async fn save(&self, vm: &VmProcess, state: &Path, ignore_shared: bool) -> Result<()>;
+    /// A live snapshot: freezes the guest, moves its disk onto a new overlay `new_disk` (the
+    /// current file becomes read-only: the snapshot's disk), writes the whole state to `state`,
+    /// and lets the guest run on. Once the disk has moved it stays moved, even if saving fails.
+    async fn snapshot(&self, vm: &VmProcess, new_disk: &Path, state: &Path) -> Result<()>;
     /// Resumes a guest frozen by [`Vmm::save`].
     async fn thaw(&self, vm: &VmProcess) -> Result<()>;
     /// Starts a VM from a state [`Vmm::save`] wrote, with the same configuration; returns

@@ -43,7 +43,7 @@ async fn create_exec_destroy_leaves_nothing_behind() {
     let mgr = CapsuleManager::start(cfg).await.expect("agent starts");
     let spec = CreateCapsuleRequest::default().validate().unwrap();
     let info = mgr
-        .create("cl-agenttest0000000000000000001", &spec)
+        .create("cl-agenttest0000000000000000001", &spec, None)
         .await
         .expect("capsule boots");
     assert_eq!(info.guest_ip, "10.200.0.2");
@@ -123,7 +123,7 @@ async fn envd_that_never_answers_fails_the_create_and_leaves_nothing() {
     let mgr = CapsuleManager::start(cfg).await.expect("agent starts");
     let spec = CreateCapsuleRequest::default().validate().unwrap();
     let id = "cl-agenttest0000000000000000002";
-    let err = mgr.create(id, &spec).await.unwrap_err();
+    let err = mgr.create(id, &spec, None).await.unwrap_err();
     assert!(err.to_string().contains("envd did not answer"), "{err}");
     assert!(!std::path::Path::new("/run/netns")
         .join(&slot.netns)
@@ -146,8 +146,8 @@ async fn a_restarted_agent_readopts_live_vms_and_cleans_up_dead_ones() {
         let mgr = CapsuleManager::start(cfg.clone())
             .await
             .expect("agent starts");
-        mgr.create(live, &spec).await.expect("boots");
-        mgr.create(dead, &spec).await.expect("boots");
+        mgr.create(live, &spec, None).await.expect("boots");
+        mgr.create(dead, &spec, None).await.expect("boots");
         // The agent goes away without destroying anything (a crash or an upgrade).
     }
     // While it is down, one VM dies.
@@ -200,7 +200,7 @@ async fn paused_capsules_and_interrupted_transitions_survive_an_agent_restart() 
             .await
             .expect("agent starts");
         for id in [paused, mid_pause, mid_resume] {
-            mgr.create(id, &spec).await.expect("boots");
+            mgr.create(id, &spec, None).await.expect("boots");
             mgr.exec(id, sh("echo kept > /root/mark")).await.unwrap();
         }
         mgr.pause(paused).await.expect("pauses");

@@ -6,6 +6,8 @@
 pub mod capsule;
 pub mod error;
 pub mod id;
+pub mod template;
 
 pub use capsule::*;
 pub use error::{ApiError, ErrorBody, ErrorCode};
+pub use template::*;

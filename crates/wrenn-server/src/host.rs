@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use wrenn_agent::{
-    AgentError, CapsuleInfo, CapsuleManager, ExecOutput, ExecStream, StartedProcess,
+    AgentError, CapsuleInfo, CapsuleManager, ExecOutput, ExecStream, SnapshotMeta, StartedProcess,
+    UserSnapshot,
 };
 use wrenn_api::CapsuleSpec;
 
@@ -15,7 +16,20 @@ use wrenn_api::CapsuleSpec;
 pub trait HostClient: Send + Sync {
     fn host_id(&self) -> &str;
     async fn templates(&self) -> Result<Vec<String>, AgentError>;
-    async fn create(&self, id: &str, spec: &CapsuleSpec) -> Result<CapsuleInfo, AgentError>;
+    /// Base templates (root filesystems) with their image sizes in bytes.
+    async fn base_templates(&self)
+        -> Result<Vec<(String, u64, std::time::SystemTime)>, AgentError>;
+    /// Boots a capsule from a template, or restores it from a user snapshot (`from`).
+    async fn create(
+        &self,
+        id: &str,
+        spec: &CapsuleSpec,
+        from: Option<&UserSnapshot>,
+    ) -> Result<CapsuleInfo, AgentError>;
+    /// A live snapshot of a running capsule, stored on its host as `snapshot_id`.
+    async fn snapshot(&self, id: &str, snapshot_id: &str) -> Result<SnapshotMeta, AgentError>;
+    /// Idempotent; files in use by capsules stay until those are gone.
+    async fn delete_snapshot(&self, snapshot_id: &str) -> Result<(), AgentError>;
     /// Idempotent: destroying an unknown capsule succeeds with `false`.
     async fn destroy(&self, id: &str) -> Result<bool, AgentError>;
     /// Saves a running capsule to files and frees its VM. On error it runs on, or was destroyed
@@ -60,8 +74,24 @@ impl HostClient for LocalHost {
     async fn templates(&self) -> Result<Vec<String>, AgentError> {
         Ok(self.manager.templates())
     }
-    async fn create(&self, id: &str, spec: &CapsuleSpec) -> Result<CapsuleInfo, AgentError> {
-        self.manager.create(id, spec).await
+    async fn base_templates(
+        &self,
+    ) -> Result<Vec<(String, u64, std::time::SystemTime)>, AgentError> {
+        Ok(self.manager.base_templates())
+    }
+    async fn create(
+        &self,
+        id: &str,
+        spec: &CapsuleSpec,
+        from: Option<&UserSnapshot>,
+    ) -> Result<CapsuleInfo, AgentError> {
+        self.manager.create(id, spec, from).await
+    }
+    async fn snapshot(&self, id: &str, snapshot_id: &str) -> Result<SnapshotMeta, AgentError> {
+        self.manager.snapshot(id, snapshot_id).await
+    }
+    async fn delete_snapshot(&self, snapshot_id: &str) -> Result<(), AgentError> {
+        self.manager.delete_snapshot(snapshot_id).await
     }
     async fn destroy(&self, id: &str) -> Result<bool, AgentError> {
         self.manager.destroy(id).await

@@ -11,15 +11,16 @@ use base64::Engine;
 use tracing::{info, warn};
 use wrenn_api::id::{new_id, prefix};
 use wrenn_api::{
-    ApiError, BackgroundExecResponse, Capsule, CapsuleStatus, CreateCapsuleRequest, ExecRequest,
-    ExecResponse, OutputEncoding, ProcessEntry, ProcessListResponse, DEFAULT_EXEC_TIMEOUT_SEC,
+    validate_template_name, ApiError, BackgroundExecResponse, Capsule, CapsuleStatus,
+    CreateCapsuleRequest, CreateSnapshotRequest, ErrorCode, ExecRequest, ExecResponse,
+    OutputEncoding, ProcessEntry, ProcessListResponse, Template, DEFAULT_EXEC_TIMEOUT_SEC,
     MAX_EXEC_TIMEOUT_SEC, MAX_TAG_LEN,
 };
 
 use crate::activity::{Activity, Busy};
 use crate::error::from_agent;
 use crate::host::HostClient;
-use crate::store::{CapsuleRow, Store};
+use crate::store::{CapsuleRow, NewTemplate, Store};
 
 /// How long DELETE waits for the host to finish before answering 202 anyway.
 const DESTROY_WAIT: Duration = Duration::from_secs(5);
@@ -61,15 +62,23 @@ impl CapsuleService {
 
     /// Records the capsule as `starting` and boots it in the background.
     pub async fn create(&self, team_id: &str, req: CreateCapsuleRequest) -> Result<Capsule> {
-        let spec = req.validate().map_err(ApiError::invalid)?;
+        let mut spec = req.validate().map_err(ApiError::invalid)?;
         let templates = self.host.templates().await.map_err(from_agent)?;
-        if !templates.contains(&spec.template) {
+        // A platform template, or one of the team's snapshots (whose machine it restores).
+        let from = if templates.contains(&spec.template) {
+            None
+        } else if let Some(t) = self.store.template(team_id, &spec.template).await? {
+            spec.vcpus = t.template.vcpus.unwrap_or(spec.vcpus);
+            spec.memory_mb = t.template.memory_mb.unwrap_or(spec.memory_mb);
+            spec.disk_size_mb = t.disk_size_mb;
+            Some(wrenn_agent::UserSnapshot { id: t.snapshot_id })
+        } else {
             return Err(ApiError::invalid(format!(
-                "unknown template {:?} (available: {})",
+                "unknown template {:?} (platform templates: {}; see GET /v1/snapshots for the team's)",
                 spec.template,
                 templates.join(", ")
             )));
-        }
+        };
         let id = new_id(prefix::CAPSULE);
         let row = self
             .store
@@ -78,7 +87,7 @@ impl CapsuleService {
         info!(capsule_id = %id, team_id, template = %spec.template, "capsule create accepted");
         let (store, host) = (self.store.clone(), self.host.clone());
         tokio::spawn(async move {
-            match host.create(&id, &spec).await {
+            match host.create(&id, &spec, from.as_ref()).await {
                 Ok(info) => match store
                     .mark_running(&id, &info.guest_ip, &info.host_ip, &info.metadata)
                     .await
@@ -161,6 +170,147 @@ impl CapsuleService {
         });
         let _ = tokio::time::timeout(DESTROY_WAIT, task).await;
         Ok(self.owned(team_id, id).await?.capsule)
+    }
+
+    /// `POST /v1/snapshots`: a live snapshot of a running capsule (shown `snapshotting` for
+    /// the moment it is frozen and copied; it runs on). Names are the team's and immutable:
+    /// an existing one is 409 unless `overwrite`, which replaces it.
+    pub async fn create_snapshot(
+        &self,
+        team_id: &str,
+        req: CreateSnapshotRequest,
+        overwrite: bool,
+    ) -> Result<Template> {
+        use CapsuleStatus::*;
+        let name = match req.name {
+            Some(n) => n,
+            None => format!("template-{:08x}", rand::random::<u32>()),
+        };
+        validate_template_name(&name).map_err(ApiError::invalid)?;
+        let platform = self.host.templates().await.map_err(from_agent)?;
+        if platform.contains(&name) {
+            return Err(ApiError::new(
+                ErrorCode::AlreadyExists,
+                format!("{name:?} is a platform template"),
+            ));
+        }
+        let row = self.owned(team_id, &req.sandbox_id).await?;
+        let id = req.sandbox_id.as_str();
+        if !overwrite && self.store.template(team_id, &name).await?.is_some() {
+            return Err(ApiError::new(
+                ErrorCode::AlreadyExists,
+                format!("template {name:?} exists (use ?overwrite=true to replace it)"),
+            ));
+        }
+        if !self.store.transition(id, &[Running], Snapshotting).await? {
+            return Err(ApiError::invalid_state(format!(
+                "capsule {id} is {}, not running",
+                row.capsule.status.as_str()
+            )));
+        }
+        let _busy = self.hold(id);
+        let snapshot_id = new_id(prefix::SNAPSHOT);
+        let taken = self.host.snapshot(id, &snapshot_id).await;
+        let _ = self.store.transition(id, &[Snapshotting], Running).await;
+        let meta = taken.map_err(from_agent)?;
+        let new = NewTemplate {
+            team_id,
+            name: &name,
+            snapshot_id: &snapshot_id,
+            host_id: self.host.host_id(),
+            source_capsule: id,
+            vcpus: meta.vcpus,
+            memory_mb: meta.memory_mb,
+            disk_size_mb: meta.disk_mb as u32,
+            size_bytes: meta.size_bytes,
+        };
+        let replaced = if overwrite {
+            self.store.delete_template(team_id, &name).await?
+        } else {
+            None
+        };
+        if !self.store.insert_template(&new).await? {
+            // Someone took the name meanwhile: this snapshot is nobody's.
+            let _ = self.host.delete_snapshot(&snapshot_id).await;
+            return Err(ApiError::new(
+                ErrorCode::AlreadyExists,
+                format!("template {name:?} exists"),
+            ));
+        }
+        if let Some(old) = replaced {
+            if let Err(e) = self.host.delete_snapshot(&old.snapshot_id).await {
+                warn!(snapshot_id = %old.snapshot_id, error = %e, "cannot delete a replaced snapshot");
+            }
+        }
+        info!(capsule_id = %id, template = %name, snapshot_id, size_bytes = meta.size_bytes, "snapshot template created");
+        Ok(self
+            .store
+            .template(team_id, &name)
+            .await?
+            .ok_or_else(|| ApiError::internal("snapshot template vanished"))?
+            .template)
+    }
+
+    /// `GET /v1/snapshots`: the team's snapshots and the platform's base templates.
+    pub async fn list_templates(&self, team_id: &str, kind: Option<&str>) -> Result<Vec<Template>> {
+        if let Some(k) = kind {
+            if k != "base" && k != "snapshot" {
+                return Err(ApiError::invalid(format!(
+                    "type must be base or snapshot, not {k:?}"
+                )));
+            }
+        }
+        let mut out = Vec::new();
+        if kind != Some("snapshot") {
+            for (name, size_bytes, built) in self.host.base_templates().await.map_err(from_agent)? {
+                out.push(Template {
+                    name,
+                    kind: "base".into(),
+                    vcpus: None,
+                    memory_mb: None,
+                    size_bytes: size_bytes as i64,
+                    created_at: chrono::DateTime::<chrono::Utc>::from(built),
+                    platform: true,
+                    metadata: None,
+                });
+            }
+        }
+        if kind != Some("base") {
+            out.extend(
+                self.store
+                    .list_templates(team_id)
+                    .await?
+                    .into_iter()
+                    .map(|t| t.template),
+            );
+        }
+        Ok(out)
+    }
+
+    /// `DELETE /v1/snapshots/{name}`: the name goes at once; the files once no capsule uses them.
+    pub async fn delete_template(&self, team_id: &str, name: &str) -> Result<()> {
+        if self
+            .host
+            .templates()
+            .await
+            .map_err(from_agent)?
+            .iter()
+            .any(|t| t == name)
+        {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!("{name:?} is a platform template and cannot be deleted"),
+            ));
+        }
+        let row = self
+            .store
+            .delete_template(team_id, name)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("template {name:?} not found")))?;
+        if let Err(e) = self.host.delete_snapshot(&row.snapshot_id).await {
+            warn!(snapshot_id = %row.snapshot_id, error = %e, "cannot delete snapshot files");
+        }
+        Ok(())
     }
 
     /// `running` → `pausing`, and the host saves the capsule in the background → `paused`.

@@ -248,6 +248,49 @@ impl QemuVmm {
     }
 }
 
+/// Freezes the guest and writes its state to `state` (see [`Vmm::save`]), over an open QMP
+/// connection (QEMU serves one at a time).
+async fn save_with(qmp: &mut Qmp, state: &Path, ignore_shared: bool) -> Result<()> {
+    // `stop` drains and flushes every disk: the overlay is complete on the host from here.
+    qmp.execute("stop", None).await?;
+    set_ignore_shared(qmp, ignore_shared).await?;
+    // The default cap is 32 MiB/s; the state goes to a local file.
+    qmp.execute(
+        "migrate-set-parameters",
+        Some(serde_json::json!({ "max-bandwidth": 1u64 << 40 })),
+    )
+    .await?;
+    let path = crate::images::path_str(state)?;
+    let tmp = format!("{path}.partial");
+    let _ = std::fs::remove_file(&tmp);
+    // dd fsyncs before it exits and the rename follows, so the final name only ever holds
+    // a whole state that is on disk.
+    let uri = format!(
+        "exec:dd of={} bs=1M conv=fsync status=none && mv {} {}",
+        crate::images::sh_quote(&tmp),
+        crate::images::sh_quote(&tmp),
+        crate::images::sh_quote(path)
+    );
+    qmp.execute("migrate", Some(serde_json::json!({ "uri": uri })))
+        .await?;
+    wait_migration(qmp, "saving the guest").await?;
+    // QEMU reports completion when it has written the last byte to the pipe; the writer
+    // may still be syncing and renaming.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !state.exists() {
+        if std::time::Instant::now() > deadline {
+            return Err(AgentError::Vmm(
+                "the saved state never reached the disk".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    if let Some(dir) = state.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 async fn set_ignore_shared(qmp: &mut Qmp, on: bool) -> Result<()> {
     qmp.execute(
         "migrate-set-capabilities",
@@ -326,43 +369,31 @@ impl Vmm for QemuVmm {
 
     async fn save(&self, vm: &VmProcess, state: &Path, ignore_shared: bool) -> Result<()> {
         let mut qmp = self.qmp(vm).await?;
-        // `stop` drains and flushes every disk: the overlay is complete on the host from here.
+        save_with(&mut qmp, state, ignore_shared).await
+    }
+
+    async fn snapshot(&self, vm: &VmProcess, new_disk: &Path, state: &Path) -> Result<()> {
+        let mut qmp = self.qmp(vm).await?;
         qmp.execute("stop", None).await?;
-        set_ignore_shared(&mut qmp, ignore_shared).await?;
-        // The default cap is 32 MiB/s; the state goes to a local file.
-        qmp.execute(
-            "migrate-set-parameters",
-            Some(serde_json::json!({ "max-bandwidth": 1u64 << 40 })),
-        )
-        .await?;
-        let path = crate::images::path_str(state)?;
-        let tmp = format!("{path}.partial");
-        let _ = std::fs::remove_file(&tmp);
-        // dd fsyncs before it exits and the rename follows, so the final name only ever holds
-        // a whole state that is on disk.
-        let uri = format!(
-            "exec:dd of={} bs=1M conv=fsync status=none && mv {} {}",
-            crate::images::sh_quote(&tmp),
-            crate::images::sh_quote(&tmp),
-            crate::images::sh_quote(path)
-        );
-        qmp.execute("migrate", Some(serde_json::json!({ "uri": uri })))
-            .await?;
-        wait_migration(&mut qmp, "saving the guest").await?;
-        // QEMU reports completion when it has written the last byte to the pipe; the writer
-        // may still be syncing and renaming.
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while !state.exists() {
-            if std::time::Instant::now() > deadline {
-                return Err(AgentError::Vmm(
-                    "the saved state never reached the disk".into(),
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        if let Some(dir) = state.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
+        let moved = qmp
+            .execute(
+                "blockdev-snapshot-sync",
+                Some(serde_json::json!({
+                    "device": "d0",
+                    "snapshot-file": crate::images::path_str(new_disk)?,
+                    "format": "qcow2",
+                })),
+            )
+            .await;
+        let saved = match moved {
+            Ok(_) => save_with(&mut qmp, state, false).await,
+            Err(e) => Err(e),
+        };
+        // The guest runs on whatever happened (after a completed migration `cont` also takes
+        // the disk back from the finished migration).
+        let thawed = qmp.execute("cont", None).await;
+        saved?;
+        thawed?;
         Ok(())
     }
 

@@ -4,6 +4,7 @@
 mod capsules;
 mod files;
 mod pty;
+mod snapshots;
 mod stream;
 
 use axum::body::Bytes;
@@ -37,6 +38,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/capsules/{id}/pause", post(capsules::pause))
         .route("/v1/capsules/{id}/resume", post(capsules::resume))
         .route("/v1/capsules/{id}/ping", post(capsules::ping))
+        .route(
+            "/v1/snapshots",
+            post(snapshots::create).get(snapshots::list),
+        )
+        .route("/v1/snapshots/{name}", delete(snapshots::delete))
         .route("/v1/capsules/{id}/exec/stream", get(stream::exec_stream))
         .route("/v1/capsules/{id}/pty", get(pty::pty))
         .route("/v1/capsules/{id}/files/list", post(files::list))
@@ -81,7 +87,6 @@ const NOT_YET: &[&str] = &[
     "/v1/api-keys",
     "/v1/users/",
     "/v1/teams",
-    "/v1/snapshots",
     "/v1/hosts",
     "/v1/channels",
     "/v1/admin/",

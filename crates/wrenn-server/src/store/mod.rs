@@ -5,6 +5,7 @@
 
 mod capsules;
 mod identity;
+mod templates;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -15,6 +16,7 @@ use sqlx::SqlitePool;
 
 pub use capsules::CapsuleRow;
 pub use identity::ApiKeyOwner;
+pub use templates::{NewTemplate, TemplateRow};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -1,0 +1,116 @@
+//! Team snapshot templates.
+
+use chrono::Utc;
+use sqlx::sqlite::SqliteRow;
+use sqlx::Row;
+use wrenn_api::Template;
+
+use super::{parse_ts, ts, Result, Store};
+
+/// A stored snapshot template: the API's view plus where its files are.
+#[derive(Debug, Clone)]
+pub struct TemplateRow {
+    pub template: Template,
+    pub team_id: String,
+    pub snapshot_id: String,
+    pub host_id: String,
+    pub disk_size_mb: u32,
+}
+
+/// What a new snapshot template records.
+pub struct NewTemplate<'a> {
+    pub team_id: &'a str,
+    pub name: &'a str,
+    pub snapshot_id: &'a str,
+    pub host_id: &'a str,
+    pub source_capsule: &'a str,
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    pub disk_size_mb: u32,
+    pub size_bytes: u64,
+}
+
+const COLUMNS: &str =
+    "team_id, name, kind, snapshot_id, host_id, vcpus, memory_mb, disk_size_mb, size_bytes, created_at";
+
+fn from_row(r: &SqliteRow) -> Result<TemplateRow> {
+    Ok(TemplateRow {
+        template: Template {
+            name: r.try_get("name")?,
+            kind: r.try_get("kind")?,
+            vcpus: Some(r.try_get::<i64, _>("vcpus")? as u32),
+            memory_mb: Some(r.try_get::<i64, _>("memory_mb")? as u32),
+            size_bytes: r.try_get("size_bytes")?,
+            created_at: parse_ts(&r.try_get::<String, _>("created_at")?)?,
+            platform: false,
+            metadata: None,
+        },
+        team_id: r.try_get("team_id")?,
+        snapshot_id: r.try_get("snapshot_id")?,
+        host_id: r.try_get("host_id")?,
+        disk_size_mb: r.try_get::<i64, _>("disk_size_mb")? as u32,
+    })
+}
+
+impl Store {
+    /// Inserts a snapshot template; `false` when the team already has one by that name.
+    pub async fn insert_template(&self, t: &NewTemplate<'_>) -> Result<bool> {
+        let done = sqlx::query(
+            "INSERT INTO templates (team_id, name, kind, snapshot_id, host_id, source_capsule, vcpus, \
+             memory_mb, disk_size_mb, size_bytes, created_at) \
+             VALUES ($1, $2, 'snapshot', $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING",
+        )
+        .bind(t.team_id)
+        .bind(t.name)
+        .bind(t.snapshot_id)
+        .bind(t.host_id)
+        .bind(t.source_capsule)
+        .bind(t.vcpus as i64)
+        .bind(t.memory_mb as i64)
+        .bind(t.disk_size_mb as i64)
+        .bind(t.size_bytes as i64)
+        .bind(ts(Utc::now()))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub async fn template(&self, team_id: &str, name: &str) -> Result<Option<TemplateRow>> {
+        sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM templates WHERE team_id = $1 AND name = $2"
+        ))
+        .bind(team_id)
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(from_row)
+        .transpose()
+    }
+
+    pub async fn list_templates(&self, team_id: &str) -> Result<Vec<TemplateRow>> {
+        sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM templates WHERE team_id = $1 ORDER BY created_at, name"
+        ))
+        .bind(team_id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(from_row)
+        .collect()
+    }
+
+    /// Removes a template row and returns it (`None` if there was none).
+    pub async fn delete_template(&self, team_id: &str, name: &str) -> Result<Option<TemplateRow>> {
+        let Some(row) = self.template(team_id, name).await? else {
+            return Ok(None);
+        };
+        sqlx::query("DELETE FROM templates WHERE team_id = $1 AND name = $2 AND snapshot_id = $3")
+            .bind(team_id)
+            .bind(name)
+            .bind(&row.snapshot_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(Some(row))
+    }
+}
