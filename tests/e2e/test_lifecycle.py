@@ -214,3 +214,41 @@ def test_inactivity_timeout_pauses_idle_capsules_only(platform, api):
     finally:
         for cid in ids:
             api.delete(f"/v1/capsules/{cid}")
+
+
+def test_metrics_running_paused_and_stopped(platform, api, running_capsule):
+    cid = running_capsule["id"]
+    # Busy the vCPU for a while, then read the 10-minute tier.
+    run(api, cid, "timeout 3 sh -c 'while :; do :; done'; true")
+    time.sleep(1)
+    r = api.get(f"/v1/capsules/{cid}/metrics")
+    assert r.status_code == 200, r.text
+    m = r.json()
+    assert m["sandbox_id"] == cid and m["range"] == "10m"
+    pts = m["points"]
+    assert len(pts) >= 4, pts
+    assert set(pts[0]) == {"timestamp_unix", "cpu_pct", "mem_bytes", "disk_bytes"}
+    assert all(0 <= p["cpu_pct"] <= 100 for p in pts)
+    assert max(p["cpu_pct"] for p in pts) > 50, "a spinning vCPU did not show"
+    assert all(p["mem_bytes"] > 10 * 2**20 for p in pts)
+    assert all(p["disk_bytes"] > 0 for p in pts)
+    ts = [p["timestamp_unix"] for p in pts]
+    assert ts == sorted(ts) and abs(ts[-1] - time.time()) < 5
+    for rng in ("5m", "1h", "2h", "6h", "12h", "24h"):
+        r = api.get(f"/v1/capsules/{cid}/metrics", params={"range": rng})
+        assert r.status_code == 200 and r.json()["range"] == rng
+    assert_error(api.get(f"/v1/capsules/{cid}/metrics", params={"range": "3d"}), 400, "invalid_request")
+    assert_error(api.get("/v1/capsules/cl-nope/metrics"), 404, "not_found")
+    # Paused: the points kept at pause, no new ones.
+    pause(api, cid)
+    kept = api.get(f"/v1/capsules/{cid}/metrics").json()["points"]
+    assert len(kept) >= len(pts)
+    time.sleep(1.5)
+    assert api.get(f"/v1/capsules/{cid}/metrics").json()["points"] == kept
+    resume(api, cid)
+    time.sleep(1.5)
+    assert len(api.get(f"/v1/capsules/{cid}/metrics").json()["points"]) > len(kept)
+    # Stopped: none.
+    api.delete(f"/v1/capsules/{cid}")
+    wait_status(api, cid, {"stopped"}, timeout=30)
+    assert_error(api.get(f"/v1/capsules/{cid}/metrics"), 404, "not_found")

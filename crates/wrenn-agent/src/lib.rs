@@ -19,6 +19,7 @@ pub mod error;
 pub mod images;
 pub mod lifeline;
 pub mod manager;
+pub mod metrics;
 pub mod net;
 pub mod vmm;
 

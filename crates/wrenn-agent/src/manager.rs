@@ -149,6 +149,14 @@ pub struct CapsuleManager {
     vmm: Arc<dyn Vmm>,
     capsules: Mutex<HashMap<String, Arc<Entry>>>,
     slots: Mutex<BTreeSet<u32>>,
+    metrics: Mutex<HashMap<String, Sampler>>,
+}
+
+/// One capsule's metric rings and the last CPU reading they are computed from.
+#[derive(Default)]
+struct Sampler {
+    rings: crate::metrics::Rings,
+    last_cpu: Option<(u64, Instant)>,
 }
 
 impl CapsuleManager {
@@ -176,8 +184,19 @@ impl CapsuleManager {
             vmm: Arc::new(vmm),
             capsules: Mutex::new(HashMap::new()),
             slots: Mutex::new(BTreeSet::new()),
+            metrics: Mutex::new(HashMap::new()),
         });
         mgr.recover().await;
+        let weak = Arc::downgrade(&mgr);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(crate::metrics::SAMPLE_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tick.tick().await;
+                let Some(mgr) = weak.upgrade() else { return };
+                mgr.sample_metrics();
+            }
+        });
         Ok(mgr)
     }
 
@@ -707,6 +726,7 @@ impl CapsuleManager {
         };
         self.teardown(&record).await;
         lock(&self.capsules).remove(id);
+        lock(&self.metrics).remove(id);
         drop(state);
         if let Some(snap) = &record.snapshot {
             self.collect_snapshot(snap).await;
@@ -765,6 +785,7 @@ impl CapsuleManager {
         record.vm = None;
         record.phase = Phase::Paused;
         self.persist(record)?;
+        self.save_metrics(id);
         info!(
             capsule_id = id,
             saved_ms,
@@ -829,6 +850,78 @@ impl CapsuleManager {
         let deadline = Instant::now() + self.cfg.boot_timeout;
         self.wait_for_envd(record, &vm, deadline).await?;
         self.envd(record).restored().await
+    }
+
+    /// Takes one metrics sample of every running capsule (skipping any that is mid-operation).
+    fn sample_metrics(&self) {
+        let entries: Vec<(String, Arc<Entry>)> = lock(&self.capsules)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let now = Instant::now();
+        let unix = chrono::Utc::now().timestamp();
+        let ticks_per_sec = crate::metrics::clock_ticks();
+        for (id, entry) in entries {
+            let Ok(state) = entry.state.try_lock() else {
+                continue;
+            };
+            let Some(r) = state.as_ref().filter(|r| r.phase == Phase::Running) else {
+                continue;
+            };
+            let Some(vm) = &r.vm else { continue };
+            let Some((ticks, rss)) = crate::metrics::process_usage(vm.pid) else {
+                continue;
+            };
+            let disk = crate::metrics::allocated_disk_bytes(&self.capsule_dir(&id));
+            let vcpus = f64::from(r.vcpus.max(1));
+            drop(state);
+            let mut all = lock(&self.metrics);
+            let s = all.entry(id).or_default();
+            let cpu_pct = match s.last_cpu {
+                Some((t0, at)) if ticks >= t0 => {
+                    let secs = now.duration_since(at).as_secs_f64().max(1e-3);
+                    ((ticks - t0) as f64 / ticks_per_sec / secs / vcpus * 100.0).clamp(0.0, 100.0)
+                }
+                _ => 0.0,
+            };
+            s.last_cpu = Some((ticks, now));
+            s.rings.push(crate::metrics::MetricPoint {
+                timestamp_unix: unix,
+                cpu_pct,
+                mem_bytes: rss,
+                disk_bytes: disk,
+            });
+        }
+    }
+
+    /// Metric points of a capsule on this host (running, or paused: the points kept at pause).
+    pub fn metrics(&self, id: &str, range: &str) -> Result<Vec<crate::metrics::MetricPoint>> {
+        let (tier, window) = crate::metrics::Tier::for_range(range)
+            .ok_or_else(|| AgentError::InvalidRequest(format!("unknown range {range:?}")))?;
+        if !lock(&self.capsules).contains_key(id) {
+            return Err(AgentError::NotFound(format!(
+                "capsule {id} not found on this host"
+            )));
+        }
+        let now = chrono::Utc::now().timestamp();
+        Ok(lock(&self.metrics)
+            .get(id)
+            .map(|s| s.rings.query(tier, window, now))
+            .unwrap_or_default())
+    }
+
+    /// Saves a capsule's rings beside it (at pause), so they survive an agent restart.
+    fn save_metrics(&self, id: &str) {
+        let rings = lock(&self.metrics).get(id).map(|s| s.rings.clone());
+        if let Some(rings) = rings {
+            if let Err(e) = rings.save(&self.capsule_dir(id).join("metrics.json")) {
+                warn!(capsule_id = id, error = %e, "cannot save metrics");
+            }
+        }
+        // The next CPU reading comes from a new VMM process.
+        if let Some(s) = lock(&self.metrics).get_mut(id) {
+            s.last_cpu = None;
+        }
     }
 
     fn entry(&self, id: &str) -> Result<Arc<Entry>> {
@@ -1004,6 +1097,17 @@ impl CapsuleManager {
             match self.recover_one(record.clone(), &dir).await {
                 Some(r) => {
                     info!(capsule_id = %r.id, phase = ?r.phase, "re-adopted capsule");
+                    if let Some(rings) =
+                        crate::metrics::Rings::load(&self.capsule_dir(&r.id).join("metrics.json"))
+                    {
+                        lock(&self.metrics).insert(
+                            r.id.clone(),
+                            Sampler {
+                                rings,
+                                last_cpu: None,
+                            },
+                        );
+                    }
                     let entry = Arc::new(Entry {
                         state: tokio::sync::Mutex::new(Some(r.clone())),
                     });

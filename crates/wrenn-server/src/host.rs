@@ -28,6 +28,12 @@ pub trait HostClient: Send + Sync {
     ) -> Result<CapsuleInfo, AgentError>;
     /// A live snapshot of a running capsule, stored on its host as `snapshot_id`.
     async fn snapshot(&self, id: &str, snapshot_id: &str) -> Result<SnapshotMeta, AgentError>;
+    /// Metric points for an API `range` (running capsules live, paused ones as saved).
+    async fn metrics(
+        &self,
+        id: &str,
+        range: &str,
+    ) -> Result<Vec<wrenn_agent::metrics::MetricPoint>, AgentError>;
     /// Idempotent; files in use by capsules stay until those are gone.
     async fn delete_snapshot(&self, snapshot_id: &str) -> Result<(), AgentError>;
     /// Idempotent: destroying an unknown capsule succeeds with `false`.
@@ -89,6 +95,13 @@ impl HostClient for LocalHost {
     }
     async fn snapshot(&self, id: &str, snapshot_id: &str) -> Result<SnapshotMeta, AgentError> {
         self.manager.snapshot(id, snapshot_id).await
+    }
+    async fn metrics(
+        &self,
+        id: &str,
+        range: &str,
+    ) -> Result<Vec<wrenn_agent::metrics::MetricPoint>, AgentError> {
+        self.manager.metrics(id, range)
     }
     async fn delete_snapshot(&self, snapshot_id: &str) -> Result<(), AgentError> {
         self.manager.delete_snapshot(snapshot_id).await

@@ -251,6 +251,34 @@ impl CapsuleService {
             .template)
     }
 
+    /// `GET /metrics`: running and paused capsules (and those between the two); others 404.
+    pub async fn metrics(
+        &self,
+        team_id: &str,
+        id: &str,
+        range: Option<&str>,
+    ) -> Result<serde_json::Value> {
+        use CapsuleStatus::*;
+        let range = range.unwrap_or("10m");
+        if wrenn_agent::metrics::Tier::for_range(range).is_none() {
+            return Err(ApiError::invalid(format!(
+                "range must be one of 5m, 10m, 1h, 2h, 6h, 12h, 24h; got {range:?}"
+            )));
+        }
+        let row = self.owned(team_id, id).await?;
+        if !matches!(
+            row.capsule.status,
+            Running | Pausing | Paused | Resuming | Snapshotting
+        ) {
+            return Err(ApiError::not_found(format!(
+                "no metrics for capsule {id}: it is {}",
+                row.capsule.status.as_str()
+            )));
+        }
+        let points = self.host.metrics(id, range).await.map_err(from_agent)?;
+        Ok(serde_json::json!({ "sandbox_id": id, "range": range, "points": points }))
+    }
+
     /// `GET /v1/snapshots`: the team's snapshots and the platform's base templates.
     pub async fn list_templates(&self, team_id: &str, kind: Option<&str>) -> Result<Vec<Template>> {
         if let Some(k) = kind {

@@ -63,6 +63,24 @@ pub async fn resume(
     Ok((StatusCode::ACCEPTED, Json(capsule)))
 }
 
+#[derive(serde::Deserialize)]
+pub struct MetricsQuery {
+    range: Option<String>,
+}
+
+pub async fn metrics(
+    State(s): State<AppState>,
+    auth: TeamAuth,
+    Path(id): Path<String>,
+    Query(q): Query<MetricsQuery>,
+) -> Result<impl IntoResponse, HttpError> {
+    Ok(Json(
+        s.capsules
+            .metrics(&auth.team_id, &id, q.range.as_deref())
+            .await?,
+    ))
+}
+
 pub async fn ping(
     State(s): State<AppState>,
     auth: TeamAuth,
