@@ -259,3 +259,37 @@ def test_openapi_is_served(api):
     r = api.get("/openapi.yaml")
     assert r.status_code == 200
     assert r.text == (Path(__file__).resolve().parents[2] / "docs/openapi.yaml").read_text()
+
+
+def test_limits_follow_the_host(api):
+    cpus = os.cpu_count()
+    if cpus < 8:
+        r = api.post("/v1/capsules", json={"vcpus": cpus + 1})
+        assert_error(r, 400, "invalid_request")
+        assert "CPUs" in r.json()["error"]["message"]
+    r = api.post("/v1/capsules", json={"vcpus": 9})
+    assert_error(r, 400, "invalid_request")
+    assert "between 1 and 8" in r.json()["error"]["message"]
+
+
+def test_the_guest_gets_the_disk_it_asked_for_and_a_full_disk_is_only_enospc(api):
+    r = api.post("/v1/capsules", json={"disk_size_mb": 2048})
+    assert r.status_code == 202, r.text
+    cid = r.json()["id"]
+    try:
+        c = wait_status(api, cid, {"running", "error"}, timeout=90)
+        assert c["status"] == "running", c
+        assert c["disk_size_mb"] == 2048
+
+        def run(cmd):
+            r = api.post(f"/v1/capsules/{cid}/exec", json={"cmd": cmd, "timeout_sec": 120})
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        size_mb = int(run("df -BM --output=size / | tail -1")["stdout"].strip().rstrip("M"))
+        assert 1800 <= size_mb <= 2048, size_mb
+        full = run("dd if=/dev/zero of=/root/fill bs=1M count=4000 2>&1; echo rc=$?")
+        assert "No space left on device" in full["stdout"], full
+        assert run("rm /root/fill && echo fine > /root/after && cat /root/after && sync")["stdout"] == "fine\n"
+    finally:
+        api.delete(f"/v1/capsules/{cid}")

@@ -27,6 +27,6 @@ pub use config::AgentConfig;
 pub use envd_client::{EnvdClient, FileReader, FileWriter, PtyEvent, PtySession};
 pub use error::AgentError;
 pub use manager::{
-    CapsuleInfo, CapsuleManager, ExecEvent, ExecOutput, ExecStream, Phase, SnapshotMeta,
-    StartedProcess, UserSnapshot,
+    CapsuleInfo, CapsuleManager, ExecEvent, ExecOutput, ExecStream, HostCapacity, Phase,
+    SnapshotMeta, StartedProcess, UserSnapshot,
 };

@@ -33,6 +33,29 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// A paused capsule's saved VM state (devices and RAM), in its directory.
 const SAVED_STATE: &str = "saved.state";
 
+/// The most one capsule can have on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostCapacity {
+    pub cpus: u32,
+    pub memory_mb: u64,
+    pub disk_free_mb: u64,
+}
+
+/// Free space (MiB) of the filesystem holding `path`.
+fn free_mb(path: &std::path::Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return 0;
+    };
+    // SAFETY: `statvfs` is plain old data; all zeroes is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs reads a NUL-terminated path and writes one struct we own.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return 0;
+    }
+    (st.f_bavail as u64).saturating_mul(st.f_frsize as u64) / (1024 * 1024)
+}
+
 /// A user snapshot as the control plane names it on this host.
 #[derive(Debug, Clone)]
 pub struct UserSnapshot {
@@ -231,6 +254,32 @@ impl CapsuleManager {
                 Some((r.name.to_string(), meta.len(), built))
             })
             .collect()
+    }
+
+    /// What one capsule on this host can have at most: the host's CPUs, its memory less a
+    /// reserve for the host itself, and the free space where capsule disks live.
+    pub fn capacity(&self) -> HostCapacity {
+        const HOST_RESERVE_MB: u64 = 512;
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
+        let mem_total_mb = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map(|kib| kib / 1024)
+            .unwrap_or(0);
+        HostCapacity {
+            cpus,
+            memory_mb: mem_total_mb.saturating_sub(HOST_RESERVE_MB),
+            disk_free_mb: free_mb(&self.cfg.capsules_dir()),
+        }
     }
 
     pub fn has_template(&self, name: &str) -> bool {

@@ -16,6 +16,8 @@ use wrenn_api::CapsuleSpec;
 pub trait HostClient: Send + Sync {
     fn host_id(&self) -> &str;
     async fn templates(&self) -> Result<Vec<String>, AgentError>;
+    /// The most one capsule can have on this host.
+    async fn capacity(&self) -> Result<wrenn_agent::HostCapacity, AgentError>;
     /// Base templates (root filesystems) with their image sizes in bytes.
     async fn base_templates(&self)
         -> Result<Vec<(String, u64, std::time::SystemTime)>, AgentError>;
@@ -79,6 +81,9 @@ impl HostClient for LocalHost {
     }
     async fn templates(&self) -> Result<Vec<String>, AgentError> {
         Ok(self.manager.templates())
+    }
+    async fn capacity(&self) -> Result<wrenn_agent::HostCapacity, AgentError> {
+        Ok(self.manager.capacity())
     }
     async fn base_templates(
         &self,

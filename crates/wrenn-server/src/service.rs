@@ -79,6 +79,25 @@ impl CapsuleService {
                 templates.join(", ")
             )));
         };
+        let cap = self.host.capacity().await.map_err(from_agent)?;
+        if spec.vcpus > cap.cpus {
+            return Err(ApiError::invalid(format!(
+                "vcpus {} is more than this host has ({} CPUs)",
+                spec.vcpus, cap.cpus
+            )));
+        }
+        if u64::from(spec.memory_mb) > cap.memory_mb {
+            return Err(ApiError::invalid(format!(
+                "memory_mb {} is more than this host can give one capsule ({} MiB)",
+                spec.memory_mb, cap.memory_mb
+            )));
+        }
+        if u64::from(spec.disk_size_mb) > cap.disk_free_mb {
+            return Err(ApiError::invalid(format!(
+                "disk_size_mb {} is more than the free space on this host ({} MiB)",
+                spec.disk_size_mb, cap.disk_free_mb
+            )));
+        }
         let id = new_id(prefix::CAPSULE);
         let row = self
             .store
