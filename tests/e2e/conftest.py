@@ -92,26 +92,26 @@ class Platform:
         return key
 
 
-@pytest.fixture(scope="session")
-def platform():
+def start_platform(data_dir=None, slot_base=SLOT_BASE, max_slots=MAX_SLOTS, destroy_on_exit=True):
+    """Starts `wrenn up` and waits until it serves; `data_dir` may hold a previous run's state."""
     wrenn = Path(os.environ.get("WRENN_BIN", ROOT / "target/debug/wrenn"))
     envd = Path(os.environ.get("WRENN_ENVD", ROOT / "target/x86_64-unknown-linux-gnu/release/envd"))
     assert wrenn.is_file(), f"build the platform first: {wrenn}"
     assert envd.is_file(), f"build envd first: {envd}"
-    data_dir = tempfile.mkdtemp(prefix="wrenn-e2e-")
+    data_dir = data_dir or tempfile.mkdtemp(prefix="wrenn-e2e-")
     port = free_port()
     env = dict(
         os.environ,
-        WRENN_DATA_DIR=data_dir,
+        WRENN_DATA_DIR=str(data_dir),
         WRENN_LISTEN=f"127.0.0.1:{port}",
         WRENN_IMAGES_DIR=os.environ.get("WRENN_IMAGES_DIR", str(ROOT / "target/wrenn-images")),
         WRENN_ENVD=str(envd),
-        WRENN_SLOT_BASE=SLOT_BASE,
-        WRENN_MAX_SLOTS=str(MAX_SLOTS),
-        WRENN_DESTROY_ON_EXIT="true",
+        WRENN_SLOT_BASE=slot_base,
+        WRENN_MAX_SLOTS=str(max_slots),
+        WRENN_DESTROY_ON_EXIT="true" if destroy_on_exit else "false",
         RUST_LOG=os.environ.get("RUST_LOG", "info"),
     )
-    log = open(Path(data_dir) / "wrenn-up.log", "w")
+    log = open(Path(data_dir) / "wrenn-up.log", "a")
     proc = subprocess.Popen([str(wrenn), "up"], env=env, stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 900  # the first start may build guest images
@@ -127,23 +127,36 @@ def platform():
                 pass
         time.sleep(0.2)
     b = json.loads(bootstrap.read_text())
-    assert b["base_url"] == base_url
+    p = Platform(base_url, b["api_key"], data_dir, proc)
+    p.log = log
+    return p
+
+
+def stop_platform(p):
+    """Stops `wrenn up` cleanly and asserts that nothing is left behind."""
+    p.proc.send_signal(signal.SIGTERM)
+    try:
+        p.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.proc.kill()
+        raise
+    p.log.close()
+    assert p.proc.returncode == 0, (p.data_dir / "wrenn-up.log").read_text()[-4000:]
+    assert vmm_processes(str(p.data_dir)) == [], "VMM processes left running"
+    assert not any((p.data_dir / "capsules").iterdir()), "capsule directories left behind"
+
+
+@pytest.fixture(scope="session")
+def platform():
+    p = start_platform()
+    assert p.base_url.startswith("http://127.0.0.1:")
+    b = json.loads((p.data_dir / "bootstrap.json").read_text())
+    assert b["base_url"] == p.base_url
     assert b["admin_email"]
     assert b["api_key"].startswith("wrn_") and len(b["api_key"]) == 36
-    p = Platform(base_url, b["api_key"], data_dir, proc)
     yield p
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-    log.close()
-    assert proc.returncode == 0, (Path(data_dir) / "wrenn-up.log").read_text()[-4000:]
-    # Nothing left behind.
-    assert vmm_processes(data_dir) == [], "VMM processes left running"
+    stop_platform(p)
     assert slot_namespaces() == [], "network namespaces left behind"
-    assert not any((Path(data_dir) / "capsules").iterdir()), "capsule directories left behind"
 
 
 @pytest.fixture

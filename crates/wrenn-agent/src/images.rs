@@ -378,6 +378,20 @@ pub(crate) struct DirLock {
 }
 
 impl DirLock {
+    /// The lock if nobody holds it right now.
+    pub(crate) fn try_acquire(path: &Path) -> Option<Self> {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .ok()?;
+        // SAFETY: flock on a descriptor this function owns; LOCK_NB never blocks.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        (rc == 0).then_some(Self { _file: file })
+    }
+
     pub(crate) async fn acquire(path: PathBuf) -> Result<Self> {
         let file = std::fs::OpenOptions::new()
             .create(true)

@@ -1128,8 +1128,47 @@ impl CapsuleManager {
         Ok(())
     }
 
+    /// Removes what interrupted snapshot builds left: half-written user snapshots, and
+    /// template snapshot builds nobody holds the lock of any more (with their VM).
+    async fn remove_interrupted_snapshots(&self) {
+        if let Ok(rd) = std::fs::read_dir(self.cfg.data_dir.join("snapshots")) {
+            for p in rd.flatten().map(|e| e.path()) {
+                if p.extension().is_some_and(|x| x == "tmp") {
+                    warn!(dir = %p.display(), "removing an interrupted snapshot");
+                    let _ = tokio::fs::remove_dir_all(&p).await;
+                }
+            }
+        }
+        let root = self.cfg.images_dir().join("snapshots");
+        let Ok(rd) = std::fs::read_dir(&root) else {
+            return;
+        };
+        for p in rd.flatten().map(|e| e.path()) {
+            if p.extension().is_none_or(|x| x != "tmp") {
+                continue;
+            }
+            let Some(key) = p.file_stem().map(|s| s.to_string_lossy().to_string()) else {
+                continue;
+            };
+            let Some(_lock) =
+                crate::images::DirLock::try_acquire(&root.join(format!("{key}.lock")))
+            else {
+                continue; // another agent is building it right now
+            };
+            for pid in crate::vmm::qemu::find_by_name(&format!("tpl-{key}")) {
+                // SAFETY: kill(2) on a QEMU whose command line names this abandoned build.
+                unsafe {
+                    libc::kill(pid as i32, libc::SIGKILL);
+                }
+            }
+            warn!(dir = %p.display(), "removing an interrupted template snapshot build");
+            let _ = tokio::fs::remove_dir_all(&p).await;
+        }
+    }
+
     /// Re-adopts live VMs from a previous agent run and removes whatever dead ones left.
     async fn recover(&self) {
+        self.remove_interrupted_snapshots().await;
         let Ok(rd) = std::fs::read_dir(self.cfg.capsules_dir()) else {
             return;
         };
@@ -1168,6 +1207,46 @@ impl CapsuleManager {
                 }
             }
         }
+        // VMs no record accounts for: started by a create or resume the crash cut short before
+        // it could record them. Each holds its capsule's disk; none may outlive this moment.
+        let adopted: HashMap<String, u32> = {
+            let entries: Vec<_> = lock(&self.capsules)
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let mut m = HashMap::new();
+            for (id, e) in entries {
+                if let Some(pid) = e
+                    .state
+                    .lock()
+                    .await
+                    .as_ref()
+                    .and_then(|r| r.vm.as_ref())
+                    .map(|v| v.pid)
+                {
+                    m.insert(id, pid);
+                }
+            }
+            m
+        };
+        let capsules_dir = self.cfg.capsules_dir().to_string_lossy().to_string();
+        for (pid, name) in crate::vmm::qemu::find_mentioning(&capsules_dir) {
+            if adopted.get(&name) != Some(&pid) {
+                warn!(capsule_id = %name, pid, "killing a VM no capsule record accounts for");
+                // SAFETY: kill(2) on a QEMU whose command line names this agent's capsules
+                // directory and that no adopted capsule owns.
+                unsafe {
+                    libc::kill(pid as i32, libc::SIGKILL);
+                }
+                // Its disk lock goes with it; wait, so a resume right after start finds it free.
+                for _ in 0..500 {
+                    if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
         // Namespaces no capsule owns are leftovers of a crash between slot creation and persist.
         let owned: BTreeSet<u32> = lock(&self.slots).clone();
         for index in net::existing_slots(self.cfg.slot_base, self.cfg.max_slots) {
@@ -1203,12 +1282,20 @@ impl CapsuleManager {
         };
         match record.phase {
             Phase::Running => {
-                if alive && record.envd_version.is_some() && healthy(&record).await {
-                    // A saved state left by a crash right after a resume is stale.
-                    let _ = std::fs::remove_file(&saved);
-                    return Some(record);
+                if !alive || record.envd_version.is_none() {
+                    return None;
                 }
-                None
+                if !healthy(&record).await {
+                    // Frozen by a live snapshot the crash interrupted: it runs on.
+                    let vm = record.vm.clone()?;
+                    self.vmm.thaw(&vm).await.ok()?;
+                    if !healthy(&record).await {
+                        return None;
+                    }
+                }
+                // A saved state left by a crash right after a resume is stale.
+                let _ = std::fs::remove_file(&saved);
+                Some(record)
             }
             Phase::Pausing if saved.exists() => to_paused(record).await,
             Phase::Pausing => {

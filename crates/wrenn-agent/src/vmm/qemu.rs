@@ -483,6 +483,35 @@ fn comm(pid: u32) -> Option<String> {
 
 /// PIDs of the QEMU processes whose command line names `id` (diagnostics and tests; the agent
 /// itself identifies its VMs by pid and start time).
+/// QEMU processes whose command line mentions `needle` (e.g. an agent's capsules directory),
+/// with their `-name`.
+pub fn find_mentioning(needle: &str) -> Vec<(u32, String)> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| comm(*pid).is_some_and(|c| c.starts_with("qemu-system")))
+        .filter(|pid| stat_fields(*pid).is_some_and(|(state, _)| state != 'Z'))
+        .filter_map(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+            if !args
+                .iter()
+                .any(|a| String::from_utf8_lossy(a).contains(needle))
+            {
+                return None;
+            }
+            let name = args
+                .iter()
+                .position(|a| *a == b"-name")
+                .and_then(|i| args.get(i + 1))
+                .map(|n| String::from_utf8_lossy(n).to_string())?;
+            Some((pid, name))
+        })
+        .collect()
+}
+
 pub fn find_by_name(id: &str) -> Vec<u32> {
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return Vec::new();
