@@ -293,3 +293,19 @@ def test_the_guest_gets_the_disk_it_asked_for_and_a_full_disk_is_only_enospc(api
         assert run("rm /root/fill && echo fine > /root/after && cat /root/after && sync")["stdout"] == "fine\n"
     finally:
         api.delete(f"/v1/capsules/{cid}")
+
+
+def test_a_vm_that_dies_turns_its_capsule_error_with_a_reason(api, platform, running_capsule):
+    cid = running_capsule["id"]
+    pids = vmm_processes(cid)
+    assert len(pids) == 1
+    os.kill(pids[0], signal.SIGKILL)
+    c = wait_status(api, cid, {"error"}, timeout=20)
+    assert c["status"] == "error"
+    import sqlite3
+    db = sqlite3.connect(platform.data_dir / "wrenn.db")
+    (reason,) = db.execute("SELECT error FROM capsules WHERE id = ?", (cid,)).fetchone()
+    db.close()
+    assert "exited unexpectedly" in reason, reason
+    assert not (platform.data_dir / "capsules" / cid).exists()
+    assert_error(api.post(f"/v1/capsules/{cid}/exec", json={"cmd": "true"}), 409, "invalid_state")

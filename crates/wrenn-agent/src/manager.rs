@@ -901,6 +901,53 @@ impl CapsuleManager {
         self.envd(record).restored().await
     }
 
+    /// Finds running capsules whose VM died under them (killed, crashed, out of memory),
+    /// removes what is left of each, and reports them with the reason.
+    pub async fn reap_dead_vms(&self) -> Vec<(String, String)> {
+        let entries: Vec<(String, Arc<Entry>)> = lock(&self.capsules)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut dead = Vec::new();
+        for (id, entry) in entries {
+            // A capsule mid-operation is that operation's to judge.
+            let Ok(mut state) = entry.state.try_lock() else {
+                continue;
+            };
+            let gone = state.as_ref().is_some_and(|r| {
+                r.phase == Phase::Running && r.vm.as_ref().is_some_and(|vm| !self.vmm.is_alive(vm))
+            });
+            if !gone {
+                continue;
+            }
+            let Some(record) = state.take() else { continue };
+            let vm = record.vm.as_ref();
+            let console = vm.map(|v| tail(&v.console_log)).unwrap_or_default();
+            let qemu = vm
+                .map(|v| tail(&v.console_log.with_file_name("qemu.log")))
+                .unwrap_or_default();
+            let reason = format!(
+                "the VM exited unexpectedly (qemu: {}; console: {})",
+                if qemu.is_empty() { "no message" } else { &qemu },
+                if console.is_empty() {
+                    "empty"
+                } else {
+                    &console
+                }
+            );
+            warn!(capsule_id = %id, %reason, "VM died");
+            self.teardown(&record).await;
+            lock(&self.capsules).remove(&id);
+            lock(&self.metrics).remove(&id);
+            drop(state);
+            if let Some(snap) = &record.snapshot {
+                self.collect_snapshot(snap).await;
+            }
+            dead.push((id, reason));
+        }
+        dead
+    }
+
     /// Takes one metrics sample of every running capsule (skipping any that is mid-operation).
     fn sample_metrics(&self) {
         let entries: Vec<(String, Arc<Entry>)> = lock(&self.capsules)

@@ -16,6 +16,9 @@ use wrenn_api::CapsuleSpec;
 pub trait HostClient: Send + Sync {
     fn host_id(&self) -> &str;
     async fn templates(&self) -> Result<Vec<String>, AgentError>;
+    /// Running capsules whose VM died since the last call, with the reason (each is already
+    /// cleaned up on the host).
+    async fn reap_dead(&self) -> Result<Vec<(String, String)>, AgentError>;
     /// The most one capsule can have on this host.
     async fn capacity(&self) -> Result<wrenn_agent::HostCapacity, AgentError>;
     /// Base templates (root filesystems) with their image sizes in bytes.
@@ -81,6 +84,9 @@ impl HostClient for LocalHost {
     }
     async fn templates(&self) -> Result<Vec<String>, AgentError> {
         Ok(self.manager.templates())
+    }
+    async fn reap_dead(&self) -> Result<Vec<(String, String)>, AgentError> {
+        Ok(self.manager.reap_dead_vms().await)
     }
     async fn capacity(&self) -> Result<wrenn_agent::HostCapacity, AgentError> {
         Ok(self.manager.capacity())

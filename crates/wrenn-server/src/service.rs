@@ -751,6 +751,14 @@ impl CapsuleService {
         Ok(())
     }
 
+    /// Marks `error`, with the reason, every capsule whose VM died under it.
+    pub async fn record_dead_vms(&self) -> Result<()> {
+        for (id, reason) in self.host.reap_dead().await.map_err(from_agent)? {
+            self.store.mark_error(&id, &reason).await?;
+        }
+        Ok(())
+    }
+
     /// One pass of the TTL reaper: auto-pauses every running capsule whose inactivity timeout
     /// has passed and that nothing is attached to.
     pub async fn pause_idle(&self) -> Result<()> {

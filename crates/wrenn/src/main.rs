@@ -138,13 +138,16 @@ async fn up(args: UpArgs) -> Result<()> {
         .reconcile()
         .await
         .map_err(|e| anyhow::anyhow!("reconcile: {e}"))?;
-    // The TTL reaper: auto-pauses idle capsules (REFERENCE.md: every 2 s).
+    // Every 2 s: capsules whose VM died turn `error`; idle ones are auto-paused (REFERENCE.md).
     let reaper = capsules.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            if let Err(e) = reaper.record_dead_vms().await {
+                tracing::warn!(error = %e.message, "dead-VM pass failed");
+            }
             if let Err(e) = reaper.pause_idle().await {
                 tracing::warn!(error = %e.message, "TTL reaper pass failed");
             }
