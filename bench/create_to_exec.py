@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
-"""Benchmark: API create -> first exec answered, against raw QEMU booting the same
-kernel/initramfs/rootfs to envd-ready, in one run on the same machine.
+"""Benchmark: a cold boot — API create -> first exec answered with template snapshots off
+(`WRENN_TEMPLATE_SNAPSHOTS=false`, what the first create of a template does before it is
+snapshotted), against raw QEMU booting the same kernel/initramfs/rootfs to envd-ready, in one
+run on the same machine. `lifecycle.py` measures the restore path.
 
     sudo python3 bench/create_to_exec.py [--runs N]
 
@@ -40,7 +42,8 @@ def start_platform(data_dir):
     port.close()
     env = dict(os.environ, WRENN_DATA_DIR=data_dir, WRENN_LISTEN=f"127.0.0.1:{p}",
                WRENN_IMAGES_DIR=os.environ.get("WRENN_IMAGES_DIR", str(ROOT / "target/wrenn-images")),
-               WRENN_SLOT_BASE=SLOT_BASE, WRENN_DESTROY_ON_EXIT="true", RUST_LOG="warn")
+               WRENN_SLOT_BASE=SLOT_BASE, WRENN_DESTROY_ON_EXIT="true", RUST_LOG="warn",
+               WRENN_TEMPLATE_SNAPSHOTS=os.environ.get("WRENN_TEMPLATE_SNAPSHOTS", "true"))
     # The newest build (envd beside it is always the current one, so an older wrenn would speak
     # an older protocol).
     builds = [p for p in (ROOT / "target/release/wrenn", ROOT / "target/debug/wrenn") if p.exists()]
@@ -145,9 +148,16 @@ def raw_run(template, work):
             backing = sorted((images / "rootfs").glob("minimal-*.ext4"))[-1]
             sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", "raw", str(disk), "5120M")
             args.append(",".join(f"file={disk}" if p.startswith("file=") else p for p in spec.split(",")))
-        elif a in ("-qmp", "-serial"):
+        elif a == "-qmp":
             next(it)
-            args.append(f"unix:{work}/raw.qmp,server=on,wait=off" if a == "-qmp" else f"file:{work}/raw.console")
+            args.append(f"unix:{work}/raw.qmp,server=on,wait=off")
+        elif a == "-chardev":
+            spec = next(it)
+            if spec.startswith("socket,id=lifeline"):
+                spec = f"socket,id=lifeline,path={work}/raw.life,server=on,wait=off"
+            elif spec.startswith("file,id=console"):
+                spec = f"file,id=console,path={work}/raw.console,append=on"
+            args.append(spec)
         elif a == "-name":
             next(it)
             args.append("wrenn-bench-raw")
@@ -169,6 +179,7 @@ def main():
     args = ap.parse_args()
     data_dir = tempfile.mkdtemp(prefix="wrenn-bench-")
     work = Path(data_dir)
+    os.environ["WRENN_TEMPLATE_SNAPSHOTS"] = "false"
     proc, base_url, key = start_platform(data_dir)
     try:
         api = httpx.Client(base_url=base_url, headers={"X-API-Key": key}, timeout=60)

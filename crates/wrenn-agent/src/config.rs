@@ -45,6 +45,8 @@ pub struct AgentConfig {
     pub qemu_binary: String,
     /// How long a cold boot may take before the capsule is declared failed.
     pub boot_timeout: std::time::Duration,
+    /// Restore creates from template snapshots (made on first use) instead of cold-booting.
+    pub template_snapshots: bool,
 }
 
 impl AgentConfig {
@@ -59,6 +61,7 @@ impl AgentConfig {
             debian_mirror: "http://deb.debian.org/debian".to_string(),
             qemu_binary: "qemu-system-x86_64".to_string(),
             boot_timeout: std::time::Duration::from_secs(25),
+            template_snapshots: true,
         }
     }
 

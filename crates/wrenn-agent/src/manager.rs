@@ -406,6 +406,9 @@ impl CapsuleManager {
     async fn boot_vm(&self, record: &mut CapsuleRecord, rootfs: &std::path::Path) -> Result<()> {
         std::fs::create_dir_all(self.capsule_dir(&record.id))?;
         self.persist(record)?;
+        if !self.cfg.template_snapshots {
+            return self.cold_boot(record, rootfs).await;
+        }
         match self.template_snapshot(record, rootfs).await {
             Ok(snap) => self.restore_from_template(record, &snap).await,
             Err(e) => {

@@ -79,6 +79,10 @@ struct UpArgs {
     /// Destroy every capsule on shutdown instead of leaving them running for the next start.
     #[arg(long, env = "WRENN_DESTROY_ON_EXIT")]
     destroy_on_exit: bool,
+    /// Restore every create from a template snapshot made on first use (`false`: cold-boot
+    /// every capsule; saves the snapshots' disk space, costs ~1.5 s per create).
+    #[arg(long, env = "WRENN_TEMPLATE_SNAPSHOTS", default_value_t = true, action = clap::ArgAction::Set)]
+    template_snapshots: bool,
 }
 
 fn main() -> Result<()> {
@@ -121,6 +125,7 @@ async fn up(args: UpArgs) -> Result<()> {
     cfg.slot_base = args.slot_base;
     cfg.max_slots = args.max_slots;
     cfg.debian_mirror = args.debian_mirror;
+    cfg.template_snapshots = args.template_snapshots;
 
     info!(data_dir = %data_dir.display(), "starting the host agent (first start builds guest images)");
     let manager = CapsuleManager::start(cfg)

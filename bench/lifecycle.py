@@ -1,0 +1,304 @@
+#!/usr/bin/env python3
+"""Benchmark: the capsule lifecycle against raw QEMU doing the same step, in one run.
+
+    sudo python3 bench/lifecycle.py [--runs N]
+
+For each run, on the platform (its own `wrenn up`, temporary data dir, shared image cache):
+create → first exec answered; pause → `paused`; resume → first exec answered; and the idle
+VMM's RSS/PSS. The baseline replays the very QEMU command line the platform used (read from
+/proc) in a network namespace set up the same way, with QMP by hand: restore the template
+snapshot (RAM file mapped copy-on-write, `migrate-incoming`, `cont`) until envd answers; save
+(`stop`, `migrate` to a file); restore that file until envd answers; RSS/PSS when idle.
+Medians and ratios platform/raw are printed. Compare ratios, not seconds: the machine is shared.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from create_to_exec import (  # noqa: E402
+    HEALTH_FRAME, RAW_NS, ROOT, qemu_cmdline, setup_raw_netns, sh, start_platform, teardown_raw_netns,
+)
+
+import httpx  # noqa: E402
+
+
+class Qmp:
+    def __init__(self, path, timeout=30):
+        deadline = time.time() + timeout
+        while True:
+            try:
+                self.s = socket.socket(socket.AF_UNIX)
+                self.s.connect(str(path))
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.005)
+        self.f = self.s.makefile("rw")
+        json.loads(self.f.readline())
+        self.cmd("qmp_capabilities")
+
+    def cmd(self, execute, **arguments):
+        msg = {"execute": execute}
+        if arguments:
+            msg["arguments"] = arguments
+        self.f.write(json.dumps(msg) + "\n")
+        self.f.flush()
+        while True:
+            m = json.loads(self.f.readline())
+            if "return" in m:
+                return m["return"]
+            if "error" in m:
+                raise RuntimeError(f"{execute}: {m['error']}")
+
+    def wait_migration(self):
+        while True:
+            st = self.cmd("query-migrate").get("status")
+            if st == "completed":
+                return
+            if st in ("failed", "cancelled"):
+                raise RuntimeError("migration " + st)
+            time.sleep(0.005)
+
+    def close(self):
+        self.s.close()
+
+
+EXEC = json.dumps({"op": "exec", "cmd": "true", "timeout_ms": 10000}).encode()
+EXEC_FRAME = bytes([1]) + len(EXEC).to_bytes(4, "big") + EXEC
+
+
+class EnvdProbe:
+    """A helper inside the raw netns, started (interpreter loaded) before the clock starts: on
+    `go` (sent once the guest runs) it waits until envd answers, then runs `true` through it to its exit, as the platform's
+    measurement ends with an exec answered."""
+
+    CODE = (
+        "import socket,sys,time\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "while True:\n"
+        "  try:\n"
+        "    s=socket.create_connection(('10.200.0.2',49983),timeout=0.5)\n"
+        "    s.sendall(HEALTH)\n"
+        "    if s.recv(5): break\n"
+        "  except OSError: time.sleep(0.005)\n"
+        "s=socket.create_connection(('10.200.0.2',49983),timeout=10)\n"
+        "s.sendall(EXEC)\n"
+        "f=s.makefile('rb')\n"
+        "while True:\n"
+        "  h=f.read(5)\n"
+        "  if len(h)<5: sys.exit(1)\n"
+        "  body=f.read(int.from_bytes(h[1:],'big'))\n"
+        "  if h[0]==1 and b'exit' in body: break\n"
+        "print('done', flush=True)\n"
+    )
+
+    def __init__(self):
+        code = f"HEALTH={HEALTH_FRAME!r}\nEXEC={EXEC_FRAME!r}\n" + self.CODE
+        self.p = subprocess.Popen(["ip", "netns", "exec", RAW_NS, sys.executable, "-c", code],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.p.stdout.readline().strip() == "ready"
+
+    def go(self):
+        self.p.stdin.write("go\n")
+        self.p.stdin.flush()
+
+    def wait(self):
+        assert self.p.stdout.readline().strip() == "done", "envd never answered the raw VM's exec"
+        self.p.wait(timeout=10)
+
+
+def rewrite(cmdline, work, disk, memory):
+    """The platform's QEMU command line, with the raw run's own disk, sockets and memory."""
+    args, it = [], iter(cmdline)
+    for a in it:
+        args.append(a)
+        if a == "-drive":
+            spec = next(it)
+            args.append(",".join(f"file={disk}" if p.startswith("file=") else p for p in spec.split(",")))
+        elif a == "-qmp":
+            next(it)
+            args.append(f"unix:{work}/raw.qmp,server=on,wait=off")
+        elif a == "-chardev":
+            spec = next(it)
+            if spec.startswith("socket,id=lifeline"):
+                spec = f"socket,id=lifeline,path={work}/raw.life,server=on,wait=off"
+            elif spec.startswith("file,id=console"):
+                spec = f"file,id=console,path={work}/raw.console,append=on"
+            args.append(spec)
+        elif a == "-object":
+            spec = next(it)
+            if spec.startswith("memory-backend"):
+                spec = memory
+            args.append(spec)
+        elif a == "-name":
+            next(it)
+            args.append("wrenn-bench-raw")
+    return args
+
+
+def spawn(args):
+    for f in ("raw.qmp", "raw.life"):
+        try:
+            os.unlink(Path(args[args.index("-qmp") + 1].split(",")[0][5:]).parent / f)
+        except (FileNotFoundError, ValueError):
+            pass
+    return subprocess.Popen(["ip", "netns", "exec", RAW_NS] + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def memory_kib(pid):
+    out = {}
+    for line in open(f"/proc/{pid}/smaps_rollup"):
+        k, _, v = line.partition(":")
+        if k in ("Rss", "Pss"):
+            out[k] = int(v.split()[0])
+    return out
+
+
+def raw_cycle(cmdline, snap_dir, work):
+    """Raw QEMU: restore the template snapshot, save, restore the save. Returns timings and
+    the idle memory of the first VM."""
+    disk = work / "raw.qcow2"
+    if disk.exists():
+        disk.unlink()
+    size = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(snap_dir / "disk.qcow2")],
+                                     capture_output=True, text=True, check=True).stdout)["virtual-size"]
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(snap_dir / "disk.qcow2"), "-F", "qcow2", str(disk), str(size))
+    mem_mb = cmdline[cmdline.index("-m") + 1].rstrip("M")
+    out = {}
+    # 1. restore from the template snapshot
+    args = rewrite(cmdline, work, disk, f"memory-backend-file,id=mem,size={mem_mb}M,mem-path={snap_dir / 'ram'},share=off")
+    probe = EnvdProbe()
+    t0 = time.perf_counter()
+    proc = spawn(args)
+    q = Qmp(work / "raw.qmp")
+    q.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
+    q.cmd("migrate-incoming", uri=f"exec:cat {snap_dir / 'state'}")
+    q.wait_migration()
+    q.cmd("cont")
+    probe.go()  # as the platform does: ask envd once the guest runs
+    probe.wait()
+    out["create"] = time.perf_counter() - t0
+    time.sleep(2)
+    out["mem"] = memory_kib(proc.pid)
+    # 2. save
+    state = work / "raw.state"
+    t0 = time.perf_counter()
+    q.cmd("stop")
+    q.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": False}])
+    q.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
+    q.cmd("migrate", uri=f"exec:dd of={state} bs=1M conv=fsync status=none")
+    q.wait_migration()
+    q.cmd("quit")
+    proc.wait()
+    out["pause"] = time.perf_counter() - t0
+    q.close()
+    # 3. restore the save
+    args = rewrite(cmdline, work, disk, f"memory-backend-ram,id=mem,size={mem_mb}M")
+    probe = EnvdProbe()
+    t0 = time.perf_counter()
+    proc = spawn(args)
+    q = Qmp(work / "raw.qmp")
+    q.cmd("migrate-incoming", uri=f"exec:cat {state}")
+    q.wait_migration()
+    q.cmd("cont")
+    probe.go()  # as the platform does: ask envd once the guest runs
+    probe.wait()
+    out["resume"] = time.perf_counter() - t0
+    q.close()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return out
+
+
+def wait_status(api, cid, target):
+    while True:
+        s = api.get(f"/v1/capsules/{cid}").json()["status"]
+        if s == target:
+            return
+        if s == "error":
+            raise SystemExit(f"capsule {cid} failed")
+        time.sleep(0.01)
+
+
+def first_exec(api, cid):
+    while api.post(f"/v1/capsules/{cid}/exec", json={"cmd": "true"}).status_code != 200:
+        time.sleep(0.01)
+
+
+def platform_cycle(api):
+    out = {}
+    t0 = time.perf_counter()
+    cid = api.post("/v1/capsules", json={}).json()["id"]
+    first_exec(api, cid)
+    out["create"] = time.perf_counter() - t0
+    cmdline = qemu_cmdline(cid)
+    time.sleep(2)
+    pid = next(int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit()
+               and cid.encode() in (d / "cmdline").read_bytes() and b"qemu-system" in (d / "cmdline").read_bytes())
+    out["mem"] = memory_kib(pid)
+    t0 = time.perf_counter()
+    assert api.post(f"/v1/capsules/{cid}/pause").status_code == 202
+    wait_status(api, cid, "paused")
+    out["pause"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    assert api.post(f"/v1/capsules/{cid}/resume").status_code == 202
+    first_exec(api, cid)
+    out["resume"] = time.perf_counter() - t0
+    api.delete(f"/v1/capsules/{cid}")
+    return out, cmdline
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+    data_dir = tempfile.mkdtemp(prefix="wrenn-bench-")
+    work = Path(data_dir)
+    proc, base_url, key = start_platform(data_dir)
+    try:
+        api = httpx.Client(base_url=base_url, headers={"X-API-Key": key}, timeout=120)
+        # The first create makes the template snapshot; it is not what is measured.
+        warm = api.post("/v1/capsules", json={}).json()["id"]
+        first_exec(api, warm)
+        api.delete(f"/v1/capsules/{warm}")
+        images = Path(os.environ.get("WRENN_IMAGES_DIR", str(ROOT / "target/wrenn-images")))
+        setup_raw_netns()
+        plat, raw = [], []
+        for _ in range(args.runs):  # interleaved, so load drift hits both alike
+            p, cmdline = platform_cycle(api)
+            mem_path = next(a for a in cmdline if "mem-path=" in a)
+            snap_dir = Path(mem_path.split("mem-path=")[1].split(",")[0]).parent
+            assert snap_dir.parent == images / "snapshots", snap_dir
+            plat.append(p)
+            raw.append(raw_cycle(cmdline, snap_dir, work))
+        print(f"runs: {args.runs}")
+        for step, goal in (("create", 1.3), ("pause", 1.5), ("resume", 1.3)):
+            pm = statistics.median(x[step] for x in plat)
+            rm = statistics.median(x[step] for x in raw)
+            print(f"{step:7} platform {pm*1000:6.0f} ms  raw {rm*1000:6.0f} ms  ratio {pm/rm:.3f}  (goal <= {goal})")
+        for k in ("Rss", "Pss"):
+            pm = statistics.median(x["mem"][k] for x in plat)
+            rm = statistics.median(x["mem"][k] for x in raw)
+            print(f"idle {k}  platform {pm/1024:6.1f} MiB raw {rm/1024:6.1f} MiB ratio {pm/rm:.3f}  (goal <= 1.2)")
+    finally:
+        teardown_raw_netns()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
