@@ -133,20 +133,14 @@ def envd_ready():
     return subprocess.run(["ip", "netns", "exec", RAW_NS, sys.executable, "-c", code], capture_output=True).returncode == 0
 
 
-def raw_run(template, work):
-    disk = work / "raw.qcow2"
-    if disk.exists():
-        disk.unlink()
-    args = []
-    it = iter(template)
+def rewrite(cmdline, work, disk, memory=None):
+    """The platform's QEMU command line, with the raw run's own disk, sockets, console and
+    (when given) memory backend."""
+    args, it = [], iter(cmdline)
     for a in it:
         args.append(a)
         if a == "-drive":
             spec = next(it)
-            # The capsule's own overlay is gone with it; make the same one on the same template.
-            images = Path(os.environ.get("WRENN_IMAGES_DIR", str(ROOT / "target/wrenn-images")))
-            backing = sorted((images / "rootfs").glob("minimal-*.ext4"))[-1]
-            sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", "raw", str(disk), "5120M")
             args.append(",".join(f"file={disk}" if p.startswith("file=") else p for p in spec.split(",")))
         elif a == "-qmp":
             next(it)
@@ -158,9 +152,26 @@ def raw_run(template, work):
             elif spec.startswith("file,id=console"):
                 spec = f"file,id=console,path={work}/raw.console,append=on"
             args.append(spec)
+        elif a == "-object":
+            spec = next(it)
+            if memory and spec.startswith("memory-backend"):
+                spec = memory
+            args.append(spec)
         elif a == "-name":
             next(it)
             args.append("wrenn-bench-raw")
+    return args
+
+
+def raw_run(template, work):
+    disk = work / "raw.qcow2"
+    if disk.exists():
+        disk.unlink()
+    # The capsule's own overlay is gone with it; make the same one on the same template.
+    images = Path(os.environ.get("WRENN_IMAGES_DIR", str(ROOT / "target/wrenn-images")))
+    backing = sorted((images / "rootfs").glob("minimal-*.ext4"))[-1]
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", "raw", str(disk), "5120M")
+    args = rewrite(template, work, disk)
     t0 = time.perf_counter()
     proc = subprocess.Popen(["ip", "netns", "exec", RAW_NS] + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not envd_ready():

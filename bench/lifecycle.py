@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from create_to_exec import (  # noqa: E402
-    HEALTH_FRAME, RAW_NS, ROOT, qemu_cmdline, setup_raw_netns, sh, start_platform, teardown_raw_netns,
+    HEALTH_FRAME, RAW_NS, ROOT, qemu_cmdline, rewrite, setup_raw_netns, sh, start_platform, teardown_raw_netns,
 )
 
 import httpx  # noqa: E402
@@ -118,35 +118,6 @@ class EnvdProbe:
     def wait(self):
         assert self.p.stdout.readline().strip() == "done", "envd never answered the raw VM's exec"
         self.p.wait(timeout=10)
-
-
-def rewrite(cmdline, work, disk, memory):
-    """The platform's QEMU command line, with the raw run's own disk, sockets and memory."""
-    args, it = [], iter(cmdline)
-    for a in it:
-        args.append(a)
-        if a == "-drive":
-            spec = next(it)
-            args.append(",".join(f"file={disk}" if p.startswith("file=") else p for p in spec.split(",")))
-        elif a == "-qmp":
-            next(it)
-            args.append(f"unix:{work}/raw.qmp,server=on,wait=off")
-        elif a == "-chardev":
-            spec = next(it)
-            if spec.startswith("socket,id=lifeline"):
-                spec = f"socket,id=lifeline,path={work}/raw.life,server=on,wait=off"
-            elif spec.startswith("file,id=console"):
-                spec = f"file,id=console,path={work}/raw.console,append=on"
-            args.append(spec)
-        elif a == "-object":
-            spec = next(it)
-            if spec.startswith("memory-backend"):
-                spec = memory
-            args.append(spec)
-        elif a == "-name":
-            next(it)
-            args.append("wrenn-bench-raw")
-    return args
 
 
 def spawn(args):

@@ -128,6 +128,13 @@ def test_sdk_pause_resume_and_connect(platform, running_capsule):
     again.pause(wait=True)
     again.resume(wait=True)
     assert again.commands.run("cat /root/note.txt").stdout == "before pause\n"
+    again.ping()
+    from wrenn.client import WrennClient
+    with WrennClient(api_key=platform.api_key, base_url=platform.base_url) as client:
+        time.sleep(1.2)
+        m = client.capsules.metrics(cid, range="10m")
+        assert m.points and m.points[-1].mem_bytes > 0
+        client.capsules.ping(cid)
 
 
 def test_pause_resume_errors(api):

@@ -431,15 +431,7 @@ impl CapsuleManager {
             .await?;
         net::create(&record.slot).await?;
         let vm = self.vmm.restore(&cfg, &dir.join("state"), false).await?;
-        record.vm = Some(vm.clone());
-        self.persist(record)?;
-        let deadline = Instant::now() + self.cfg.boot_timeout;
-        let health = self.wait_for_envd(record, &vm, deadline).await?;
-        self.envd(record).restored().await?;
-        record.envd_version = Some(health.envd_version);
-        record.kernel_version = Some(health.kernel_version);
-        self.persist(record)?;
-        Ok(())
+        self.adopt_restored(record, vm).await
     }
 
     fn snapshot_dir(&self, id: &str) -> PathBuf {
@@ -577,6 +569,12 @@ impl CapsuleManager {
         crate::disk::create_overlay_on_snapshot(&snap.disk(), &cfg.disk, snap.disk_mb).await?;
         net::create(&record.slot).await?;
         let vm = self.vmm.restore(&cfg, &snap.state(), true).await?;
+        self.adopt_restored(record, vm).await
+    }
+
+    /// Records a VM just restored for a new capsule, waits for its envd and tells it it was
+    /// restored (clock, entropy).
+    async fn adopt_restored(&self, record: &mut CapsuleRecord, vm: VmProcess) -> Result<()> {
         record.vm = Some(vm.clone());
         self.persist(record)?;
         let deadline = Instant::now() + self.cfg.boot_timeout;

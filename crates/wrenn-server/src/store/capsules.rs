@@ -160,21 +160,8 @@ impl Store {
         host_ip: &str,
         metadata: &BTreeMap<String, String>,
     ) -> Result<bool> {
-        let now = ts(Utc::now());
-        let meta =
-            serde_json::to_string(metadata).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let done = sqlx::query(
-            "UPDATE capsules SET status = 'running', guest_ip = $1, host_ip = $2, metadata = $3, \
-             started_at = $4, last_active_at = $4, last_updated = $4 WHERE id = $5 AND status = 'starting'",
-        )
-        .bind(guest_ip)
-        .bind(host_ip)
-        .bind(meta)
-        .bind(&now)
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        self.to_running(id, "starting", guest_ip, host_ip, metadata)
+            .await
     }
 
     /// `resuming` → `running` with what the host reported (the activity clock restarts);
@@ -186,18 +173,33 @@ impl Store {
         host_ip: &str,
         metadata: &BTreeMap<String, String>,
     ) -> Result<bool> {
+        self.to_running(id, "resuming", guest_ip, host_ip, metadata)
+            .await
+    }
+
+    /// `from` → `running`; `started_at` is set the first time only.
+    async fn to_running(
+        &self,
+        id: &str,
+        from: &str,
+        guest_ip: &str,
+        host_ip: &str,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<bool> {
         let now = ts(Utc::now());
         let meta =
             serde_json::to_string(metadata).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let done = sqlx::query(
             "UPDATE capsules SET status = 'running', guest_ip = $1, host_ip = $2, metadata = $3, \
-             last_active_at = $4, last_updated = $4 WHERE id = $5 AND status = 'resuming'",
+             started_at = COALESCE(started_at, $4), last_active_at = $4, last_updated = $4 \
+             WHERE id = $5 AND status = $6",
         )
         .bind(guest_ip)
         .bind(host_ip)
         .bind(meta)
         .bind(&now)
         .bind(id)
+        .bind(from)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
