@@ -394,10 +394,8 @@ impl CapsuleService {
                     let _ = store.transition(&id, &[Pausing], Paused).await;
                 }
                 Err(e) => {
-                    let runs_on = host.list().await.is_ok_and(|l| {
-                        l.iter()
-                            .any(|c| c.id == id && c.phase == wrenn_agent::Phase::Running)
-                    });
+                    let runs_on =
+                        host_phase(&*host, &id).await == Some(wrenn_agent::Phase::Running);
                     warn!(capsule_id = %id, error = %e, runs_on, "pause failed");
                     if runs_on {
                         // It runs on, untouched; an auto-pause tries again after another
@@ -443,10 +441,8 @@ impl CapsuleService {
                     }
                 }
                 Err(e) => {
-                    let still_paused = host.list().await.is_ok_and(|l| {
-                        l.iter()
-                            .any(|c| c.id == id && c.phase == wrenn_agent::Phase::Paused)
-                    });
+                    let still_paused =
+                        host_phase(&*host, &id).await == Some(wrenn_agent::Phase::Paused);
                     warn!(capsule_id = %id, error = %e, still_paused, "resume failed");
                     if still_paused {
                         let _ = store.transition(&id, &[Resuming], Paused).await;
@@ -785,6 +781,17 @@ impl CapsuleService {
             _ => Err(ApiError::not_found(format!("capsule {id} not found"))),
         }
     }
+}
+
+/// Where the host says a capsule stands after a failed transition (`None`: gone, or the host
+/// cannot say).
+async fn host_phase(host: &dyn HostClient, id: &str) -> Option<wrenn_agent::Phase> {
+    host.list()
+        .await
+        .ok()?
+        .into_iter()
+        .find(|c| c.id == id)
+        .map(|c| c.phase)
 }
 
 /// What an exec request produced: the finished command, or the started background process.
