@@ -7,14 +7,24 @@ set -euo pipefail
 
 APT_PACKAGES=(qemu-system-x86 qemu-utils debootstrap busybox-static cpio lz4 e2fsprogs iproute2 nftables
               ca-certificates curl jq python3 python3-pip gcc)
-missing=()
-for p in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
+missing_packages() {
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"
+  done
+}
+# Two rounds: installing Debian's qemu-system-x86 removes a newer qemu-utils that does not match
+# it (some images ship a backported one), which the second round replaces with the matching one.
+for round in 1 2; do
+  mapfile -t missing < <(missing_packages)
+  ((${#missing[@]})) || break
   echo "installing: ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+done
+mapfile -t missing < <(missing_packages)
+if ((${#missing[@]})); then
+  echo "could not install: ${missing[*]}" >&2
+  exit 1
 fi
 
 if ! command -v cargo >/dev/null; then

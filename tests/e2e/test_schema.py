@@ -12,7 +12,7 @@ OPERATIONS = [
     "createCapsule", "listCapsules", "getCapsule", "destroyCapsule", "execCommand", "listProcesses", "killProcess",
     "execStream", "connectProcess", "ptySession", "listDir", "makeDir", "removePath", "downloadFile", "streamDownloadFile", "uploadFile",
     "streamUploadFile", "pauseCapsule", "resumeCapsule", "pingCapsule", "createSnapshot", "listSnapshots",
-    "deleteSnapshot", "getCapsuleMetrics",
+    "deleteSnapshot", "getCapsuleMetrics", "getCapsuleStats", "getCapsuleUsage",
 ]
 
 

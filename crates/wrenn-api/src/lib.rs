@@ -6,8 +6,10 @@
 pub mod capsule;
 pub mod error;
 pub mod id;
+pub mod stats;
 pub mod template;
 
 pub use capsule::*;
 pub use error::{ApiError, ErrorBody, ErrorCode};
+pub use stats::*;
 pub use template::*;

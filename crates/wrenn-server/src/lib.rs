@@ -5,6 +5,7 @@
 //! - [`service`]: what the API means (validation, state transitions, calls to hosts).
 //! - [`store`]: persistence behind one type, so PostgreSQL can join SQLite without touching
 //!   handlers or services.
+//! - [`stats`]: team statistics (sampler, stats and usage reads).
 //! - [`host`]: how the control plane reaches a host agent ([`host::HostClient`]).
 
 pub mod activity;
@@ -14,6 +15,7 @@ pub mod error;
 pub mod host;
 pub mod http;
 pub mod service;
+pub mod stats;
 pub mod store;
 
 use std::sync::Arc;
@@ -25,4 +27,5 @@ pub use error::HttpError;
 pub struct AppState {
     pub store: store::Store,
     pub capsules: Arc<service::CapsuleService>,
+    pub stats: Arc<stats::StatsService>,
 }

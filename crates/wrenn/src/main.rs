@@ -16,6 +16,7 @@ use wrenn_agent::config::AccelChoice;
 use wrenn_agent::{AgentConfig, CapsuleManager};
 use wrenn_server::host::LocalHost;
 use wrenn_server::service::CapsuleService;
+use wrenn_server::stats::StatsService;
 use wrenn_server::store::Store;
 use wrenn_server::AppState;
 
@@ -83,6 +84,9 @@ struct UpArgs {
     /// every capsule; saves the snapshots' disk space, costs ~1.5 s per create).
     #[arg(long, env = "WRENN_TEMPLATE_SNAPSHOTS", default_value_t = true, action = clap::ArgAction::Set)]
     template_snapshots: bool,
+    /// Seconds between team statistics samples (`/v1/capsules/stats` and `/usage`).
+    #[arg(long, env = "WRENN_STATS_INTERVAL_SEC", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    stats_interval_sec: u64,
 }
 
 fn main() -> Result<()> {
@@ -159,6 +163,23 @@ async fn up(args: UpArgs) -> Result<()> {
         }
     });
 
+    // Team statistics sampler (REFERENCE.md: every 10 s by default).
+    let stats = Arc::new(StatsService::new(
+        store.clone(),
+        std::time::Duration::from_secs(args.stats_interval_sec),
+    ));
+    let sampler = stats.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(sampler.interval());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = sampler.sample(chrono::Utc::now()).await {
+                tracing::warn!(error = %e.message, "team stats sample failed");
+            }
+        }
+    });
+
     let base_url = args
         .public_url
         .unwrap_or_else(|| format!("http://{}", args.listen));
@@ -167,7 +188,11 @@ async fn up(args: UpArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let app = wrenn_server::http::router(AppState { store, capsules });
+    let app = wrenn_server::http::router(AppState {
+        store,
+        capsules,
+        stats,
+    });
 
     println!(
         "Wrenn is up: {base_url}  (vmm: {}, accelerator: {})",

@@ -81,6 +81,43 @@ pub async fn metrics(
     ))
 }
 
+#[derive(serde::Deserialize)]
+pub struct StatsQuery {
+    range: Option<String>,
+}
+
+pub async fn stats(
+    State(s): State<AppState>,
+    auth: TeamAuth,
+    Query(q): Query<StatsQuery>,
+) -> Result<impl IntoResponse, HttpError> {
+    let now = chrono::Utc::now();
+    Ok(Json(
+        s.stats
+            .stats(&auth.team_id, q.range.as_deref(), now)
+            .await?,
+    ))
+}
+
+#[derive(serde::Deserialize)]
+pub struct UsageQuery {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+pub async fn usage(
+    State(s): State<AppState>,
+    auth: TeamAuth,
+    Query(q): Query<UsageQuery>,
+) -> Result<impl IntoResponse, HttpError> {
+    let today = chrono::Utc::now().date_naive();
+    Ok(Json(
+        s.stats
+            .usage(&auth.team_id, q.from.as_deref(), q.to.as_deref(), today)
+            .await?,
+    ))
+}
+
 pub async fn ping(
     State(s): State<AppState>,
     auth: TeamAuth,

@@ -40,8 +40,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/capsules/{id}/ping", post(capsules::ping))
         .route("/v1/capsules/{id}/metrics", get(capsules::metrics))
         // Spelled out: otherwise `/v1/capsules/{id}` would take them for capsule ids.
-        .route("/v1/capsules/stats", get(fallback))
-        .route("/v1/capsules/usage", get(fallback))
+        .route("/v1/capsules/stats", get(capsules::stats))
+        .route("/v1/capsules/usage", get(capsules::usage))
         .route(
             "/v1/snapshots",
             post(snapshots::create).get(snapshots::list),

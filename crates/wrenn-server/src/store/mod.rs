@@ -5,6 +5,7 @@
 
 mod capsules;
 mod identity;
+mod stats;
 mod templates;
 
 use std::path::Path;
@@ -16,6 +17,7 @@ use sqlx::SqlitePool;
 
 pub use capsules::CapsuleRow;
 pub use identity::ApiKeyOwner;
+pub use stats::TeamLoad;
 pub use templates::{NewTemplate, TemplateRow};
 
 #[derive(Debug, thiserror::Error)]
