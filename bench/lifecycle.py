@@ -4,8 +4,9 @@
     sudo python3 bench/lifecycle.py [--runs N]
 
 For each run, on the platform (its own `wrenn up`, temporary data dir, shared image cache):
-create → first exec answered; pause → `paused`; resume → first exec answered; and the idle
-VMM's RSS/PSS. The baseline replays the very QEMU command line the platform used (read from
+create → first exec answered; pause → `paused`; resume → first exec answered; the idle
+VMM's RSS/PSS; and create from a user snapshot (`POST /v1/snapshots` of a running capsule)
+→ first exec answered, compared with create from the template. The baseline replays the very QEMU command line the platform used (read from
 /proc) in a network namespace set up the same way, with QMP by hand: restore the template
 snapshot (RAM file mapped copy-on-write, `migrate-incoming`, `cont`) until envd answers; save
 (`stop`, `migrate` to a file); restore that file until envd answers; RSS/PSS when idle.
@@ -27,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from create_to_exec import (  # noqa: E402
-    HEALTH_FRAME, RAW_NS, ROOT, qemu_cmdline, rewrite, setup_raw_netns, sh, start_platform, teardown_raw_netns,
+    EnvdProbe, RAW_NICE, RAW_NS, ROOT, qemu_cmdline, rewrite, setup_raw_netns, sh, start_platform, teardown_raw_netns,
 )
 
 import httpx  # noqa: E402
@@ -75,58 +76,13 @@ class Qmp:
         self.s.close()
 
 
-EXEC = json.dumps({"op": "exec", "cmd": "true", "timeout_ms": 10000}).encode()
-EXEC_FRAME = bytes([1]) + len(EXEC).to_bytes(4, "big") + EXEC
-
-
-class EnvdProbe:
-    """A helper inside the raw netns, started (interpreter loaded) before the clock starts: on
-    `go` (sent once the guest runs) it waits until envd answers, then runs `true` through it to its exit, as the platform's
-    measurement ends with an exec answered."""
-
-    CODE = (
-        "import socket,sys,time\n"
-        "print('ready', flush=True)\n"
-        "sys.stdin.readline()\n"
-        "while True:\n"
-        "  try:\n"
-        "    s=socket.create_connection(('10.200.0.2',49983),timeout=0.5)\n"
-        "    s.sendall(HEALTH)\n"
-        "    if s.recv(5): break\n"
-        "  except OSError: time.sleep(0.005)\n"
-        "s=socket.create_connection(('10.200.0.2',49983),timeout=10)\n"
-        "s.sendall(EXEC)\n"
-        "f=s.makefile('rb')\n"
-        "while True:\n"
-        "  h=f.read(5)\n"
-        "  if len(h)<5: sys.exit(1)\n"
-        "  body=f.read(int.from_bytes(h[1:],'big'))\n"
-        "  if h[0]==1 and b'exit' in body: break\n"
-        "print('done', flush=True)\n"
-    )
-
-    def __init__(self):
-        code = f"HEALTH={HEALTH_FRAME!r}\nEXEC={EXEC_FRAME!r}\n" + self.CODE
-        self.p = subprocess.Popen(["ip", "netns", "exec", RAW_NS, sys.executable, "-c", code],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert self.p.stdout.readline().strip() == "ready"
-
-    def go(self):
-        self.p.stdin.write("go\n")
-        self.p.stdin.flush()
-
-    def wait(self):
-        assert self.p.stdout.readline().strip() == "done", "envd never answered the raw VM's exec"
-        self.p.wait(timeout=10)
-
-
 def spawn(args):
     for f in ("raw.qmp", "raw.life"):
         try:
             os.unlink(Path(args[args.index("-qmp") + 1].split(",")[0][5:]).parent / f)
         except (FileNotFoundError, ValueError):
             pass
-    return subprocess.Popen(["ip", "netns", "exec", RAW_NS] + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(["ip", "netns", "exec", RAW_NS] + RAW_NICE + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def memory_kib(pid):
@@ -209,8 +165,14 @@ def first_exec(api, cid):
         time.sleep(0.01)
 
 
-def platform_cycle(api):
+def platform_cycle(api, snapshot):
     out = {}
+    # Create from the user snapshot template (goal: about the same as from the platform template).
+    t0 = time.perf_counter()
+    cid = api.post("/v1/capsules", json={"template": snapshot}).json()["id"]
+    first_exec(api, cid)
+    out["from_snapshot"] = time.perf_counter() - t0
+    api.delete(f"/v1/capsules/{cid}")
     t0 = time.perf_counter()
     cid = api.post("/v1/capsules", json={}).json()["id"]
     first_exec(api, cid)
@@ -244,12 +206,19 @@ def main():
         # The first create makes the template snapshot; it is not what is measured.
         warm = api.post("/v1/capsules", json={}).json()["id"]
         first_exec(api, warm)
+        # A user snapshot of a running capsule, restored in every run like a template.
+        r = api.post("/v1/snapshots", json={"sandbox_id": warm, "name": "bench-snapshot"}, params={"overwrite": "true"})
+        assert r.status_code == 201, r.text
         api.delete(f"/v1/capsules/{warm}")
+        # Its first restore maps the files for the first time; not what is measured either.
+        cid = api.post("/v1/capsules", json={"template": "bench-snapshot"}).json()["id"]
+        first_exec(api, cid)
+        api.delete(f"/v1/capsules/{cid}")
         images = Path(os.environ.get("WRENN_IMAGES_DIR", str(ROOT / "target/wrenn-images")))
         setup_raw_netns()
         plat, raw = [], []
         for _ in range(args.runs):  # interleaved, so load drift hits both alike
-            p, cmdline = platform_cycle(api)
+            p, cmdline = platform_cycle(api, "bench-snapshot")
             mem_path = next(a for a in cmdline if "mem-path=" in a)
             snap_dir = Path(mem_path.split("mem-path=")[1].split(",")[0]).parent
             assert snap_dir.parent == images / "snapshots", snap_dir
@@ -260,6 +229,9 @@ def main():
             pm = statistics.median(x[step] for x in plat)
             rm = statistics.median(x[step] for x in raw)
             print(f"{step:7} platform {pm*1000:6.0f} ms  raw {rm*1000:6.0f} ms  ratio {pm/rm:.3f}  (goal <= {goal})")
+        sm = statistics.median(x["from_snapshot"] for x in plat)
+        cm = statistics.median(x["create"] for x in plat)
+        print(f"create from a user snapshot {sm*1000:6.0f} ms  vs from the template {cm*1000:6.0f} ms  ratio {sm/cm:.3f}  (goal ~1)")
         for k in ("Rss", "Pss"):
             pm = statistics.median(x["mem"][k] for x in plat)
             rm = statistics.median(x["mem"][k] for x in raw)

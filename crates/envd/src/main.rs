@@ -71,9 +71,15 @@ async fn serve() {
     }
 }
 
+/// How long a new connection may take to send its request: one that never does (a host that
+/// went away mid-connect, a connection frozen into a snapshot) is closed instead of held forever.
+const FIRST_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 async fn handle(stream: TcpStream) {
     let (mut rd, mut wr) = stream.into_split();
-    let request = match read_frame(&mut rd).await {
+    let first = tokio::time::timeout(FIRST_REQUEST_TIMEOUT, read_frame(&mut rd)).await;
+    let Ok(first) = first else { return };
+    let request = match first {
         Ok(Some(Frame::Json(bytes))) => match serde_json::from_slice::<Request>(&bytes) {
             Ok(r) => r,
             Err(e) => {

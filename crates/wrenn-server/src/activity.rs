@@ -5,18 +5,24 @@
 //! holds a [`Busy`] guard for as long as it lasts. A capsule with a guard out is never
 //! auto-paused, and dropping the last guard records activity again, so the timer counts from
 //! the end of the work, not its start.
+//!
+//! Activity is recorded in memory and written to the database in one batch by [`Activity::flush`]
+//! (the reaper calls it before every pass), so a request costs no database write; reads of a
+//! capsule overlay the newer in-memory time ([`Activity::last_active`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tracing::warn;
+use chrono::{DateTime, Utc};
 
-use crate::store::Store;
+use crate::store::{Result, Store};
 
 #[derive(Clone)]
 pub struct Activity {
     store: Store,
     busy: Arc<Mutex<HashMap<String, usize>>>,
+    /// Activity not yet written to the database.
+    pending: Arc<Mutex<HashMap<String, DateTime<Utc>>>>,
 }
 
 impl Activity {
@@ -24,17 +30,49 @@ impl Activity {
         Self {
             store,
             busy: Arc::default(),
+            pending: Arc::default(),
         }
     }
 
-    /// Records activity without making the request wait for the write.
+    /// Records activity now (written by the next [`Activity::flush`]).
     pub fn touch(&self, id: &str) {
-        let (store, id) = (self.store.clone(), id.to_string());
-        tokio::spawn(async move {
-            if let Err(e) = store.touch_capsule(&id).await {
-                warn!(capsule_id = %id, error = %e, "cannot record activity");
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string(), Utc::now());
+    }
+
+    /// The activity recorded for `id` and not written yet.
+    pub fn last_active(&self, id: &str) -> Option<DateTime<Utc>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .copied()
+    }
+
+    /// Writes the recorded activity to the database in one transaction. On failure the
+    /// entries are kept for the next flush.
+    pub async fn flush(&self) -> Result<()> {
+        let batch: Vec<(String, DateTime<Utc>)> = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.store.record_activity(&batch).await?;
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, at) in batch {
+            // Keep what was touched again while the batch was being written.
+            if pending.get(&id) == Some(&at) {
+                pending.remove(&id);
             }
-        });
+        }
+        Ok(())
     }
 
     /// Marks the capsule in use until the guard is dropped.
@@ -73,8 +111,6 @@ impl Drop for Busy {
                 }
             }
         }
-        if tokio::runtime::Handle::try_current().is_ok() {
-            self.activity.touch(&self.id);
-        }
+        self.activity.touch(&self.id);
     }
 }

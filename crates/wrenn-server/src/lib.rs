@@ -28,4 +28,5 @@ pub struct AppState {
     pub store: store::Store,
     pub capsules: Arc<service::CapsuleService>,
     pub stats: Arc<stats::StatsService>,
+    pub key_usage: Arc<auth::KeyUsage>,
 }

@@ -135,7 +135,7 @@ impl CapsuleService {
 
     /// The capsule if it belongs to the team; another team's capsule is "not found".
     pub async fn get(&self, team_id: &str, id: &str) -> Result<Capsule> {
-        Ok(self.owned(team_id, id).await?.capsule)
+        Ok(self.with_activity(self.owned(team_id, id).await?.capsule))
     }
 
     pub async fn list(&self, team_id: &str) -> Result<Vec<Capsule>> {
@@ -144,8 +144,18 @@ impl CapsuleService {
             .list_live_capsules(team_id)
             .await?
             .into_iter()
-            .map(|r| r.capsule)
+            .map(|r| self.with_activity(r.capsule))
             .collect())
+    }
+
+    /// The capsule with its activity recorded since the last flush.
+    fn with_activity(&self, mut c: Capsule) -> Capsule {
+        if let Some(t) = self.activity.last_active(&c.id) {
+            if c.last_active_at.is_none_or(|db| db < t) {
+                c.last_active_at = Some(t);
+            }
+        }
+        c
     }
 
     /// Starts destruction and waits briefly for it; repeating it is harmless.
@@ -457,9 +467,8 @@ impl CapsuleService {
 
     /// Runs a command: to completion (foreground) or started in the background.
     pub async fn exec(&self, team_id: &str, id: &str, req: ExecRequest) -> Result<ExecOutcome> {
-        self.owned(team_id, id).await?;
-        validate_command(&req)?;
         self.require_running(team_id, id).await?;
+        validate_command(&req)?;
         if req.background {
             return self
                 .start_background(id, req)
@@ -758,6 +767,7 @@ impl CapsuleService {
     /// One pass of the TTL reaper: auto-pauses every running capsule whose inactivity timeout
     /// has passed and that nothing is attached to.
     pub async fn pause_idle(&self) -> Result<()> {
+        self.activity.flush().await?;
         let now = chrono::Utc::now();
         for row in self.store.running_with_timeout().await? {
             let c = &row.capsule;

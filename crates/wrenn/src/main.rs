@@ -192,6 +192,7 @@ async fn up(args: UpArgs) -> Result<()> {
         store,
         capsules,
         stats,
+        key_usage: Default::default(),
     });
 
     println!(

@@ -15,6 +15,7 @@ use axum::routing::{delete, get, post};
 use axum::Router;
 use serde::de::DeserializeOwned;
 use tower_http::trace::TraceLayer;
+use tower_http::LatencyUnit;
 use wrenn_api::{ApiError, ErrorCode};
 
 use crate::error::HttpError;
@@ -75,7 +76,9 @@ pub fn router(state: AppState) -> Router {
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY))
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().on_response(
+            tower_http::trace::DefaultOnResponse::new().latency_unit(LatencyUnit::Micros),
+        ))
         .with_state(state)
 }
 

@@ -248,6 +248,24 @@ impl Store {
         .flatten())
     }
 
+    /// Records when each capsule was last active (never moving a time backwards).
+    pub async fn record_activity(&self, batch: &[(String, chrono::DateTime<Utc>)]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for (id, at) in batch {
+            let at = ts(*at);
+            sqlx::query(
+                "UPDATE capsules SET last_active_at = $1 \
+                 WHERE id = $2 AND (last_active_at IS NULL OR last_active_at < $1)",
+            )
+            .bind(&at)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     pub async fn touch_capsule(&self, id: &str) -> Result<()> {
         sqlx::query("UPDATE capsules SET last_active_at = $1 WHERE id = $2")
             .bind(ts(Utc::now()))
