@@ -41,3 +41,21 @@ if [[ "${1:-}" == "--test" ]]; then
   python3 -c 'import pytest, schemathesis, openapi_spec_validator, yaml, wrenn' 2>/dev/null ||
     "${py[@]}" --ignore-requires-python pytest schemathesis openapi-spec-validator pyyaml httpx wrenn
 fi
+
+# The store tests and one platform test run against PostgreSQL (WRENN_TEST_POSTGRES_URL, default
+# postgres://postgres@127.0.0.1:5432/postgres). When that default is wanted and nothing listens
+# there, install Debian's server and let the local `postgres` role in over TCP without a
+# password (a test machine's setting; a server already running is left as it is).
+if [[ "${1:-}" == "--test" && -z "${WRENN_TEST_POSTGRES_URL:-}" ]] &&
+   ! (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then
+  echo "installing and starting PostgreSQL for the tests"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+  hba=$(ls /etc/postgresql/*/main/pg_hba.conf | head -1)
+  grep -q "wrenn tests" "$hba" ||
+    sed -i '1i host all postgres 127.0.0.1/32 trust  # wrenn tests' "$hba"
+  pg_ctlcluster "$(basename "$(dirname "$(dirname "$hba")")")" main restart
+fi
+if [[ "${1:-}" == "--test" ]] && ! command -v psql >/dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql-client >/dev/null
+fi

@@ -92,7 +92,7 @@ class Platform:
         return key
 
 
-def start_platform(data_dir=None, slot_base=SLOT_BASE, max_slots=MAX_SLOTS, destroy_on_exit=True):
+def start_platform(data_dir=None, slot_base=SLOT_BASE, max_slots=MAX_SLOTS, destroy_on_exit=True, env_extra=None):
     """Starts `wrenn up` and waits until it serves; `data_dir` may hold a previous run's state."""
     wrenn = Path(os.environ.get("WRENN_BIN", ROOT / "target/debug/wrenn"))
     envd = Path(os.environ.get("WRENN_ENVD", ROOT / "target/x86_64-unknown-linux-gnu/release/envd"))
@@ -111,6 +111,8 @@ def start_platform(data_dir=None, slot_base=SLOT_BASE, max_slots=MAX_SLOTS, dest
         WRENN_DESTROY_ON_EXIT="true" if destroy_on_exit else "false",
         RUST_LOG=os.environ.get("RUST_LOG", "info"),
     )
+    env.pop("DATABASE_URL", None)  # SQLite under the data dir unless a test asks otherwise
+    env.update(env_extra or {})
     log = open(Path(data_dir) / "wrenn-up.log", "a")
     proc = subprocess.Popen([str(wrenn), "up"], env=env, stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"

@@ -1,20 +1,240 @@
-//! The store against a real SQLite file.
+//! The store against both backends: a real SQLite file and the real PostgreSQL of this machine
+//! (`WRENN_TEST_POSTGRES_URL`, default `postgres://postgres@127.0.0.1:5432/postgres`; each test
+//! gets its own database, dropped at the end).
 
 use std::collections::BTreeMap;
 
+use chrono::{Duration, NaiveDate, TimeZone, Utc};
 use wrenn_api::{CapsuleStatus, CreateCapsuleRequest};
-use wrenn_server::store::Store;
+use wrenn_server::store::{Backend, NewTemplate, Store, TeamLoad};
 
-async fn fresh(name: &str) -> Store {
+async fn sqlite(name: &str) -> Store {
     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    Store::open_sqlite(&dir.join("wrenn.db")).await.unwrap()
+    let store = Store::open_sqlite(&dir.join("wrenn.db")).await.unwrap();
+    assert_eq!(store.backend(), Backend::Sqlite);
+    store
 }
 
-#[tokio::test]
-async fn api_keys_resolve_to_their_team_only_by_hash() {
-    let store = fresh("store-keys").await;
+fn postgres_admin_url() -> String {
+    std::env::var("WRENN_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
+/// A fresh database on the test PostgreSQL server (a leftover of an earlier failed run is
+/// dropped first).
+async fn postgres(name: &str) -> (Store, String) {
+    let db = format!("wrenn_test_{name}");
+    admin(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await;
+    admin(&format!("CREATE DATABASE {db}")).await;
+    let admin_url = postgres_admin_url();
+    let url = format!("{}/{db}", admin_url.rsplit_once('/').unwrap().0);
+    let store = Store::connect(&url).await.unwrap();
+    assert_eq!(store.backend(), Backend::Postgres);
+    (store, db)
+}
+
+async fn admin(sql: &str) {
+    use sqlx::Executor;
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&postgres_admin_url())
+        .await
+        .unwrap_or_else(|e| panic!("the tests need PostgreSQL at {}: {e}", postgres_admin_url()));
+    pool.execute(sql).await.unwrap();
+    pool.close().await;
+}
+
+/// Runs one check against SQLite and against PostgreSQL.
+macro_rules! on_both_backends {
+    ($($check:ident),* $(,)?) => {
+        mod sqlite_backend {
+            $(
+                #[tokio::test]
+                async fn $check() {
+                    super::$check(super::sqlite(concat!("store-", stringify!($check))).await).await;
+                }
+            )*
+        }
+        mod postgres_backend {
+            $(
+                #[tokio::test]
+                async fn $check() {
+                    let (store, db) = super::postgres(stringify!($check)).await;
+                    super::$check(store.clone()).await;
+                    store.close().await;
+                    super::admin(&format!("DROP DATABASE {db} WITH (FORCE)")).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    api_keys_resolve_to_their_team_only_by_hash,
+    capsule_state_moves_only_along_allowed_transitions,
+    activity_never_moves_backwards,
+    templates_are_unique_per_team,
+    stats_samples_peaks_usage_and_pruning,
+);
+
+async fn team(store: &Store) {
+    store
+        .create_admin_with_team("usr-1", "a@b.c", "A", "team-1", "A's Team", "aaaaaa-bbbbbb")
+        .await
+        .unwrap();
+}
+
+async fn activity_never_moves_backwards(store: Store) {
+    team(&store).await;
+    let spec = CreateCapsuleRequest::default().validate().unwrap();
+    store
+        .insert_capsule("cl-1", "team-1", "host-1", &spec)
+        .await
+        .unwrap();
+    let t1 = Utc.with_ymd_and_hms(2030, 1, 1, 0, 0, 10).unwrap();
+    let t0 = t1 - Duration::seconds(5);
+    store
+        .record_activity(&[("cl-1".to_string(), t1)])
+        .await
+        .unwrap();
+    store
+        .record_activity(&[("cl-1".to_string(), t0), ("cl-unknown".to_string(), t0)])
+        .await
+        .unwrap();
+    let c = store.capsule("cl-1").await.unwrap().unwrap().capsule;
+    assert_eq!(c.last_active_at, Some(t1));
+    store.touch_capsule("cl-1").await.unwrap();
+    store.set_pause_reason("cl-1", "ttl_expired").await.unwrap();
+    assert_eq!(
+        store.pause_reason("cl-1").await.unwrap().as_deref(),
+        Some("ttl_expired")
+    );
+}
+
+async fn templates_are_unique_per_team(store: Store) {
+    team(&store).await;
+    let t = NewTemplate {
+        team_id: "team-1",
+        name: "py",
+        snapshot_id: "snap-1",
+        host_id: "host-1",
+        source_capsule: "cl-1",
+        vcpus: 2,
+        memory_mb: 1024,
+        disk_size_mb: 5120,
+        size_bytes: 123_456_789_012,
+    };
+    assert!(store.insert_template(&t).await.unwrap());
+    assert!(!store
+        .insert_template(&NewTemplate {
+            snapshot_id: "snap-2",
+            ..t
+        })
+        .await
+        .unwrap());
+    let row = store.template("team-1", "py").await.unwrap().unwrap();
+    assert_eq!(row.snapshot_id, "snap-1");
+    assert_eq!(row.template.size_bytes, 123_456_789_012);
+    assert_eq!(row.template.vcpus, Some(2));
+    assert_eq!(store.list_templates("team-1").await.unwrap().len(), 1);
+    assert!(store.template("team-2", "py").await.unwrap().is_none());
+    assert!(store
+        .delete_template("team-1", "py")
+        .await
+        .unwrap()
+        .is_some());
+    assert!(store
+        .delete_template("team-1", "py")
+        .await
+        .unwrap()
+        .is_none());
+}
+
+async fn stats_samples_peaks_usage_and_pruning(store: Store) {
+    team(&store).await;
+    let spec = CreateCapsuleRequest {
+        vcpus: Some(2),
+        memory_mb: Some(512),
+        ..Default::default()
+    }
+    .validate()
+    .unwrap();
+    store
+        .insert_capsule("cl-1", "team-1", "host-1", &spec)
+        .await
+        .unwrap();
+    store
+        .insert_capsule("cl-2", "team-1", "host-1", &spec)
+        .await
+        .unwrap();
+    store
+        .transition("cl-2", &[CapsuleStatus::Starting], CapsuleStatus::Paused)
+        .await
+        .unwrap();
+    let now = TeamLoad {
+        running: 1,
+        vcpus: 2,
+        memory_mb: 512,
+    };
+    assert_eq!(store.team_load("team-1").await.unwrap(), now);
+    assert_eq!(
+        store.load_by_team().await.unwrap(),
+        vec![("team-1".to_string(), now)]
+    );
+
+    let t0 = Utc.with_ymd_and_hms(2030, 1, 1, 12, 0, 0).unwrap();
+    let big = TeamLoad {
+        running: 3,
+        vcpus: 6,
+        memory_mb: 1536,
+    };
+    store
+        .insert_stats_samples(t0, &[("team-1".to_string(), big)])
+        .await
+        .unwrap();
+    store
+        .insert_stats_samples(t0 + Duration::seconds(10), &[("team-1".to_string(), now)])
+        .await
+        .unwrap();
+    let samples = store
+        .stats_samples("team-1", t0 + Duration::seconds(1))
+        .await
+        .unwrap();
+    assert_eq!(samples, vec![(t0 + Duration::seconds(10), now)]);
+    assert_eq!(store.stats_peaks("team-1", t0).await.unwrap(), big);
+    assert_eq!(
+        store.stats_peaks("team-2", t0).await.unwrap(),
+        TeamLoad::default()
+    );
+    assert_eq!(
+        store
+            .prune_stats_samples(t0 + Duration::seconds(5))
+            .await
+            .unwrap(),
+        1
+    );
+
+    let day = NaiveDate::from_ymd_opt(2030, 1, 1).unwrap();
+    for _ in 0..3 {
+        store
+            .add_usage(day, &[("team-1".to_string(), 0.5, 128.25)])
+            .await
+            .unwrap();
+    }
+    let days = store
+        .usage_days("team-1", day - Duration::days(1), day)
+        .await
+        .unwrap();
+    assert_eq!(days, vec![(day, 1.5, 384.75)]);
+    assert!(store
+        .usage_days("team-1", day + Duration::days(1), day + Duration::days(2))
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+async fn api_keys_resolve_to_their_team_only_by_hash(store: Store) {
     store
         .create_admin_with_team("usr-1", "a@b.c", "A", "team-1", "A's Team", "aaaaaa-bbbbbb")
         .await
@@ -44,9 +264,7 @@ async fn api_keys_resolve_to_their_team_only_by_hash() {
         .is_err());
 }
 
-#[tokio::test]
-async fn capsule_state_moves_only_along_allowed_transitions() {
-    let store = fresh("store-capsules").await;
+async fn capsule_state_moves_only_along_allowed_transitions(store: Store) {
     store
         .create_admin_with_team("usr-1", "a@b.c", "A", "team-1", "A's Team", "aaaaaa-bbbbbb")
         .await

@@ -34,7 +34,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the whole platform on this machine (control plane + host agent).
-    Up(UpArgs),
+    Up(Box<UpArgs>),
     /// Run the control plane alone (multi-host mode).
     Server,
     /// Run a host agent alone (multi-host mode).
@@ -84,6 +84,10 @@ struct UpArgs {
     /// every capsule; saves the snapshots' disk space, costs ~1.5 s per create).
     #[arg(long, env = "WRENN_TEMPLATE_SNAPSHOTS", default_value_t = true, action = clap::ArgAction::Set)]
     template_snapshots: bool,
+    /// Database: `postgres://user:pass@host/db` for PostgreSQL; SQLite under the data dir when
+    /// unset.
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
     /// Seconds between team statistics samples (`/v1/capsules/stats` and `/usage`).
     #[arg(long, env = "WRENN_STATS_INTERVAL_SEC", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     stats_interval_sec: u64,
@@ -102,7 +106,7 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     match cli.command {
-        Command::Up(args) => rt.block_on(up(args)),
+        Command::Up(args) => rt.block_on(up(*args)),
         Command::Server | Command::Agent => bail!(
             "multi-host mode (separate `wrenn server` and `wrenn agent`) is not available yet in this version; \
              run `wrenn up` for a single-node platform"
@@ -135,9 +139,12 @@ async fn up(args: UpArgs) -> Result<()> {
     let manager = CapsuleManager::start(cfg)
         .await
         .context("host agent failed to start")?;
-    let store = Store::open_sqlite(&data_dir.join("wrenn.db"))
-        .await
-        .context("cannot open the database")?;
+    let store = match &args.database_url {
+        Some(url) => Store::connect(url).await,
+        None => Store::open_sqlite(&data_dir.join("wrenn.db")).await,
+    }
+    .context("cannot open the database")?;
+    info!(backend = ?store.backend(), "database ready");
     let host = Arc::new(LocalHost {
         id: "host-local".to_string(),
         manager: manager.clone(),

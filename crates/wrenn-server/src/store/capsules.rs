@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use chrono::Utc;
-use sqlx::sqlite::SqliteRow;
+use sqlx::any::AnyRow;
 use sqlx::Row;
 use wrenn_api::{Capsule, CapsuleSpec, CapsuleStatus};
 
@@ -22,7 +22,7 @@ const COLUMNS: &str =
     "id, team_id, host_id, template, status, vcpus, memory_mb, disk_size_mb, timeout_sec, \
      guest_ip, host_ip, metadata, error, created_at, started_at, last_active_at, last_updated";
 
-fn from_row(r: &SqliteRow) -> Result<CapsuleRow> {
+fn from_row(r: &AnyRow) -> Result<CapsuleRow> {
     let opt_ts = |name: &str| -> Result<Option<chrono::DateTime<Utc>>> {
         r.try_get::<Option<String>, _>(name)?
             .as_deref()

@@ -1,7 +1,9 @@
 //! Persistence. [`Store`] is the only type that speaks SQL; services call its methods.
 //!
-//! SQLite (a WAL-mode file under the data dir) is the default backend. Queries use plain SQL that
-//! PostgreSQL also accepts, so adding it is a second pool behind the same methods.
+//! Two backends behind one pool type (sqlx `Any`): SQLite (a WAL-mode file under the data dir,
+//! the default) and PostgreSQL (`DATABASE_URL=postgres://…`). Every query is plain SQL both
+//! accept (`$n` placeholders, `ON CONFLICT`, timestamps as RFC 3339 text), and one set of
+//! migrations (`migrations/`) builds both schemas. `tests/store.rs` runs against both.
 
 mod capsules;
 mod identity;
@@ -9,11 +11,11 @@ mod stats;
 mod templates;
 
 use std::path::Path;
-use std::str::FromStr;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::SqlitePool;
+use sqlx::any::AnyPoolOptions;
+use sqlx::AnyPool;
+use sqlx::Executor;
 
 pub use capsules::CapsuleRow;
 pub use identity::ApiKeyOwner;
@@ -28,30 +30,100 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    #[error("{0}")]
+    Config(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// Which database a [`Store`] talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    /// The backend a database URL names.
+    pub fn of(url: &str) -> Result<Self> {
+        if url.starts_with("sqlite:") {
+            Ok(Backend::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Backend::Postgres)
+        } else {
+            Err(StoreError::Config(format!(
+                "unsupported database URL {:?}: use sqlite:… or postgres://…",
+                redact(url)
+            )))
+        }
+    }
+}
+
+/// A URL with its password (if any) hidden, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
 #[derive(Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: AnyPool,
+    backend: Backend,
 }
 
 impl Store {
     /// Opens (creating if needed) the SQLite database at `path` and applies migrations.
     pub async fn open_sqlite(path: &Path) -> Result<Self> {
-        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .foreign_keys(true)
-            .busy_timeout(std::time::Duration::from_secs(5));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(8)
-            .connect_with(opts)
+        Self::connect(&format!("sqlite://{}?mode=rwc", path.display())).await
+    }
+
+    /// Connects to `url` (`sqlite:…` or `postgres://…`) and applies migrations.
+    pub async fn connect(url: &str) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let backend = Backend::of(url)?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(match backend {
+                Backend::Sqlite => 8,
+                Backend::Postgres => 16,
+            })
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // WAL: readers never wait for the writer; NORMAL sync is durable at
+                        // checkpoints and safe against corruption.
+                        for pragma in [
+                            "PRAGMA journal_mode = WAL",
+                            "PRAGMA synchronous = NORMAL",
+                            "PRAGMA foreign_keys = ON",
+                            "PRAGMA busy_timeout = 5000",
+                        ] {
+                            conn.execute(pragma).await?;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .connect(url)
             .await?;
-        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        Ok(Self { pool })
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Self { pool, backend })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Closes every connection (waits for those in use to be returned).
+    pub async fn close(&self) {
+        self.pool.close().await;
     }
 }
 
@@ -80,5 +152,21 @@ mod tests {
             now.timestamp_millis()
         );
         assert!(parse_ts("yesterday").is_err());
+    }
+
+    #[test]
+    fn database_urls_name_their_backend_and_hide_passwords() {
+        assert_eq!(
+            Backend::of("sqlite:///x/wrenn.db").unwrap(),
+            Backend::Sqlite
+        );
+        assert_eq!(
+            Backend::of("postgres://u:p@127.0.0.1/db").unwrap(),
+            Backend::Postgres
+        );
+        let e = Backend::of("mysql://u:secret@h/db")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("u:***@h/db") && !e.contains("secret"), "{e}");
     }
 }

@@ -1,6 +1,7 @@
 //! Team statistics: sampler rows and daily usage rollups.
 
 use chrono::{DateTime, NaiveDate, Utc};
+use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use super::{parse_ts, ts, Result, Store, StoreError};
@@ -32,7 +33,7 @@ impl TeamLoad {
 const RESERVING: &str =
     "status IN ('starting', 'running', 'snapshotting', 'pausing', 'resuming', 'stopping')";
 
-fn load_of(r: &sqlx::sqlite::SqliteRow) -> Result<TeamLoad> {
+fn load_of(r: &AnyRow) -> Result<TeamLoad> {
     let n = |c: &str| -> Result<u32> {
         let v: Option<i64> = r.try_get(c)?;
         u32::try_from(v.unwrap_or(0)).map_err(|_| StoreError::Corrupt(format!("{c} out of range")))
@@ -62,7 +63,7 @@ impl Store {
     pub async fn team_load(&self, team_id: &str) -> Result<TeamLoad> {
         let r = sqlx::query(&format!(
             "SELECT COUNT(*) AS running, SUM(vcpus) AS vcpus, SUM(memory_mb) AS memory_mb \
-             FROM capsules WHERE team_id = ? AND {RESERVING}"
+             FROM capsules WHERE team_id = $1 AND {RESERVING}"
         ))
         .bind(team_id)
         .fetch_one(&self.pool)
@@ -80,7 +81,7 @@ impl Store {
         for (team, l) in samples {
             sqlx::query(
                 "INSERT INTO team_stats_samples (team_id, sampled_at, running_count, vcpus, memory_mb) \
-                 VALUES (?, ?, ?, ?, ?)",
+                 VALUES ($1, $2, $3, $4, $5)",
             )
             .bind(team)
             .bind(ts(at))
@@ -102,7 +103,7 @@ impl Store {
     ) -> Result<Vec<(DateTime<Utc>, TeamLoad)>> {
         let rows = sqlx::query(
             "SELECT sampled_at, running_count AS running, vcpus, memory_mb FROM team_stats_samples \
-             WHERE team_id = ? AND sampled_at >= ? ORDER BY sampled_at",
+             WHERE team_id = $1 AND sampled_at >= $2 ORDER BY sampled_at",
         )
         .bind(team_id)
         .bind(ts(since))
@@ -122,7 +123,7 @@ impl Store {
     pub async fn stats_peaks(&self, team_id: &str, since: DateTime<Utc>) -> Result<TeamLoad> {
         let r = sqlx::query(
             "SELECT MAX(running_count) AS running, MAX(vcpus) AS vcpus, MAX(memory_mb) AS memory_mb \
-             FROM team_stats_samples WHERE team_id = ? AND sampled_at >= ?",
+             FROM team_stats_samples WHERE team_id = $1 AND sampled_at >= $2",
         )
         .bind(team_id)
         .bind(ts(since))
@@ -133,7 +134,7 @@ impl Store {
 
     /// Deletes samples older than `before`; returns how many.
     pub async fn prune_stats_samples(&self, before: DateTime<Utc>) -> Result<u64> {
-        let done = sqlx::query("DELETE FROM team_stats_samples WHERE sampled_at < ?")
+        let done = sqlx::query("DELETE FROM team_stats_samples WHERE sampled_at < $1")
             .bind(ts(before))
             .execute(&self.pool)
             .await?;
@@ -145,7 +146,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         for (team, cpu_minutes, ram_mb_minutes) in usage {
             sqlx::query(
-                "INSERT INTO team_usage_daily (team_id, day, cpu_minutes, ram_mb_minutes) VALUES (?, ?, ?, ?) \
+                "INSERT INTO team_usage_daily (team_id, day, cpu_minutes, ram_mb_minutes) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (team_id, day) DO UPDATE SET \
                  cpu_minutes = team_usage_daily.cpu_minutes + excluded.cpu_minutes, \
                  ram_mb_minutes = team_usage_daily.ram_mb_minutes + excluded.ram_mb_minutes",
@@ -170,7 +171,7 @@ impl Store {
     ) -> Result<Vec<(NaiveDate, f64, f64)>> {
         let rows = sqlx::query(
             "SELECT day, cpu_minutes, ram_mb_minutes FROM team_usage_daily \
-             WHERE team_id = ? AND day >= ? AND day <= ? ORDER BY day",
+             WHERE team_id = $1 AND day >= $2 AND day <= $3 ORDER BY day",
         )
         .bind(team_id)
         .bind(from.to_string())

@@ -1,7 +1,7 @@
 //! Team snapshot templates.
 
 use chrono::Utc;
-use sqlx::sqlite::SqliteRow;
+use sqlx::any::AnyRow;
 use sqlx::Row;
 use wrenn_api::Template;
 
@@ -33,7 +33,7 @@ pub struct NewTemplate<'a> {
 const COLUMNS: &str =
     "team_id, name, kind, snapshot_id, host_id, vcpus, memory_mb, disk_size_mb, size_bytes, created_at";
 
-fn from_row(r: &SqliteRow) -> Result<TemplateRow> {
+fn from_row(r: &AnyRow) -> Result<TemplateRow> {
     Ok(TemplateRow {
         template: Template {
             name: r.try_get("name")?,

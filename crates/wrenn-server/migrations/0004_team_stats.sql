@@ -13,7 +13,7 @@ CREATE INDEX team_stats_samples_by_time ON team_stats_samples (sampled_at);
 CREATE TABLE team_usage_daily (
     team_id        TEXT NOT NULL,
     day            TEXT NOT NULL,
-    cpu_minutes    REAL NOT NULL,
-    ram_mb_minutes REAL NOT NULL,
+    cpu_minutes    DOUBLE PRECISION NOT NULL,
+    ram_mb_minutes DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (team_id, day)
 );
