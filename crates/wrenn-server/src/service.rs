@@ -770,7 +770,8 @@ impl CapsuleService {
         self.activity.flush().await?;
         let now = chrono::Utc::now();
         for row in self.store.running_with_timeout().await? {
-            let c = &row.capsule;
+            // Activity recorded after the flush above counts too.
+            let c = &self.with_activity(row.capsule);
             let last = c.last_active_at.or(c.started_at).unwrap_or(c.created_at);
             let idle = now.signed_duration_since(last);
             if idle < chrono::Duration::seconds(i64::from(c.timeout_sec))
