@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what Wrenn needs on a Debian/Ubuntu host (idempotent; run as root).
 # Host tools: QEMU (microvm), qemu-img, debootstrap and busybox-static for guest images, cpio, lz4
-# for the kernel, iproute2 + nftables for network slots. Test tools: pytest, schemathesis,
+# for the kernel, iproute2 + nftables for network slots. Test tools: pytest, schemathesis, aiosmtpd (the
+# tests' SMTP listener),
 # openapi-spec-validator and the official Python SDK.
 set -euo pipefail
 
@@ -38,8 +39,8 @@ if [[ "${1:-}" == "--test" ]]; then
   if python3 -m pip install --help 2>/dev/null | grep -q -- --break-system-packages; then
     py+=(--break-system-packages)
   fi
-  python3 -c 'import pytest, schemathesis, openapi_spec_validator, yaml, wrenn' 2>/dev/null ||
-    "${py[@]}" --ignore-requires-python pytest schemathesis openapi-spec-validator pyyaml httpx wrenn
+  python3 -c 'import pytest, schemathesis, openapi_spec_validator, yaml, wrenn, aiosmtpd' 2>/dev/null ||
+    "${py[@]}" --ignore-requires-python pytest schemathesis openapi-spec-validator pyyaml httpx wrenn aiosmtpd
 fi
 
 # The store tests and one platform test run against PostgreSQL (WRENN_TEST_POSTGRES_URL, default

@@ -18,6 +18,16 @@ pub enum ErrorCode {
     HostUnavailable,
     NoHostsAvailable,
     NotImplemented,
+    InvalidToken,
+    AlreadyActivated,
+    LastLoginMethod,
+    WrongPassword,
+    AccountDeactivated,
+    ProviderNotFound,
+    EmailTaken,
+    SignupCooldown,
+    OwnsTeamWithMembers,
+    RateLimited,
 }
 
 impl ErrorCode {
@@ -36,17 +46,36 @@ impl ErrorCode {
             ErrorCode::HostUnavailable => "host_unavailable",
             ErrorCode::NoHostsAvailable => "no_hosts_available",
             ErrorCode::NotImplemented => "not_implemented",
+            ErrorCode::InvalidToken => "invalid_token",
+            ErrorCode::AlreadyActivated => "already_activated",
+            ErrorCode::LastLoginMethod => "last_login_method",
+            ErrorCode::WrongPassword => "wrong_password",
+            ErrorCode::AccountDeactivated => "account_deactivated",
+            ErrorCode::ProviderNotFound => "provider_not_found",
+            ErrorCode::EmailTaken => "email_taken",
+            ErrorCode::SignupCooldown => "signup_cooldown",
+            ErrorCode::OwnsTeamWithMembers => "owns_team_with_members",
+            ErrorCode::RateLimited => "rate_limited",
         }
     }
 
     /// The HTTP status this code is answered with.
     pub fn status(self) -> u16 {
         match self {
-            ErrorCode::InvalidRequest => 400,
-            ErrorCode::Unauthorized => 401,
-            ErrorCode::Forbidden => 403,
-            ErrorCode::NotFound => 404,
-            ErrorCode::InvalidState | ErrorCode::Conflict | ErrorCode::AlreadyExists => 409,
+            ErrorCode::InvalidRequest
+            | ErrorCode::InvalidToken
+            | ErrorCode::AlreadyActivated
+            | ErrorCode::LastLoginMethod => 400,
+            ErrorCode::Unauthorized | ErrorCode::WrongPassword => 401,
+            ErrorCode::Forbidden | ErrorCode::AccountDeactivated => 403,
+            ErrorCode::NotFound | ErrorCode::ProviderNotFound => 404,
+            ErrorCode::InvalidState
+            | ErrorCode::Conflict
+            | ErrorCode::AlreadyExists
+            | ErrorCode::EmailTaken
+            | ErrorCode::SignupCooldown
+            | ErrorCode::OwnsTeamWithMembers => 409,
+            ErrorCode::RateLimited => 429,
             ErrorCode::TooLarge => 413,
             ErrorCode::Internal => 500,
             ErrorCode::NotImplemented => 501,
@@ -81,6 +110,12 @@ impl ApiError {
     }
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::Internal, message)
+    }
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Unauthorized, message)
+    }
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Forbidden, message)
     }
 
     pub fn body(&self) -> ErrorBody {

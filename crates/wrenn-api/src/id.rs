@@ -10,6 +10,7 @@ pub mod prefix {
     pub const API_KEY: &str = "key-";
     pub const HOST: &str = "host-";
     pub const SNAPSHOT: &str = "snap-";
+    pub const SESSION: &str = "ses-";
 }
 
 /// Number of base36 digits needed for any 128-bit number (36^25 > 2^128).

@@ -3,12 +3,14 @@
 //! Every type here mirrors a schema of `docs/openapi.yaml`; field names and optionality follow the
 //! spec exactly so that the official SDK and any generated client deserialize our answers.
 
+pub mod account;
 pub mod capsule;
 pub mod error;
 pub mod id;
 pub mod stats;
 pub mod template;
 
+pub use account::*;
 pub use capsule::*;
 pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use stats::*;

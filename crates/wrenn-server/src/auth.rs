@@ -1,5 +1,10 @@
-//! Authentication extractors. A handler that takes [`TeamAuth`] only runs for a caller that
-//! proved who it is; everything else answers 401 with the error envelope.
+//! Authentication extractors. A handler that takes [`TeamAuth`], [`SessionAuth`] or
+//! [`AdminAuth`] only runs for a caller that proved who it is; everything else answers 401 (no
+//! or bad credentials) or 403 (CSRF, rights) with the error envelope.
+//!
+//! - API key (`X-API-Key`): team-scoped capsule operations; never needs CSRF.
+//! - Session (`wrenn_sid` cookie): everything; state-changing methods also need the
+//!   `X-CSRF-Token` header equal to the `wrenn_csrf` cookie and to the session's token.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -7,20 +12,16 @@ use std::time::{Duration, Instant};
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
+use axum::http::Method;
 use sha2::{Digest, Sha256};
 use wrenn_api::{ApiError, ErrorCode};
 
+use crate::accounts::secrets::constant_time_eq;
+use crate::accounts::SessionUser;
 use crate::error::HttpError;
 use crate::AppState;
 
 pub const API_KEY_HEADER: &str = "X-API-Key";
-
-/// The team a request acts for, and which credential proved it.
-#[derive(Debug, Clone)]
-pub struct TeamAuth {
-    pub team_id: String,
-    pub api_key_id: String,
-}
 
 /// SHA-256 hex of an API key: the only form in which keys are stored.
 pub fn hash_api_key(key: &str) -> String {
@@ -69,6 +70,109 @@ fn unauthorized(msg: &str) -> HttpError {
     HttpError(ApiError::new(ErrorCode::Unauthorized, msg))
 }
 
+pub const SESSION_COOKIE: &str = "wrenn_sid";
+pub const CSRF_COOKIE: &str = "wrenn_csrf";
+pub const CSRF_HEADER: &str = "X-CSRF-Token";
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+pub fn cookie<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
+    parts
+        .headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim_matches('"'))
+}
+
+/// Who is acting: what audit entries and logs name.
+#[derive(Debug, Clone)]
+pub enum Actor {
+    ApiKey { id: String, name: String },
+    User { id: String, email: String },
+}
+
+/// The team a request acts for, proved by an API key or by a session (with its CSRF token on
+/// state-changing requests).
+#[derive(Debug, Clone)]
+pub struct TeamAuth {
+    pub team_id: String,
+    pub actor: Actor,
+}
+
+/// A request authenticated by a browser session (CSRF-checked on state-changing methods).
+#[derive(Debug, Clone)]
+pub struct SessionAuth(pub SessionUser);
+
+/// A session of a platform admin (the flag is read from the database on every request).
+#[derive(Debug, Clone)]
+pub struct AdminAuth(pub SessionUser);
+
+fn is_safe(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
+/// The session of this request, if it carries a valid `wrenn_sid` cookie; `Err` when it does
+/// but the CSRF check of a state-changing request fails.
+async fn session(parts: &Parts, state: &AppState) -> Result<Option<SessionUser>, HttpError> {
+    let Some(secret) = cookie(parts, SESSION_COOKIE).filter(|s| !s.is_empty()) else {
+        return Ok(None);
+    };
+    let Some(user) = state.accounts.authenticate(secret).await? else {
+        return Err(unauthorized("session expired or revoked: log in again"));
+    };
+    if !is_safe(&parts.method) {
+        let header = parts.headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok());
+        let cookie = cookie(parts, CSRF_COOKIE);
+        let ok = match (header, cookie) {
+            (Some(h), Some(c)) => constant_time_eq(h, c) && constant_time_eq(h, &user.csrf_token),
+            _ => false,
+        };
+        if !ok {
+            return Err(HttpError(ApiError::forbidden(
+                "missing or invalid CSRF token: send the wrenn_csrf cookie's value in the X-CSRF-Token header",
+            )));
+        }
+    }
+    Ok(Some(user))
+}
+
+impl FromRequestParts<AppState> for SessionAuth {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        match session(parts, state).await? {
+            Some(u) => Ok(SessionAuth(u)),
+            None if parts.headers.contains_key(API_KEY_HEADER) => Err(unauthorized(
+                "this endpoint needs a browser session (wrenn_sid cookie); API keys are for capsule operations",
+            )),
+            None => Err(unauthorized("missing credentials: log in to get a session")),
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for AdminAuth {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let SessionAuth(u) = SessionAuth::from_request_parts(parts, state).await?;
+        if !u.is_admin {
+            return Err(HttpError(ApiError::forbidden(
+                "this endpoint is for platform admins",
+            )));
+        }
+        Ok(AdminAuth(u))
+    }
+}
+
 impl FromRequestParts<AppState> for TeamAuth {
     type Rejection = HttpError;
 
@@ -76,10 +180,26 @@ impl FromRequestParts<AppState> for TeamAuth {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
+        // Set by the admin capsule routes' scope layer, which already checked the caller.
+        if let Some(scoped) = parts.extensions.get::<TeamAuth>() {
+            return Ok(scoped.clone());
+        }
         let Some(value) = parts.headers.get(API_KEY_HEADER) else {
-            return Err(unauthorized(
-                "missing credentials: send an API key in the X-API-Key header",
-            ));
+            return match session(parts, state).await? {
+                Some(u) if u.role.is_some() => Ok(TeamAuth {
+                    team_id: u.team_id,
+                    actor: Actor::User {
+                        id: u.user_id,
+                        email: u.email,
+                    },
+                }),
+                Some(_) => Err(HttpError(ApiError::forbidden(
+                    "you are no longer a member of this session's team: switch team",
+                ))),
+                None => Err(unauthorized(
+                    "missing credentials: send an API key in the X-API-Key header",
+                )),
+            };
         };
         let key = value
             .to_str()
@@ -104,7 +224,10 @@ impl FromRequestParts<AppState> for TeamAuth {
         }
         Ok(TeamAuth {
             team_id: owner.team_id,
-            api_key_id: owner.key_id,
+            actor: Actor::ApiKey {
+                id: owner.key_id,
+                name: owner.name,
+            },
         })
     }
 }

@@ -1,19 +1,24 @@
 //! First start: an admin user, their team and an API key, written to `<data>/bootstrap.json`
-//! so the operator (and scripts) can use the platform at once.
+//! so the operator (and scripts) can use the platform at once. The admin's password is
+//! returned once (for `wrenn up` to print) and stored only as its argon2id hash.
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use wrenn_api::id::{new_id, prefix};
 
+use crate::accounts::team_slug;
 use crate::auth::{hash_api_key, key_prefix, new_api_key};
-use crate::store::{Store, StoreError};
+use crate::store::{NewTeam, Store, StoreError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Bootstrap {
     pub base_url: String,
     pub api_key: String,
     pub admin_email: String,
+    /// Only on the start that created the admin; never written to disk.
+    #[serde(skip)]
+    pub admin_password: Option<String>,
 }
 
 /// Creates the bootstrap admin on an empty database; otherwise returns what an earlier start
@@ -23,6 +28,7 @@ pub async fn ensure(
     data_dir: &Path,
     base_url: &str,
     admin_email: &str,
+    admin_password: Option<&str>,
 ) -> Result<Option<Bootstrap>, StoreError> {
     let file = data_dir.join("bootstrap.json");
     if store.count_users().await? > 0 {
@@ -37,14 +43,21 @@ pub async fn ensure(
     let user_id = new_id(prefix::USER);
     let team_id = new_id(prefix::TEAM);
     let slug = team_slug();
+    let password = admin_password
+        .map(str::to_string)
+        .unwrap_or_else(|| crate::accounts::secrets::random_hex(12));
+    let hash = crate::accounts::secrets::hash_password(&password).map_err(StoreError::Config)?;
     store
         .create_admin_with_team(
             &user_id,
-            admin_email,
+            &admin_email.trim().to_lowercase(),
             "Admin",
-            &team_id,
-            "Admin's Team",
-            &slug,
+            Some(&hash),
+            NewTeam {
+                id: &team_id,
+                name: "Admin's Team",
+                slug: &slug,
+            },
         )
         .await?;
     let key = new_api_key();
@@ -61,19 +74,12 @@ pub async fn ensure(
     let b = Bootstrap {
         base_url: base_url.to_string(),
         api_key: key,
-        admin_email: admin_email.to_string(),
+        admin_email: admin_email.trim().to_lowercase(),
+        admin_password: Some(password),
     };
     write_private(&file, &serde_json::to_vec_pretty(&b).unwrap_or_default())
         .map_err(|e| StoreError::Corrupt(format!("cannot write {}: {e}", file.display())))?;
     Ok(Some(b))
-}
-
-/// Team slugs: 6 random bytes as `xxxxxx-yyyyyy`.
-pub fn team_slug() -> String {
-    use rand::RngCore;
-    let mut b = [0u8; 6];
-    rand::thread_rng().fill_bytes(&mut b);
-    format!("{}-{}", hex::encode(&b[..3]), hex::encode(&b[3..]))
 }
 
 /// The file holds a credential: readable by its owner only.

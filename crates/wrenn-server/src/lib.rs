@@ -6,8 +6,10 @@
 //! - [`store`]: persistence behind one type, so PostgreSQL can join SQLite without touching
 //!   handlers or services.
 //! - [`stats`]: team statistics (sampler, stats and usage reads).
+//! - [`accounts`]: users, sessions, teams, API keys, OAuth, admin.
 //! - [`host`]: how the control plane reaches a host agent ([`host::HostClient`]).
 
+pub mod accounts;
 pub mod activity;
 pub mod auth;
 pub mod bootstrap;
@@ -29,4 +31,5 @@ pub struct AppState {
     pub capsules: Arc<service::CapsuleService>,
     pub stats: Arc<stats::StatsService>,
     pub key_usage: Arc<auth::KeyUsage>,
+    pub accounts: Arc<accounts::AccountService>,
 }

@@ -148,6 +148,17 @@ impl CapsuleService {
             .collect())
     }
 
+    /// Every team's live capsules (platform admins).
+    pub async fn list_all(&self) -> Result<Vec<Capsule>> {
+        Ok(self
+            .store
+            .list_all_live_capsules()
+            .await?
+            .into_iter()
+            .map(|r| self.with_activity(r.capsule))
+            .collect())
+    }
+
     /// The capsule with its activity recorded since the last flush.
     fn with_activity(&self, mut c: Capsule) -> Capsule {
         if let Some(t) = self.activity.last_active(&c.id) {

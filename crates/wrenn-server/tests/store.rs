@@ -6,69 +6,11 @@ use std::collections::BTreeMap;
 
 use chrono::{Duration, NaiveDate, TimeZone, Utc};
 use wrenn_api::{CapsuleStatus, CreateCapsuleRequest};
-use wrenn_server::store::{Backend, NewTemplate, Store, TeamLoad};
+use wrenn_server::store::{NewTeam, NewTemplate, Store, TeamLoad};
 
-async fn sqlite(name: &str) -> Store {
-    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let store = Store::open_sqlite(&dir.join("wrenn.db")).await.unwrap();
-    assert_eq!(store.backend(), Backend::Sqlite);
-    store
-}
-
-fn postgres_admin_url() -> String {
-    std::env::var("WRENN_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
-}
-
-/// A fresh database on the test PostgreSQL server (a leftover of an earlier failed run is
-/// dropped first).
-async fn postgres(name: &str) -> (Store, String) {
-    let db = format!("wrenn_test_{name}");
-    admin(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await;
-    admin(&format!("CREATE DATABASE {db}")).await;
-    let admin_url = postgres_admin_url();
-    let url = format!("{}/{db}", admin_url.rsplit_once('/').unwrap().0);
-    let store = Store::connect(&url).await.unwrap();
-    assert_eq!(store.backend(), Backend::Postgres);
-    (store, db)
-}
-
-async fn admin(sql: &str) {
-    use sqlx::Executor;
-    sqlx::any::install_default_drivers();
-    let pool = sqlx::AnyPool::connect(&postgres_admin_url())
-        .await
-        .unwrap_or_else(|e| panic!("the tests need PostgreSQL at {}: {e}", postgres_admin_url()));
-    pool.execute(sql).await.unwrap();
-    pool.close().await;
-}
-
-/// Runs one check against SQLite and against PostgreSQL.
-macro_rules! on_both_backends {
-    ($($check:ident),* $(,)?) => {
-        mod sqlite_backend {
-            $(
-                #[tokio::test]
-                async fn $check() {
-                    super::$check(super::sqlite(concat!("store-", stringify!($check))).await).await;
-                }
-            )*
-        }
-        mod postgres_backend {
-            $(
-                #[tokio::test]
-                async fn $check() {
-                    let (store, db) = super::postgres(stringify!($check)).await;
-                    super::$check(store.clone()).await;
-                    store.close().await;
-                    super::admin(&format!("DROP DATABASE {db} WITH (FORCE)")).await;
-                }
-            )*
-        }
-    };
-}
+#[macro_use]
+mod common;
+use common::*;
 
 on_both_backends!(
     api_keys_resolve_to_their_team_only_by_hash,
@@ -80,7 +22,17 @@ on_both_backends!(
 
 async fn team(store: &Store) {
     store
-        .create_admin_with_team("usr-1", "a@b.c", "A", "team-1", "A's Team", "aaaaaa-bbbbbb")
+        .create_admin_with_team(
+            "usr-1",
+            "a@b.c",
+            "A",
+            None,
+            NewTeam {
+                id: "team-1",
+                name: "A's Team",
+                slug: "aaaaaa-bbbbbb",
+            },
+        )
         .await
         .unwrap();
 }
@@ -236,7 +188,17 @@ async fn stats_samples_peaks_usage_and_pruning(store: Store) {
 
 async fn api_keys_resolve_to_their_team_only_by_hash(store: Store) {
     store
-        .create_admin_with_team("usr-1", "a@b.c", "A", "team-1", "A's Team", "aaaaaa-bbbbbb")
+        .create_admin_with_team(
+            "usr-1",
+            "a@b.c",
+            "A",
+            None,
+            NewTeam {
+                id: "team-1",
+                name: "A's Team",
+                slug: "aaaaaa-bbbbbb",
+            },
+        )
         .await
         .unwrap();
     store
@@ -259,14 +221,34 @@ async fn api_keys_resolve_to_their_team_only_by_hash(store: Store) {
     assert_eq!(store.count_users().await.unwrap(), 1);
     // The same email twice is refused by the database itself.
     assert!(store
-        .create_admin_with_team("usr-2", "a@b.c", "B", "team-2", "B's Team", "cccccc-dddddd")
+        .create_admin_with_team(
+            "usr-2",
+            "a@b.c",
+            "B",
+            None,
+            NewTeam {
+                id: "team-2",
+                name: "B's Team",
+                slug: "cccccc-dddddd"
+            }
+        )
         .await
         .is_err());
 }
 
 async fn capsule_state_moves_only_along_allowed_transitions(store: Store) {
     store
-        .create_admin_with_team("usr-1", "a@b.c", "A", "team-1", "A's Team", "aaaaaa-bbbbbb")
+        .create_admin_with_team(
+            "usr-1",
+            "a@b.c",
+            "A",
+            None,
+            NewTeam {
+                id: "team-1",
+                name: "A's Team",
+                slug: "aaaaaa-bbbbbb",
+            },
+        )
         .await
         .unwrap();
     let spec = CreateCapsuleRequest::default().validate().unwrap();

@@ -14,6 +14,10 @@ use clap::{Args, Parser, Subcommand};
 use tracing::info;
 use wrenn_agent::config::AccelChoice;
 use wrenn_agent::{AgentConfig, CapsuleManager};
+use wrenn_server::accounts::limits::AuthLimits;
+use wrenn_server::accounts::mail::Mailer;
+use wrenn_server::accounts::oauth::ProviderConfig;
+use wrenn_server::accounts::{AccountConfig, AccountService, SystemClock};
 use wrenn_server::host::LocalHost;
 use wrenn_server::service::CapsuleService;
 use wrenn_server::stats::StatsService;
@@ -91,6 +95,48 @@ struct UpArgs {
     /// Seconds between team statistics samples (`/v1/capsules/stats` and `/usage`).
     #[arg(long, env = "WRENN_STATS_INTERVAL_SEC", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     stats_interval_sec: u64,
+    /// Password of the bootstrap admin (first start only); a random one is printed otherwise.
+    #[arg(long, env = "WRENN_ADMIN_PASSWORD", hide_env_values = true)]
+    admin_password: Option<String>,
+    /// Mail server: `smtp://[user:pass@]host[:port][?tls=required]` or `smtps://…`. Without
+    /// it, mails (activation, password reset) go to `<data>/outbox` and their links are logged.
+    #[arg(long, env = "WRENN_SMTP_URL", hide_env_values = true)]
+    smtp_url: Option<String>,
+    /// Sender of the platform's mails.
+    #[arg(
+        long,
+        env = "WRENN_SMTP_FROM",
+        default_value = "Wrenn <noreply@localhost>"
+    )]
+    smtp_from: String,
+    /// Base URL of the dashboard, where OAuth flows end (`{url}/auth/{provider}/callback`).
+    /// Defaults to the public URL.
+    #[arg(long, env = "OAUTH_REDIRECT_URL")]
+    oauth_redirect_url: Option<String>,
+    /// GitHub OAuth app (both needed to enable "Sign in with GitHub").
+    #[arg(long, env = "WRENN_GITHUB_CLIENT_ID")]
+    github_client_id: Option<String>,
+    #[arg(long, env = "WRENN_GITHUB_CLIENT_SECRET", hide_env_values = true)]
+    github_client_secret: Option<String>,
+    /// GitHub's web and API base URLs (GitHub Enterprise, or a stand-in in tests).
+    #[arg(long, env = "WRENN_GITHUB_URL", default_value = "https://github.com")]
+    github_url: String,
+    #[arg(
+        long,
+        env = "WRENN_GITHUB_API_URL",
+        default_value = "https://api.github.com"
+    )]
+    github_api_url: String,
+    /// Drop `Secure` from session cookies. Only for plain-http access from another machine
+    /// during development: browsers accept Secure cookies from http://localhost already.
+    #[arg(long, env = "WRENN_INSECURE_COOKIES")]
+    insecure_cookies: bool,
+    /// Login, signup, activation and reset attempts allowed per minute per client IP…
+    #[arg(long, env = "WRENN_AUTH_IP_LIMIT", default_value_t = 60)]
+    auth_ip_limit: u32,
+    /// …and per email address.
+    #[arg(long, env = "WRENN_AUTH_EMAIL_LIMIT", default_value_t = 10)]
+    auth_email_limit: u32,
 }
 
 fn main() -> Result<()> {
@@ -190,8 +236,64 @@ async fn up(args: UpArgs) -> Result<()> {
     let base_url = args
         .public_url
         .unwrap_or_else(|| format!("http://{}", args.listen));
-    let bootstrap =
-        wrenn_server::bootstrap::ensure(&store, &data_dir, &base_url, &args.admin_email).await?;
+    let bootstrap = wrenn_server::bootstrap::ensure(
+        &store,
+        &data_dir,
+        &base_url,
+        &args.admin_email,
+        args.admin_password.as_deref(),
+    )
+    .await?;
+    let mailer = Mailer::new(
+        args.smtp_url.as_deref(),
+        &args.smtp_from,
+        data_dir.join("outbox"),
+    )
+    .context("mail settings")?;
+    info!(mail = %mailer.describe(), "mail ready");
+    let github = match (args.github_client_id, args.github_client_secret) {
+        (Some(id), Some(secret)) => Some(ProviderConfig::github(
+            id,
+            secret,
+            &args.github_url,
+            &args.github_api_url,
+        )),
+        (None, None) => None,
+        _ => bail!("GitHub OAuth needs both WRENN_GITHUB_CLIENT_ID and WRENN_GITHUB_CLIENT_SECRET"),
+    };
+    let accounts = Arc::new(AccountService::new(
+        store.clone(),
+        capsules.clone(),
+        mailer,
+        Arc::new(SystemClock),
+        AccountConfig {
+            oauth_redirect_url: args.oauth_redirect_url.unwrap_or_else(|| base_url.clone()),
+            public_url: base_url.clone(),
+            github,
+            secure_cookies: !args.insecure_cookies,
+        },
+        AuthLimits::new(args.auth_ip_limit, args.auth_email_limit),
+    ));
+    // Housekeeping: expired sessions every 10 minutes, deleted accounts purged daily.
+    let housekeeper = accounts.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(600));
+        let mut n: u64 = 0;
+        loop {
+            tick.tick().await;
+            if let Err(e) = housekeeper.prune().await {
+                tracing::warn!(error = %e.message, "session cleanup failed");
+            }
+            if n.is_multiple_of(144) {
+                match housekeeper.purge_deleted().await {
+                    Ok(0) => {}
+                    Ok(k) => info!(users = k, "deleted accounts purged"),
+                    Err(e) => tracing::warn!(error = %e.message, "account purge failed"),
+                }
+            }
+            n += 1;
+        }
+    });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -200,6 +302,7 @@ async fn up(args: UpArgs) -> Result<()> {
         capsules,
         stats,
         key_usage: Default::default(),
+        accounts,
     });
 
     println!(
@@ -211,6 +314,9 @@ async fn up(args: UpArgs) -> Result<()> {
         Some(b) => {
             println!("  API key:  {}", b.api_key);
             println!("  admin:    {}", b.admin_email);
+            if let Some(p) = &b.admin_password {
+                println!("  password: {p}   (shown this once; log in at POST /v1/auth/login)");
+            }
         }
         None => println!("  (bootstrap.json is gone; use an API key you created)"),
     }
@@ -220,9 +326,12 @@ async fn up(args: UpArgs) -> Result<()> {
         data_dir.join("bootstrap.json").display()
     );
 
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await?;
     if args.destroy_on_exit {
         info!("destroying every capsule before exit");
         manager.destroy_all().await;

@@ -1,17 +1,20 @@
 //! The public HTTP API: routing, the JSON body extractor and the answers for paths that do not
 //! exist or are not built yet.
 
+mod accounts;
+mod admin;
 mod capsules;
 mod files;
 mod pty;
 mod snapshots;
 mod stream;
+mod teams;
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::{header, StatusCode, Uri};
 use axum::response::IntoResponse;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 use serde::de::DeserializeOwned;
 use tower_http::trace::TraceLayer;
@@ -27,8 +30,54 @@ pub const OPENAPI_YAML: &str = include_str!("../../../../docs/openapi.yaml");
 /// Largest JSON body accepted on the API (file uploads have their own streaming paths).
 const MAX_JSON_BODY: usize = 4 * 1024 * 1024;
 
+/// `/v1/admin/capsules*`: the team routes' handlers behind the admin scope layer.
+fn admin_capsules(state: &AppState) -> Router<AppState> {
+    Router::new()
+        .route(
+            "/v1/admin/capsules",
+            post(capsules::create).get(admin::list_capsules),
+        )
+        .route(
+            "/v1/admin/capsules/{id}",
+            get(capsules::get).delete(capsules::destroy),
+        )
+        .route("/v1/admin/capsules/{id}/snapshot", post(admin::snapshot))
+        .route("/v1/admin/capsules/{id}/exec", post(capsules::exec))
+        .route("/v1/admin/capsules/{id}/metrics", get(capsules::metrics))
+        .route(
+            "/v1/admin/capsules/{id}/processes",
+            get(capsules::processes),
+        )
+        .route(
+            "/v1/admin/capsules/{id}/processes/{selector}",
+            delete(capsules::kill_process),
+        )
+        .route(
+            "/v1/admin/capsules/{id}/processes/{selector}/stream",
+            get(stream::process_stream),
+        )
+        .route(
+            "/v1/admin/capsules/{id}/files/write",
+            post(files::write).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route("/v1/admin/capsules/{id}/files/read", post(files::read))
+        .route("/v1/admin/capsules/{id}/files/list", post(files::list))
+        .route("/v1/admin/capsules/{id}/files/mkdir", post(files::mkdir))
+        .route("/v1/admin/capsules/{id}/files/remove", post(files::remove))
+        .route(
+            "/v1/admin/capsules/{id}/exec/stream",
+            get(stream::exec_stream),
+        )
+        .route("/v1/admin/capsules/{id}/pty", get(pty::pty))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            admin::capsule_scope,
+        ))
+}
+
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .merge(admin_capsules(&state))
         .route("/openapi.yaml", get(openapi))
         .route("/v1/capsules", post(capsules::create).get(capsules::list))
         .route(
@@ -73,6 +122,65 @@ pub fn router(state: AppState) -> Router {
             "/v1/capsules/{id}/processes/{selector}",
             delete(capsules::kill_process),
         )
+        .route("/v1/auth/signup", post(accounts::signup))
+        .route("/v1/auth/activate", post(accounts::activate))
+        .route("/v1/auth/login", post(accounts::login))
+        .route("/v1/auth/logout", post(accounts::logout))
+        .route("/v1/auth/logout-all", post(accounts::logout_all))
+        .route("/v1/auth/switch-team", post(accounts::switch_team))
+        .route(
+            "/v1/me",
+            get(accounts::me)
+                .patch(accounts::rename_me)
+                .delete(accounts::delete_me),
+        )
+        .route("/v1/me/sessions", get(accounts::sessions))
+        .route("/v1/me/sessions/{id}", delete(accounts::revoke_session))
+        .route("/v1/me/password", post(accounts::change_password))
+        .route("/v1/me/password/reset", post(accounts::request_reset))
+        .route(
+            "/v1/me/password/reset/confirm",
+            post(accounts::confirm_reset),
+        )
+        .route(
+            "/v1/me/providers/{provider}/connect",
+            get(accounts::connect_provider),
+        )
+        .route(
+            "/v1/me/providers/{provider}",
+            delete(accounts::disconnect_provider),
+        )
+        .route("/auth/oauth/{provider}", get(accounts::oauth_redirect))
+        .route(
+            "/auth/oauth/{provider}/callback",
+            get(accounts::oauth_callback),
+        )
+        .route(
+            "/v1/api-keys",
+            post(teams::create_key).get(teams::list_keys),
+        )
+        .route("/v1/api-keys/{id}", delete(teams::delete_key))
+        .route("/v1/users/search", get(teams::search_users))
+        .route("/v1/teams", get(teams::list).post(teams::create))
+        .route(
+            "/v1/teams/{id}",
+            get(teams::get).patch(teams::rename).delete(teams::delete),
+        )
+        .route(
+            "/v1/teams/{id}/members",
+            get(teams::members).post(teams::add_member),
+        )
+        .route(
+            "/v1/teams/{id}/members/{uid}",
+            axum::routing::patch(teams::set_role).delete(teams::remove_member),
+        )
+        .route("/v1/teams/{id}/leave", post(teams::leave))
+        .route("/v1/admin/users", get(admin::users))
+        .route("/v1/admin/users/{id}/active", put(admin::set_active))
+        .route("/v1/admin/users/{id}/admin", put(admin::set_admin))
+        .route("/v1/admin/teams", get(admin::teams))
+        .route("/v1/admin/teams/{id}", delete(admin::delete_team))
+        .route("/v1/admin/teams/{id}/byoc", put(admin::set_byoc))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY))
@@ -88,12 +196,6 @@ async fn openapi() -> impl IntoResponse {
 
 /// Path prefixes of spec operations this version does not serve yet (README's status table).
 const NOT_YET: &[&str] = &[
-    "/v1/auth/",
-    "/auth/oauth/",
-    "/v1/me",
-    "/v1/api-keys",
-    "/v1/users/",
-    "/v1/teams",
     "/v1/hosts",
     "/v1/channels",
     "/v1/admin/",

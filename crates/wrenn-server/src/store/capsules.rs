@@ -110,6 +110,17 @@ impl Store {
         rows.iter().map(from_row).collect()
     }
 
+    /// Every team's capsules that still exist, newest first (platform admins).
+    pub async fn list_all_live_capsules(&self) -> Result<Vec<CapsuleRow>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM capsules WHERE status NOT IN ('stopped', 'error') \
+             ORDER BY created_at DESC, id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(from_row).collect()
+    }
+
     /// Capsules on a host in any of `statuses`.
     pub async fn capsules_on_host(
         &self,

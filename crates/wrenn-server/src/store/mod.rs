@@ -18,7 +18,10 @@ use sqlx::AnyPool;
 use sqlx::Executor;
 
 pub use capsules::CapsuleRow;
-pub use identity::ApiKeyOwner;
+pub use identity::{
+    ApiKeyOwner, ApiKeyRow, MemberRow, NewSession, NewTeam, OAuthUser, OwnedTeam, SessionContext,
+    SessionRow, TeamRow, TeamSummary, UserRow,
+};
 pub use stats::TeamLoad;
 pub use templates::{NewTemplate, TemplateRow};
 
