@@ -256,6 +256,11 @@ def test_tenant_isolation_on_capsule_and_team_routes(platform, mail_sink, api):
         r = admin.post(f"/v1/admin/capsules/{cid}/exec", json={"cmd": "echo admin-was-here"})
         assert r.status_code == 200 and "admin-was-here" in r.json()["stdout"], r.text
         err(admin.get("/v1/admin/capsules/cl-nope"), 404, "not_found")
+        # Create on behalf of a team.
+        err(admin.post("/v1/admin/capsules", params={"team_id": "team-nope"}, json={}), 404, "not_found")
+        r = admin.post("/v1/admin/capsules", params={"team_id": a.me["team_id"]}, json={"timeout_sec": 300})
+        assert r.status_code == 201, r.text
+        wait_status(ak, r.json()["id"], {"running"})
         # Deleting the team destroys its capsules.
         assert a.delete(f"/v1/teams/{a.me['team_id']}").status_code == 204
         assert admin.get(f"/v1/admin/capsules/{cid}").json()["status"] in ("stopped", "stopping")
@@ -378,6 +383,7 @@ def test_github_oauth_against_a_local_stand_in(platform, mail_sink, github):
     # Unknown providers.
     err(taken.get("/v1/me/providers/gitlab/connect"), 404, "provider_not_found")
     err(httpx.get(platform.base_url + "/auth/oauth/gitlab"), 404, "provider_not_found")
+    err(httpx.get(platform.base_url + "/auth/oauth/gitlab/callback?code=x&state=y"), 404, "provider_not_found")
 
 
 def test_login_attempts_are_rate_limited_per_email(platform):

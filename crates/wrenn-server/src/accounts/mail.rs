@@ -63,9 +63,11 @@ impl Mailer {
         let from = match self {
             Mailer::Smtp { from, .. } | Mailer::Outbox { from, .. } => from.clone(),
         };
-        let to_box: Mailbox = to
-            .parse()
-            .map_err(|e| MailError::Message(format!("recipient {to:?}: {e}")))?;
+        let to_box = Mailbox::new(
+            None,
+            to.parse::<lettre::Address>()
+                .map_err(|e| MailError::Message(format!("recipient {to:?}: {e}")))?,
+        );
         let msg = Message::builder()
             .from(from)
             .to(to_box)

@@ -182,14 +182,8 @@ fn normalize_email(e: &str) -> String {
 }
 
 fn validate_email(e: &str) -> Result<()> {
-    let ok = e.len() <= 254
-        && e.split_once('@').is_some_and(|(local, domain)| {
-            !local.is_empty()
-                && !domain.is_empty()
-                && !domain.contains('@')
-                && !e.contains(char::is_whitespace)
-        });
-    if ok {
+    // Whatever is accepted here must be deliverable: the mailer parses it the same way.
+    if e.len() <= 254 && e.parse::<lettre::Address>().is_ok() {
         Ok(())
     } else {
         Err(ApiError::invalid(format!(

@@ -120,6 +120,11 @@ struct Identity {
 }
 
 impl AccountService {
+    /// The configuration of provider `name`; 404 `provider_not_found` when it is not set up.
+    pub fn oauth_provider(&self, name: &str) -> Result<&ProviderConfig, ApiError> {
+        self.provider(name)
+    }
+
     fn provider(&self, name: &str) -> Result<&ProviderConfig, ApiError> {
         match (name, &self.config.github) {
             ("github", Some(cfg)) => Ok(cfg),

@@ -283,6 +283,10 @@ pub async fn oauth_callback(
     Query(q): Query<CallbackQuery>,
     parts: CookieHeader,
 ) -> Response {
+    // Only a configured provider's name goes into the redirect back to the dashboard.
+    if let Err(e) = s.accounts.oauth_provider(&provider) {
+        return HttpError(e).into_response();
+    }
     let finished = s
         .accounts
         .oauth_finish(

@@ -35,7 +35,7 @@ fn admin_capsules(state: &AppState) -> Router<AppState> {
     Router::new()
         .route(
             "/v1/admin/capsules",
-            post(capsules::create).get(admin::list_capsules),
+            post(admin::create_capsule).get(admin::list_capsules),
         )
         .route(
             "/v1/admin/capsules/{id}",
