@@ -7,6 +7,7 @@ import secrets
 import urllib.parse
 
 import httpx
+import httpx_ws
 import pytest
 
 from conftest import Browser, admin_browser, new_user, wait_status
@@ -230,6 +231,10 @@ def test_tenant_isolation_on_capsule_and_team_routes(platform, mail_sink, api):
             ("POST", f"/v1/capsules/{cid}/files/mkdir", {"path": "/tmp/x"}),
             ("POST", f"/v1/capsules/{cid}/files/remove", {"path": "/tmp/x"}),
             ("POST", "/v1/snapshots", {"sandbox_id": cid, "name": "stolen"}),
+            # WebSocket routes check the capsule before the upgrade.
+            ("GET", f"/v1/capsules/{cid}/exec/stream", None),
+            ("GET", f"/v1/capsules/{cid}/pty", None),
+            ("GET", f"/v1/capsules/{cid}/processes/1/stream", None),
             ("DELETE", f"/v1/capsules/{cid}", None),
         ]
         with httpx.Client(base_url=platform.base_url, headers={"X-API-Key": b_key}, timeout=60) as bk:
@@ -256,6 +261,17 @@ def test_tenant_isolation_on_capsule_and_team_routes(platform, mail_sink, api):
         r = admin.post(f"/v1/admin/capsules/{cid}/exec", json={"cmd": "echo admin-was-here"})
         assert r.status_code == 200 and "admin-was-here" in r.json()["stdout"], r.text
         err(admin.get("/v1/admin/capsules/cl-nope"), 404, "not_found")
+        r = admin.post(f"/v1/admin/capsules/{cid}/files/write", data={"path": "/tmp/by-admin"}, files={"file": ("f", b"from admin")})
+        assert r.status_code in (200, 201, 204), r.text
+        assert ak.post(f"/v1/capsules/{cid}/files/read", json={"path": "/tmp/by-admin"}).content == b"from admin"
+        # The admin's WebSocket routes too (the session cookie is what a browser sends).
+        with httpx.Client(base_url=platform.base_url, headers={"Cookie": f"wrenn_sid={admin.cookies['wrenn_sid']}"}) as wc:
+            with httpx_ws.connect_ws(f"/v1/admin/capsules/{cid}/exec/stream", wc) as s:
+                s.send_text(json.dumps({"type": "start", "cmd": "echo over-ws"}))
+                events = []
+                while not events or events[-1]["type"] not in ("exit", "error"):
+                    events.append(s.receive_json())
+            assert "".join(e.get("data", "") for e in events if e["type"] == "stdout") == "over-ws\n", events
         # Create on behalf of a team.
         err(admin.post("/v1/admin/capsules", params={"team_id": "team-nope"}, json={}), 404, "not_found")
         r = admin.post("/v1/admin/capsules", params={"team_id": a.me["team_id"]}, json={"timeout_sec": 300})
