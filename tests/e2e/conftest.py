@@ -338,6 +338,8 @@ def platform(mail_sink, github):
             "WRENN_GITHUB_API_URL": github.base_url + "/api",
             # Many accounts sign up from 127.0.0.1 in one run; the per-email limit is tested.
             "WRENN_AUTH_IP_LIMIT": "100000",
+            # Hosts silent for 3 intervals are unreachable: short, so the test sees it happen.
+            "WRENN_HEARTBEAT_INTERVAL_SEC": "2",
         }
     )
     assert p.base_url.startswith("http://127.0.0.1:")

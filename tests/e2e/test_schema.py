@@ -28,7 +28,11 @@ ADMIN_OPERATIONS = [
     "adminListCapsules", "adminGetCapsule", "adminDestroyCapsule", "adminCreateSnapshotFromCapsule", "adminExecCommand",
     "adminGetCapsuleMetrics", "adminListProcesses", "adminKillProcess", "adminListDir", "adminMakeDir", "adminRemovePath",
     "adminDownloadFile", "adminUploadFile",
+    "createHost", "listHosts", "getHost", "deleteHost", "regenerateHostToken", "getHostDeletePreview",
+    "listHostTags", "addHostTag", "removeHostTag", "registerHost", "refreshHostToken",
 ]
+# With a registered host's token.
+HOST_OPERATIONS = ["hostHeartbeat", "sandboxEventCallback"]
 # Last, with a throwaway account: they end the session they run with.
 ENDING_OPERATIONS = ["switchTeam", "logout", "logoutAll"]
 
@@ -74,10 +78,20 @@ def test_schemathesis_session_operations(platform, mail_sink):
     run(platform, ENDING_OPERATIONS, session_headers(new_user(platform, mail_sink)))
 
 
+def test_schemathesis_host_token_operations(platform):
+    import httpx
+
+    admin = admin_browser(platform)
+    token = admin.post("/v1/hosts", json={"type": "regular"}).json()["registration_token"]
+    r = httpx.post(platform.base_url + "/v1/hosts/register", json={"token": token, "address": "127.0.0.1:7999"})
+    assert r.status_code == 201, r.text
+    run(platform, HOST_OPERATIONS, [f"X-Host-Token: {r.json()['token']}"])
+
+
 def test_operation_ids_exist():
     import yaml
 
     doc = yaml.safe_load((ROOT / "docs/openapi.yaml").read_text())
     ids = {op["operationId"] for path in doc["paths"].values() for op in path.values() if isinstance(op, dict) and "operationId" in op}
-    missing = [o for o in OPERATIONS + SESSION_OPERATIONS + ADMIN_OPERATIONS + ENDING_OPERATIONS if o not in ids]
+    missing = [o for o in OPERATIONS + SESSION_OPERATIONS + ADMIN_OPERATIONS + ENDING_OPERATIONS + HOST_OPERATIONS if o not in ids]
     assert not missing, missing

@@ -6,6 +6,7 @@
 pub mod account;
 pub mod capsule;
 pub mod error;
+pub mod host;
 pub mod id;
 pub mod stats;
 pub mod template;
@@ -13,5 +14,6 @@ pub mod template;
 pub use account::*;
 pub use capsule::*;
 pub use error::{ApiError, ErrorBody, ErrorCode};
+pub use host::*;
 pub use stats::*;
 pub use template::*;

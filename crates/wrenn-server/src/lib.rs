@@ -7,6 +7,7 @@
 //!   handlers or services.
 //! - [`stats`]: team statistics (sampler, stats and usage reads).
 //! - [`accounts`]: users, sessions, teams, API keys, OAuth, admin.
+//! - [`hosts`]: host records, registration, host tokens and mTLS material, liveness.
 //! - [`host`]: how the control plane reaches a host agent ([`host::HostClient`]).
 
 pub mod accounts;
@@ -15,6 +16,7 @@ pub mod auth;
 pub mod bootstrap;
 pub mod error;
 pub mod host;
+pub mod hosts;
 pub mod http;
 pub mod service;
 pub mod stats;
@@ -32,4 +34,5 @@ pub struct AppState {
     pub stats: Arc<stats::StatsService>,
     pub key_usage: Arc<auth::KeyUsage>,
     pub accounts: Arc<accounts::AccountService>,
+    pub hosts: Arc<hosts::HostService>,
 }

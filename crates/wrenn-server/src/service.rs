@@ -805,6 +805,156 @@ impl CapsuleService {
     }
 }
 
+impl CapsuleService {
+    /// The client of host `host_id`, if this control plane can reach it. Today that is the
+    /// embedded agent only; remote agents join with the gRPC transport.
+    fn client(&self, host_id: &str) -> Option<Arc<dyn HostClient>> {
+        (self.host.host_id() == host_id).then(|| self.host.clone())
+    }
+
+    /// Capsules on `host_id` that held or were getting a VM become `missing`.
+    async fn mark_missing(&self, host_id: &str) -> Result<usize> {
+        use CapsuleStatus::*;
+        let from = [Pending, Starting, Running, Pausing, Resuming, Snapshotting];
+        let mut n = 0;
+        for row in self.store.capsules_on_host(host_id, &from).await? {
+            if self
+                .store
+                .transition(&row.capsule.id, &from, Missing)
+                .await?
+            {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Reconciles one host's capsules with what it reports running (after it came back):
+    /// missing ones still alive run on, gone ones are stopped, paused ones stay paused.
+    async fn reconcile_host(&self, host_id: &str, client: &dyn HostClient) -> Result<()> {
+        use CapsuleStatus::*;
+        let live: std::collections::HashMap<String, wrenn_agent::Phase> = client
+            .list()
+            .await
+            .map_err(from_agent)?
+            .into_iter()
+            .map(|c| (c.id, c.phase))
+            .collect();
+        for row in self.store.capsules_on_host(host_id, &[Missing]).await? {
+            let id = &row.capsule.id;
+            let to = match live.get(id) {
+                Some(wrenn_agent::Phase::Running) => Running,
+                Some(wrenn_agent::Phase::Paused) => Paused,
+                Some(_) => continue,
+                None => Stopped,
+            };
+            if self.store.transition(id, &[Missing], to).await? {
+                info!(capsule_id = %id, host_id, to = to.as_str(), "reconciled after the host came back");
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::hosts::HostEvents for CapsuleService {
+    async fn host_online(&self, host: &wrenn_api::Host) {
+        if self.client(&host.id).is_none() {
+            info!(host_id = %host.id, address = ?host.address, "host online (this version places capsules on the embedded agent only)");
+        }
+    }
+
+    async fn host_down(&self, host: &wrenn_api::Host) {
+        match self.mark_missing(&host.id).await {
+            Ok(n) => warn!(host_id = %host.id, capsules = n, "host down: its capsules are missing"),
+            Err(e) => {
+                warn!(host_id = %host.id, error = %e.message, "cannot mark the capsules of a lost host")
+            }
+        }
+    }
+
+    async fn host_back(&self, host: &wrenn_api::Host) {
+        if let Some(client) = self.client(&host.id) {
+            if let Err(e) = self.reconcile_host(&host.id, client.as_ref()).await {
+                warn!(host_id = %host.id, error = %e.message, "reconcile after the host came back failed");
+            }
+        }
+    }
+
+    async fn host_deleted(&self, host: &wrenn_api::Host, capsule_ids: &[String]) {
+        use CapsuleStatus::*;
+        let client = self.client(&host.id);
+        for id in capsule_ids {
+            if let Some(c) = &client {
+                if let Err(e) = c.destroy(id).await {
+                    warn!(capsule_id = %id, host_id = %host.id, error = %e, "destroy with its host failed");
+                }
+            }
+            let from = [
+                Pending,
+                Starting,
+                Running,
+                Pausing,
+                Paused,
+                Resuming,
+                Snapshotting,
+                Missing,
+                Stopping,
+            ];
+            let _ = self.store.transition(id, &from, Stopped).await;
+        }
+    }
+
+    async fn capsule_event(&self, host_id: &str, ev: &wrenn_api::SandboxEvent) {
+        use CapsuleStatus::*;
+        let row = match self.store.capsule(&ev.sandbox_id).await {
+            Ok(Some(r)) if r.host_id.as_deref() == Some(host_id) => r,
+            Ok(_) => {
+                warn!(capsule_id = %ev.sandbox_id, host_id, event = %ev.event, "event for a capsule not on this host: ignored");
+                return;
+            }
+            Err(e) => {
+                warn!(error = %e, "capsule event: store error");
+                return;
+            }
+        };
+        let id = &row.capsule.id;
+        let done = match ev.event.as_str() {
+            "sandbox.auto_paused" => self
+                .store
+                .transition(id, &[Running, Missing], Paused)
+                .await
+                .map(|_| ()),
+            "sandbox.stopped" => self
+                .store
+                .transition(
+                    id,
+                    &[
+                        Pending, Starting, Running, Pausing, Paused, Resuming, Missing, Stopping,
+                    ],
+                    Stopped,
+                )
+                .await
+                .map(|_| ()),
+            "sandbox.error" => {
+                self.store
+                    .mark_error(
+                        id,
+                        ev.reason.as_deref().unwrap_or("the host reported an error"),
+                    )
+                    .await
+            }
+            other => {
+                info!(capsule_id = %id, host_id, event = other, "unknown capsule event accepted");
+                Ok(())
+            }
+        };
+        if let Err(e) = done {
+            warn!(capsule_id = %id, error = %e, "capsule event not applied");
+        }
+    }
+}
+
 /// Where the host says a capsule stands after a failed transition (`None`: gone, or the host
 /// cannot say).
 async fn host_phase(host: &dyn HostClient, id: &str) -> Option<wrenn_agent::Phase> {

@@ -18,7 +18,115 @@ on_both_backends!(
     activity_never_moves_backwards,
     templates_are_unique_per_team,
     stats_samples_peaks_usage_and_pruning,
+    host_tokens_are_single_use_and_secrets_stable,
 );
+
+async fn host_tokens_are_single_use_and_secrets_stable(store: Store) {
+    let now = Utc::now();
+    let host = wrenn_api::Host {
+        id: "host-1".into(),
+        kind: "regular".into(),
+        team_id: None,
+        provider: None,
+        availability_zone: None,
+        arch: None,
+        cpu_cores: None,
+        memory_mb: None,
+        disk_gb: None,
+        address: None,
+        status: "pending".into(),
+        last_heartbeat_at: None,
+        created_by: "usr-1".into(),
+        created_at: now,
+        updated_at: now,
+    };
+    store.insert_host(&host).await.unwrap();
+    // Registration: one use; a newer token replaces older ones.
+    store
+        .put_host_token(
+            "r1",
+            "host-1",
+            "registration",
+            now + Duration::hours(1),
+            now,
+        )
+        .await
+        .unwrap();
+    store
+        .put_host_token(
+            "r2",
+            "host-1",
+            "registration",
+            now + Duration::hours(1),
+            now,
+        )
+        .await
+        .unwrap();
+    assert!(store.take_registration_token("r1").await.unwrap().is_none());
+    assert_eq!(
+        store
+            .take_registration_token("r2")
+            .await
+            .unwrap()
+            .unwrap()
+            .0,
+        "host-1"
+    );
+    assert!(store.take_registration_token("r2").await.unwrap().is_none());
+    // Refresh: revoked on use; expired ones never work.
+    store
+        .put_host_token("f1", "host-1", "refresh", now + Duration::days(60), now)
+        .await
+        .unwrap();
+    store
+        .put_host_token("f2", "host-1", "refresh", now - Duration::seconds(1), now)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .revoke_refresh_token("f1", now)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("host-1")
+    );
+    assert!(store
+        .revoke_refresh_token("f1", now)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(store
+        .revoke_refresh_token("f2", now)
+        .await
+        .unwrap()
+        .is_none());
+    // Status moves only from the states named.
+    assert!(!store
+        .set_host_status("host-1", "unreachable", &["online"], now)
+        .await
+        .unwrap());
+    assert!(store
+        .set_host_status("host-1", "online", &[], now)
+        .await
+        .unwrap());
+    assert!(store
+        .set_host_status("host-1", "unreachable", &["online"], now)
+        .await
+        .unwrap());
+    // Tags and deletion.
+    store.add_host_tag("host-1", "gpu").await.unwrap();
+    store.add_host_tag("host-1", "gpu").await.unwrap();
+    assert_eq!(store.host_tags("host-1").await.unwrap(), ["gpu"]);
+    assert!(store.delete_host("host-1").await.unwrap());
+    assert!(store.host("host-1").await.unwrap().is_none());
+    // A platform secret is made once; later callers read the first value.
+    let a = store.platform_secret("k", || "first".into()).await.unwrap();
+    let b = store
+        .platform_secret("k", || "second".into())
+        .await
+        .unwrap();
+    assert_eq!((a.as_str(), b.as_str()), ("first", "first"));
+}
 
 async fn team(store: &Store) {
     store

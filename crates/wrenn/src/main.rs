@@ -19,6 +19,8 @@ use wrenn_server::accounts::mail::Mailer;
 use wrenn_server::accounts::oauth::ProviderConfig;
 use wrenn_server::accounts::{AccountConfig, AccountService, SystemClock};
 use wrenn_server::host::LocalHost;
+use wrenn_server::hosts::pki::Pki;
+use wrenn_server::hosts::{HostConfig, HostService};
 use wrenn_server::service::CapsuleService;
 use wrenn_server::stats::StatsService;
 use wrenn_server::store::Store;
@@ -95,6 +97,9 @@ struct UpArgs {
     /// Seconds between team statistics samples (`/v1/capsules/stats` and `/usage`).
     #[arg(long, env = "WRENN_STATS_INTERVAL_SEC", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     stats_interval_sec: u64,
+    /// Seconds between host agents' heartbeats; a host silent for three is unreachable.
+    #[arg(long, env = "WRENN_HEARTBEAT_INTERVAL_SEC", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    heartbeat_interval_sec: u64,
     /// Password of the bootstrap admin (first start only); a random one is printed otherwise.
     #[arg(long, env = "WRENN_ADMIN_PASSWORD", hide_env_values = true)]
     admin_password: Option<String>,
@@ -191,8 +196,11 @@ async fn up(args: UpArgs) -> Result<()> {
     }
     .context("cannot open the database")?;
     info!(backend = ?store.backend(), "database ready");
+    let host_id = wrenn_server::hosts::ensure_embedded_host(&store, &data_dir, &manager.capacity())
+        .await
+        .context("cannot record the embedded host")?;
     let host = Arc::new(LocalHost {
-        id: "host-local".to_string(),
+        id: host_id.clone(),
         manager: manager.clone(),
     });
     let capsules = Arc::new(CapsuleService::new(store.clone(), host));
@@ -274,6 +282,32 @@ async fn up(args: UpArgs) -> Result<()> {
         },
         AuthLimits::new(args.auth_ip_limit, args.auth_email_limit),
     ));
+    let pki = Arc::new(Pki::load(&store).await.context("host credentials")?);
+    let hosts = Arc::new(HostService::new(
+        store.clone(),
+        pki,
+        Arc::new(SystemClock),
+        HostConfig {
+            heartbeat_interval: std::time::Duration::from_secs(args.heartbeat_interval_sec),
+            embedded: Some(host_id),
+        },
+        capsules.clone(),
+    ));
+    // Liveness: the embedded agent beats from here; the monitor runs twice per interval.
+    let monitor = hosts.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(monitor.config().heartbeat_interval / 2);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = monitor.embedded_heartbeat().await {
+                tracing::warn!(error = %e.message, "embedded heartbeat failed");
+            }
+            if let Err(e) = monitor.monitor().await {
+                tracing::warn!(error = %e.message, "host monitor pass failed");
+            }
+        }
+    });
     // Housekeeping: expired sessions every 10 minutes, deleted accounts purged daily.
     let housekeeper = accounts.clone();
     tokio::spawn(async move {
@@ -303,6 +337,7 @@ async fn up(args: UpArgs) -> Result<()> {
         stats,
         key_usage: Default::default(),
         accounts,
+        hosts,
     });
 
     println!(

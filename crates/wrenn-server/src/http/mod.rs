@@ -5,6 +5,7 @@ mod accounts;
 mod admin;
 mod capsules;
 mod files;
+mod hosts;
 mod pty;
 mod snapshots;
 mod stream;
@@ -175,6 +176,16 @@ pub fn router(state: AppState) -> Router {
             axum::routing::patch(teams::set_role).delete(teams::remove_member),
         )
         .route("/v1/teams/{id}/leave", post(teams::leave))
+        .route("/v1/hosts", post(hosts::create).get(hosts::list))
+        .route("/v1/hosts/register", post(hosts::register))
+        .route("/v1/hosts/auth/refresh", post(hosts::refresh))
+        .route("/v1/hosts/sandbox-events", post(hosts::sandbox_event))
+        .route("/v1/hosts/{id}", get(hosts::get).delete(hosts::delete))
+        .route("/v1/hosts/{id}/delete-preview", get(hosts::delete_preview))
+        .route("/v1/hosts/{id}/token", post(hosts::regenerate_token))
+        .route("/v1/hosts/{id}/heartbeat", post(hosts::heartbeat))
+        .route("/v1/hosts/{id}/tags", get(hosts::tags).post(hosts::add_tag))
+        .route("/v1/hosts/{id}/tags/{tag}", delete(hosts::remove_tag))
         .route("/v1/admin/users", get(admin::users))
         .route("/v1/admin/users/{id}/active", put(admin::set_active))
         .route("/v1/admin/users/{id}/admin", put(admin::set_admin))
@@ -196,7 +207,6 @@ async fn openapi() -> impl IntoResponse {
 
 /// Path prefixes of spec operations this version does not serve yet (README's status table).
 const NOT_YET: &[&str] = &[
-    "/v1/hosts",
     "/v1/channels",
     "/v1/admin/",
     "/v1/events/",

@@ -6,6 +6,7 @@
 //! migrations (`migrations/`) builds both schemas. `tests/store.rs` runs against both.
 
 mod capsules;
+mod hosts;
 mod identity;
 mod stats;
 mod templates;
@@ -18,6 +19,7 @@ use sqlx::AnyPool;
 use sqlx::Executor;
 
 pub use capsules::CapsuleRow;
+pub use hosts::HostSpecs;
 pub use identity::{
     ApiKeyOwner, ApiKeyRow, MemberRow, NewSession, NewTeam, OAuthUser, OwnedTeam, SessionContext,
     SessionRow, TeamRow, TeamSummary, UserRow,
