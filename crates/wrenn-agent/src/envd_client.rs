@@ -41,9 +41,17 @@ pub struct ExecOutput {
     pub dropped_bytes: u64,
 }
 
+/// Opens connections to one capsule's envd some other way than TCP (through a remote agent).
+#[async_trait::async_trait]
+pub trait EnvdDial: Send + Sync + std::fmt::Debug {
+    async fn dial(&self) -> Result<Box<dyn crate::envd_conn::EnvdStream>>;
+}
+
 #[derive(Debug, Clone)]
 pub struct EnvdClient {
     addr: SocketAddr,
+    /// Set for capsules on another host: connections go through it instead of TCP.
+    dial: Option<Arc<dyn EnvdDial>>,
     lifeline: Option<Arc<Path>>,
     /// Cancelled when the capsule's VM stops: every connection made through this client fails.
     vm_gone: CancellationToken,
@@ -53,9 +61,25 @@ impl EnvdClient {
     pub fn new(addr: SocketAddr) -> Self {
         Self {
             addr,
+            dial: None,
             lifeline: None,
             vm_gone: CancellationToken::new(),
         }
+    }
+
+    /// A client whose connections are opened by `dial` (a capsule on a remote host).
+    pub fn remote(dial: Arc<dyn EnvdDial>) -> Self {
+        Self {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            dial: Some(dial),
+            lifeline: None,
+            vm_gone: CancellationToken::new(),
+        }
+    }
+
+    /// A raw connection to envd (what a tunnel carries).
+    pub async fn open(&self) -> Result<EnvdConn> {
+        self.connect().await
     }
 
     /// A client that, when TCP to envd fails, asks envd over the serial lifeline to repair the
@@ -81,6 +105,9 @@ impl EnvdClient {
     }
 
     async fn connect(&self) -> Result<EnvdConn> {
+        if let Some(dial) = &self.dial {
+            return Ok(EnvdConn::boxed(dial.dial().await?, self.vm_gone.clone()));
+        }
         self.connect_or_repair()
             .await
             .map(|s| EnvdConn::new(s, self.vm_gone.clone()))

@@ -11,18 +11,26 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+/// A byte stream to envd: a TCP connection, or a tunnel through a remote agent.
+pub trait EnvdStream: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> EnvdStream for T {}
+
 pub struct EnvdConn {
-    inner: TcpStream,
+    inner: Box<dyn EnvdStream>,
     cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
     /// Set once the token fired (a finished future must not be polled again).
     dead: bool,
 }
 
 impl EnvdConn {
-    pub fn new(inner: TcpStream, token: CancellationToken) -> Self {
+    pub fn new(inner: impl EnvdStream + 'static, token: CancellationToken) -> Self {
+        Self::boxed(Box::new(inner), token)
+    }
+
+    pub fn boxed(inner: Box<dyn EnvdStream>, token: CancellationToken) -> Self {
         Self {
             inner,
             cancelled: Box::pin(token.cancelled_owned()),
@@ -85,6 +93,7 @@ impl AsyncWrite for EnvdConn {
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
+    use tokio::net::TcpStream;
 
     #[tokio::test]
     async fn a_cancelled_token_wakes_a_blocked_reader() {

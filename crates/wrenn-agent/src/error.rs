@@ -34,6 +34,9 @@ pub enum AgentError {
     Image(String),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// The host could not be reached (a remote agent's connection failed).
+    #[error("host unreachable: {0}")]
+    Unreachable(String),
 }
 
 pub type Result<T> = std::result::Result<T, AgentError>;

@@ -9,6 +9,7 @@
 //! - [`net`]: network slots (netns + TAP + veth + NAT) and the host's firewall table.
 //! - [`vmm`]: the VMM trait and its QEMU `microvm` driver, the KVM probe, QMP.
 //! - [`envd_client`]: the host side of the envd protocol; [`lifeline`]: the serial fallback.
+//! - [`rpc`]: the control plane ↔ agent service (gRPC over mutual TLS), both ends.
 
 pub mod cmd;
 pub mod config;
@@ -21,6 +22,7 @@ pub mod lifeline;
 pub mod manager;
 pub mod metrics;
 pub mod net;
+pub mod rpc;
 pub mod vmm;
 
 pub use config::AgentConfig;

@@ -96,7 +96,7 @@ pub struct CreateCapsuleRequest {
 }
 
 /// A create request with defaults applied and every bound checked.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CapsuleSpec {
     pub template: String,
     pub vcpus: u32,

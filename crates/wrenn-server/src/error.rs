@@ -48,6 +48,10 @@ pub fn from_agent(e: wrenn_agent::AgentError) -> ApiError {
         A::Conflict(m) => ApiError::new(ErrorCode::Conflict, m),
         A::AlreadyExists(m) => ApiError::new(ErrorCode::AlreadyExists, m),
         A::CannotRun { message, .. } => ApiError::invalid(message),
+        A::Unreachable(m) => ApiError::new(
+            ErrorCode::HostUnavailable,
+            format!("the capsule's host cannot be reached: {m}"),
+        ),
         other => ApiError::new(ErrorCode::AgentError, other.to_string()),
     }
 }

@@ -1,11 +1,13 @@
 //! How the control plane reaches host agents.
 //!
 //! [`HostClient`] is the whole contract; [`LocalHost`] implements it for the agent embedded in
-//! the same process (`wrenn up`). A remote implementation (gRPC over mTLS) plugs in here.
+//! the same process (`wrenn up`), [`RemoteHost`] for an agent on another machine (gRPC over
+//! mutual TLS; guest operations through its envd tunnel).
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use wrenn_agent::rpc::client::RemoteAgent;
 use wrenn_agent::{
     AgentError, CapsuleInfo, CapsuleManager, ExecOutput, ExecStream, SnapshotMeta, StartedProcess,
     UserSnapshot,
@@ -15,6 +17,10 @@ use wrenn_api::CapsuleSpec;
 #[async_trait]
 pub trait HostClient: Send + Sync {
     fn host_id(&self) -> &str;
+    /// Where a remote agent listens (`None` for the agent in this process).
+    fn address(&self) -> Option<&str> {
+        None
+    }
     async fn templates(&self) -> Result<Vec<String>, AgentError>;
     /// Running capsules whose VM died since the last call, with the reason (each is already
     /// cleaned up on the host).
@@ -159,5 +165,108 @@ impl HostClient for LocalHost {
     }
     async fn list(&self) -> Result<Vec<CapsuleInfo>, AgentError> {
         Ok(self.manager.list().await)
+    }
+}
+
+/// A host agent on another machine.
+pub struct RemoteHost {
+    id: String,
+    agent: RemoteAgent,
+}
+
+impl RemoteHost {
+    pub fn new(id: &str, agent: RemoteAgent) -> Self {
+        Self {
+            id: id.to_string(),
+            agent,
+        }
+    }
+}
+
+#[async_trait]
+impl HostClient for RemoteHost {
+    fn host_id(&self) -> &str {
+        &self.id
+    }
+    fn address(&self) -> Option<&str> {
+        Some(self.agent.address())
+    }
+    async fn templates(&self) -> Result<Vec<String>, AgentError> {
+        self.agent.templates().await
+    }
+    async fn reap_dead(&self) -> Result<Vec<(String, String)>, AgentError> {
+        self.agent.reap_dead().await
+    }
+    async fn capacity(&self) -> Result<wrenn_agent::HostCapacity, AgentError> {
+        self.agent.capacity().await
+    }
+    async fn base_templates(
+        &self,
+    ) -> Result<Vec<(String, u64, std::time::SystemTime)>, AgentError> {
+        self.agent.base_templates().await
+    }
+    async fn create(
+        &self,
+        id: &str,
+        spec: &CapsuleSpec,
+        from: Option<&UserSnapshot>,
+    ) -> Result<CapsuleInfo, AgentError> {
+        self.agent.create(id, spec, from).await
+    }
+    async fn snapshot(&self, id: &str, snapshot_id: &str) -> Result<SnapshotMeta, AgentError> {
+        self.agent.snapshot(id, snapshot_id).await
+    }
+    async fn metrics(
+        &self,
+        id: &str,
+        range: &str,
+    ) -> Result<Vec<wrenn_agent::metrics::MetricPoint>, AgentError> {
+        self.agent.metrics(id, range).await
+    }
+    async fn delete_snapshot(&self, snapshot_id: &str) -> Result<(), AgentError> {
+        self.agent.delete_snapshot(snapshot_id).await
+    }
+    async fn destroy(&self, id: &str) -> Result<bool, AgentError> {
+        self.agent.destroy(id).await
+    }
+    async fn pause(&self, id: &str) -> Result<(), AgentError> {
+        self.agent.pause(id).await
+    }
+    async fn resume(&self, id: &str) -> Result<CapsuleInfo, AgentError> {
+        self.agent.resume(id).await
+    }
+    async fn exec(&self, id: &str, spec: envd_proto::ExecSpec) -> Result<ExecOutput, AgentError> {
+        self.agent.envd(id).exec(spec).await
+    }
+    async fn start_process(
+        &self,
+        id: &str,
+        spec: envd_proto::StartSpec,
+    ) -> Result<StartedProcess, AgentError> {
+        self.agent.envd(id).start(spec).await
+    }
+    async fn list_processes(&self, id: &str) -> Result<Vec<envd_proto::ProcessInfo>, AgentError> {
+        self.agent.envd(id).list_processes().await
+    }
+    async fn signal_process(
+        &self,
+        id: &str,
+        selector: &str,
+        signal: envd_proto::Signal,
+    ) -> Result<(), AgentError> {
+        self.agent.envd(id).signal(selector, signal).await
+    }
+    async fn exec_stream(
+        &self,
+        id: &str,
+        spec: envd_proto::ExecSpec,
+    ) -> Result<ExecStream, AgentError> {
+        self.agent.envd(id).exec_stream(spec).await
+    }
+    async fn envd(&self, id: &str) -> Result<wrenn_agent::EnvdClient, AgentError> {
+        Ok(self.agent.envd(id))
+    }
+    async fn list(&self) -> Result<Vec<CapsuleInfo>, AgentError> {
+        self.agent.list().await
     }
 }

@@ -18,6 +18,7 @@ pub mod error;
 pub mod host;
 pub mod hosts;
 pub mod http;
+pub mod pool;
 pub mod service;
 pub mod stats;
 pub mod store;

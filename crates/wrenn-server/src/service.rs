@@ -20,6 +20,7 @@ use wrenn_api::{
 use crate::activity::{Activity, Busy};
 use crate::error::from_agent;
 use crate::host::HostClient;
+use crate::pool::HostPool;
 use crate::store::{CapsuleRow, NewTemplate, Store};
 
 /// How long DELETE waits for the host to finish before answering 202 anyway.
@@ -27,7 +28,7 @@ const DESTROY_WAIT: Duration = Duration::from_secs(5);
 
 pub struct CapsuleService {
     store: Store,
-    host: Arc<dyn HostClient>,
+    pool: Arc<HostPool>,
     activity: Activity,
 }
 
@@ -52,26 +53,40 @@ impl PauseReason {
 type Result<T> = std::result::Result<T, ApiError>;
 
 impl CapsuleService {
-    pub fn new(store: Store, host: Arc<dyn HostClient>) -> Self {
+    pub fn new(store: Store, pool: Arc<HostPool>) -> Self {
         Self {
             activity: Activity::new(store.clone()),
             store,
-            host,
+            pool,
         }
+    }
+
+    pub fn pool(&self) -> &Arc<HostPool> {
+        &self.pool
     }
 
     /// Records the capsule as `starting` and boots it in the background.
     pub async fn create(&self, team_id: &str, req: CreateCapsuleRequest) -> Result<Capsule> {
         let mut spec = req.validate().map_err(ApiError::invalid)?;
-        let templates = self.host.templates().await.map_err(from_agent)?;
-        // A platform template, or one of the team's snapshots (whose machine it restores).
-        let from = if templates.contains(&spec.template) {
-            None
+        let templates = self
+            .pool
+            .any()
+            .await?
+            .templates()
+            .await
+            .map_err(from_agent)?;
+        // A platform template, or one of the team's snapshots (whose machine it restores, on
+        // the host that holds it).
+        let (from, pinned) = if templates.contains(&spec.template) {
+            (None, None)
         } else if let Some(t) = self.store.template(team_id, &spec.template).await? {
             spec.vcpus = t.template.vcpus.unwrap_or(spec.vcpus);
             spec.memory_mb = t.template.memory_mb.unwrap_or(spec.memory_mb);
             spec.disk_size_mb = t.disk_size_mb;
-            Some(wrenn_agent::UserSnapshot { id: t.snapshot_id })
+            (
+                Some(wrenn_agent::UserSnapshot { id: t.snapshot_id }),
+                Some(t.host_id),
+            )
         } else {
             return Err(ApiError::invalid(format!(
                 "unknown template {:?} (platform templates: {}; see GET /v1/snapshots for the team's)",
@@ -79,7 +94,11 @@ impl CapsuleService {
                 templates.join(", ")
             )));
         };
-        let cap = self.host.capacity().await.map_err(from_agent)?;
+        let host = match &pinned {
+            Some(h) => self.pool.online(h).await?,
+            None => self.pool.place(team_id, &spec).await?,
+        };
+        let cap = host.capacity().await.map_err(from_agent)?;
         if spec.vcpus > cap.cpus {
             return Err(ApiError::invalid(format!(
                 "vcpus {} is more than this host has ({} CPUs)",
@@ -101,10 +120,10 @@ impl CapsuleService {
         let id = new_id(prefix::CAPSULE);
         let row = self
             .store
-            .insert_capsule(&id, team_id, self.host.host_id(), &spec)
+            .insert_capsule(&id, team_id, host.host_id(), &spec)
             .await?;
-        info!(capsule_id = %id, team_id, template = %spec.template, "capsule create accepted");
-        let (store, host) = (self.store.clone(), self.host.clone());
+        info!(capsule_id = %id, team_id, host_id = host.host_id(), template = %spec.template, "capsule create accepted");
+        let store = self.store.clone();
         tokio::spawn(async move {
             match host.create(&id, &spec, from.as_ref()).await {
                 Ok(info) => match store
@@ -175,6 +194,7 @@ impl CapsuleService {
         if row.capsule.status.is_terminal() {
             return Ok(row.capsule);
         }
+        let host = self.pool.client_for(&row).await?;
         use CapsuleStatus::*;
         self.store
             .transition(
@@ -193,7 +213,7 @@ impl CapsuleService {
                 Stopping,
             )
             .await?;
-        let (store, host, id_owned) = (self.store.clone(), self.host.clone(), id.to_string());
+        let (store, id_owned) = (self.store.clone(), id.to_string());
         let task = tokio::spawn(async move {
             match host.destroy(&id_owned).await {
                 Ok(_) => {
@@ -227,7 +247,13 @@ impl CapsuleService {
             None => format!("template-{:08x}", rand::random::<u32>()),
         };
         validate_template_name(&name).map_err(ApiError::invalid)?;
-        let platform = self.host.templates().await.map_err(from_agent)?;
+        let platform = self
+            .pool
+            .any()
+            .await?
+            .templates()
+            .await
+            .map_err(from_agent)?;
         if platform.contains(&name) {
             return Err(ApiError::new(
                 ErrorCode::AlreadyExists,
@@ -236,6 +262,7 @@ impl CapsuleService {
         }
         let row = self.owned(team_id, &req.sandbox_id).await?;
         let id = req.sandbox_id.as_str();
+        let host = self.pool.client_for(&row).await?;
         if !overwrite && self.store.template(team_id, &name).await?.is_some() {
             return Err(ApiError::new(
                 ErrorCode::AlreadyExists,
@@ -250,14 +277,14 @@ impl CapsuleService {
         }
         let _busy = self.hold(id);
         let snapshot_id = new_id(prefix::SNAPSHOT);
-        let taken = self.host.snapshot(id, &snapshot_id).await;
+        let taken = host.snapshot(id, &snapshot_id).await;
         let _ = self.store.transition(id, &[Snapshotting], Running).await;
         let meta = taken.map_err(from_agent)?;
         let new = NewTemplate {
             team_id,
             name: &name,
             snapshot_id: &snapshot_id,
-            host_id: self.host.host_id(),
+            host_id: host.host_id(),
             source_capsule: id,
             vcpus: meta.vcpus,
             memory_mb: meta.memory_mb,
@@ -271,16 +298,15 @@ impl CapsuleService {
         };
         if !self.store.insert_template(&new).await? {
             // Someone took the name meanwhile: this snapshot is nobody's.
-            let _ = self.host.delete_snapshot(&snapshot_id).await;
+            let _ = host.delete_snapshot(&snapshot_id).await;
             return Err(ApiError::new(
                 ErrorCode::AlreadyExists,
                 format!("template {name:?} exists"),
             ));
         }
         if let Some(old) = replaced {
-            if let Err(e) = self.host.delete_snapshot(&old.snapshot_id).await {
-                warn!(snapshot_id = %old.snapshot_id, error = %e, "cannot delete a replaced snapshot");
-            }
+            self.delete_snapshot_files(&old.host_id, &old.snapshot_id)
+                .await;
         }
         info!(capsule_id = %id, template = %name, snapshot_id, size_bytes = meta.size_bytes, "snapshot template created");
         Ok(self
@@ -315,7 +341,13 @@ impl CapsuleService {
                 row.capsule.status.as_str()
             )));
         }
-        let points = self.host.metrics(id, range).await.map_err(from_agent)?;
+        let points = self
+            .pool
+            .client_for(&row)
+            .await?
+            .metrics(id, range)
+            .await
+            .map_err(from_agent)?;
         Ok(serde_json::json!({ "sandbox_id": id, "range": range, "points": points }))
     }
 
@@ -330,7 +362,8 @@ impl CapsuleService {
         }
         let mut out = Vec::new();
         if kind != Some("snapshot") {
-            for (name, size_bytes, built) in self.host.base_templates().await.map_err(from_agent)? {
+            let host = self.pool.any().await?;
+            for (name, size_bytes, built) in host.base_templates().await.map_err(from_agent)? {
                 out.push(Template {
                     name,
                     kind: "base".into(),
@@ -358,7 +391,9 @@ impl CapsuleService {
     /// `DELETE /v1/snapshots/{name}`: the name goes at once; the files once no capsule uses them.
     pub async fn delete_template(&self, team_id: &str, name: &str) -> Result<()> {
         if self
-            .host
+            .pool
+            .any()
+            .await?
             .templates()
             .await
             .map_err(from_agent)?
@@ -375,17 +410,33 @@ impl CapsuleService {
             .delete_template(team_id, name)
             .await?
             .ok_or_else(|| ApiError::not_found(format!("template {name:?} not found")))?;
-        if let Err(e) = self.host.delete_snapshot(&row.snapshot_id).await {
-            warn!(snapshot_id = %row.snapshot_id, error = %e, "cannot delete snapshot files");
-        }
+        self.delete_snapshot_files(&row.host_id, &row.snapshot_id)
+            .await;
         Ok(())
+    }
+
+    /// Deletes a snapshot's files on its host (logged, not failed, when that is not possible
+    /// now: the name is gone either way).
+    async fn delete_snapshot_files(&self, host_id: &str, snapshot_id: &str) {
+        match self.pool.get(host_id) {
+            Some(h) => {
+                if let Err(e) = h.delete_snapshot(snapshot_id).await {
+                    warn!(snapshot_id, host_id, error = %e, "cannot delete snapshot files");
+                }
+            }
+            None => warn!(
+                snapshot_id,
+                host_id, "snapshot files stay: their host is not connected"
+            ),
+        }
     }
 
     /// `running` → `pausing`, and the host saves the capsule in the background → `paused`.
     /// A failed pause goes back to `running` if the host still runs it, `error` otherwise.
     pub async fn pause(&self, team_id: &str, id: &str) -> Result<Capsule> {
         let row = self.owned(team_id, id).await?;
-        self.begin_pause(id, row.capsule.status, PauseReason::User)
+        let host = self.pool.client_for(&row).await?;
+        self.begin_pause(id, row.capsule.status, PauseReason::User, host)
             .await?;
         Ok(self.owned(team_id, id).await?.capsule)
     }
@@ -396,6 +447,7 @@ impl CapsuleService {
         id: &str,
         status: CapsuleStatus,
         reason: PauseReason,
+        host: Arc<dyn HostClient>,
     ) -> Result<()> {
         use CapsuleStatus::*;
         if !self.store.transition(id, &[Running], Pausing).await? {
@@ -406,7 +458,7 @@ impl CapsuleService {
         }
         self.store.set_pause_reason(id, reason.as_str()).await?;
         info!(capsule_id = %id, reason = reason.as_str(), "capsule pause accepted");
-        let (store, host, id_owned) = (self.store.clone(), self.host.clone(), id.to_string());
+        let (store, id_owned) = (self.store.clone(), id.to_string());
         let activity = self.activity.clone();
         tokio::spawn(async move {
             let id = id_owned;
@@ -437,6 +489,7 @@ impl CapsuleService {
     pub async fn resume(&self, team_id: &str, id: &str) -> Result<Capsule> {
         use CapsuleStatus::*;
         let row = self.owned(team_id, id).await?;
+        let host = self.pool.client_for(&row).await?;
         if !self.store.transition(id, &[Paused], Resuming).await? {
             return Err(ApiError::invalid_state(format!(
                 "capsule {id} is {}, not paused",
@@ -444,7 +497,7 @@ impl CapsuleService {
             )));
         }
         info!(capsule_id = %id, "capsule resume accepted");
-        let (store, host, id_owned) = (self.store.clone(), self.host.clone(), id.to_string());
+        let (store, id_owned) = (self.store.clone(), id.to_string());
         tokio::spawn(async move {
             let id = id_owned;
             match host.resume(&id).await {
@@ -478,20 +531,26 @@ impl CapsuleService {
 
     /// Runs a command: to completion (foreground) or started in the background.
     pub async fn exec(&self, team_id: &str, id: &str, req: ExecRequest) -> Result<ExecOutcome> {
-        self.require_running(team_id, id).await?;
+        let row = self.require_running(team_id, id).await?;
         validate_command(&req)?;
+        let host = self.pool.client_for(&row).await?;
         if req.background {
             return self
-                .start_background(id, req)
+                .start_background(id, req, host)
                 .await
                 .map(ExecOutcome::Background);
         }
-        self.run_foreground(id, req)
+        self.run_foreground(id, req, host)
             .await
             .map(ExecOutcome::Foreground)
     }
 
-    async fn start_background(&self, id: &str, req: ExecRequest) -> Result<BackgroundExecResponse> {
+    async fn start_background(
+        &self,
+        id: &str,
+        req: ExecRequest,
+        host: Arc<dyn HostClient>,
+    ) -> Result<BackgroundExecResponse> {
         if let Some(tag) = &req.tag {
             if tag.is_empty() || tag.len() > MAX_TAG_LEN || tag.chars().any(|c| c.is_control()) {
                 return Err(ApiError::invalid(format!(
@@ -504,11 +563,7 @@ impl CapsuleService {
             command: command_spec(&req),
             tag: req.tag,
         };
-        let started = self
-            .host
-            .start_process(id, spec)
-            .await
-            .map_err(from_agent)?;
+        let started = host.start_process(id, spec).await.map_err(from_agent)?;
         Ok(BackgroundExecResponse {
             sandbox_id: id.to_string(),
             cmd: req.cmd,
@@ -517,7 +572,12 @@ impl CapsuleService {
         })
     }
 
-    async fn run_foreground(&self, id: &str, req: ExecRequest) -> Result<ExecResponse> {
+    async fn run_foreground(
+        &self,
+        id: &str,
+        req: ExecRequest,
+        host: Arc<dyn HostClient>,
+    ) -> Result<ExecResponse> {
         let timeout_sec = match req.timeout_sec {
             None => DEFAULT_EXEC_TIMEOUT_SEC,
             Some(t) if t < 0 => {
@@ -539,7 +599,7 @@ impl CapsuleService {
             command: command_spec(&req),
             timeout_ms: timeout_sec as u64 * 1000,
         };
-        let out = self.host.exec(id, spec).await.map_err(from_agent);
+        let out = host.exec(id, spec).await.map_err(from_agent);
         drop(busy);
         let mut out = out?;
         let mut exit_code = out.exit_code;
@@ -589,21 +649,23 @@ impl CapsuleService {
         req: ExecRequest,
     ) -> Result<wrenn_agent::ExecStream> {
         validate_command(&req)?;
-        self.require_running(team_id, id).await?;
+        let row = self.require_running(team_id, id).await?;
+        let host = self.pool.client_for(&row).await?;
         self.touch(id);
         let spec = envd_proto::ExecSpec {
             command: command_spec(&req),
             timeout_ms: 0,
         };
-        self.host.exec_stream(id, spec).await.map_err(from_agent)
+        host.exec_stream(id, spec).await.map_err(from_agent)
     }
 
     /// The guest agent of a running capsule, for direct operations (files, attach); using it
     /// counts as activity.
     pub async fn files(&self, team_id: &str, id: &str) -> Result<wrenn_agent::EnvdClient> {
-        self.require_running(team_id, id).await?;
+        let row = self.require_running(team_id, id).await?;
+        let host = self.pool.client_for(&row).await?;
         self.touch(id);
-        self.host.envd(id).await.map_err(from_agent)
+        host.envd(id).await.map_err(from_agent)
     }
 
     /// Follows a background process of a running capsule (by pid or tag).
@@ -619,10 +681,10 @@ impl CapsuleService {
 
     /// Every user process in a running capsule.
     pub async fn processes(&self, team_id: &str, id: &str) -> Result<ProcessListResponse> {
-        self.require_running(team_id, id).await?;
+        let row = self.require_running(team_id, id).await?;
+        let host = self.pool.client_for(&row).await?;
         self.touch(id);
-        let processes = self
-            .host
+        let processes = host
             .list_processes(id)
             .await
             .map_err(from_agent)?
@@ -654,10 +716,10 @@ impl CapsuleService {
                 )))
             }
         };
-        self.require_running(team_id, id).await?;
+        let row = self.require_running(team_id, id).await?;
+        let host = self.pool.client_for(&row).await?;
         self.touch(id);
-        self.host
-            .signal_process(id, selector, signal)
+        host.signal_process(id, selector, signal)
             .await
             .map_err(from_agent)
     }
@@ -665,6 +727,12 @@ impl CapsuleService {
     /// The capsule if it belongs to the team and is running (404 / 409 otherwise).
     pub async fn require_running(&self, team_id: &str, id: &str) -> Result<CapsuleRow> {
         let row = self.owned(team_id, id).await?;
+        if row.capsule.status == CapsuleStatus::Missing {
+            return Err(ApiError::new(
+                ErrorCode::HostUnavailable,
+                format!("capsule {id} is missing: its host is not reachable right now"),
+            ));
+        }
         if row.capsule.status != CapsuleStatus::Running {
             return Err(ApiError::invalid_state(format!(
                 "capsule {id} is {}, not running",
@@ -674,13 +742,22 @@ impl CapsuleService {
         Ok(row)
     }
 
-    /// Makes the DB agree with what the host actually holds (at start-up): the host is the
-    /// source of truth for running and paused capsules.
+    /// Makes the DB agree with what every connected host actually holds (at start-up): hosts
+    /// are the source of truth for running and paused capsules. A host that does not answer is
+    /// left to the liveness monitor.
     pub async fn reconcile(&self) -> Result<()> {
+        for host in self.pool.all() {
+            if let Err(e) = self.reconcile_on(host.as_ref()).await {
+                warn!(host_id = host.host_id(), error = %e.message, "cannot reconcile with host");
+            }
+        }
+        Ok(())
+    }
+
+    async fn reconcile_on(&self, host: &dyn HostClient) -> Result<()> {
         use wrenn_agent::Phase;
         use CapsuleStatus::*;
-        let live: std::collections::HashMap<String, Phase> = self
-            .host
+        let live: std::collections::HashMap<String, Phase> = host
             .list()
             .await
             .map_err(from_agent)?
@@ -690,7 +767,7 @@ impl CapsuleService {
         let rows = self
             .store
             .capsules_on_host(
-                self.host.host_id(),
+                host.host_id(),
                 &[
                     Pending,
                     Starting,
@@ -712,7 +789,7 @@ impl CapsuleService {
             match (c.status, on_host) {
                 (Stopping | Stopped | Error, _) => {
                     if on_host.is_some() {
-                        let _ = self.host.destroy(&c.id).await;
+                        let _ = host.destroy(&c.id).await;
                     }
                     let _ = self.store.transition(&c.id, &[Stopping], Stopped).await;
                 }
@@ -723,7 +800,7 @@ impl CapsuleService {
                         .mark_error(&c.id, "capsule lost while the platform was down")
                         .await;
                     if on_host.is_some() {
-                        let _ = self.host.destroy(&c.id).await;
+                        let _ = host.destroy(&c.id).await;
                     }
                 }
                 (status, Some(Phase::Running)) if status != Running => {
@@ -744,7 +821,7 @@ impl CapsuleService {
         }
         for id in live.keys().filter(|id| !known.contains(*id)) {
             warn!(capsule_id = %id, "host holds a capsule the control plane does not know; destroying");
-            let _ = self.host.destroy(id).await;
+            let _ = host.destroy(id).await;
         }
         Ok(())
     }
@@ -769,8 +846,17 @@ impl CapsuleService {
 
     /// Marks `error`, with the reason, every capsule whose VM died under it.
     pub async fn record_dead_vms(&self) -> Result<()> {
-        for (id, reason) in self.host.reap_dead().await.map_err(from_agent)? {
-            self.store.mark_error(&id, &reason).await?;
+        for host in self.pool.all() {
+            match host.reap_dead().await {
+                Ok(dead) => {
+                    for (id, reason) in dead {
+                        self.store.mark_error(&id, &reason).await?;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(host_id = host.host_id(), error = %e, "dead-VM check skipped")
+                }
+            }
         }
         Ok(())
     }
@@ -781,6 +867,7 @@ impl CapsuleService {
         self.activity.flush().await?;
         let now = chrono::Utc::now();
         for row in self.store.running_with_timeout().await? {
+            let host_id = row.host_id.clone().unwrap_or_default();
             // Activity recorded after the flush above counts too.
             let c = &self.with_activity(row.capsule);
             let last = c.last_active_at.or(c.started_at).unwrap_or(c.created_at);
@@ -791,7 +878,10 @@ impl CapsuleService {
                 continue;
             }
             info!(capsule_id = %c.id, idle_sec = idle.num_seconds(), timeout_sec = c.timeout_sec, "inactivity timeout: auto-pausing");
-            self.begin_pause(&c.id, c.status, PauseReason::TtlExpired)
+            let Ok(host) = self.pool.online(&host_id).await else {
+                continue;
+            };
+            self.begin_pause(&c.id, c.status, PauseReason::TtlExpired, host)
                 .await?;
         }
         Ok(())
@@ -809,7 +899,7 @@ impl CapsuleService {
     /// The client of host `host_id`, if this control plane can reach it. Today that is the
     /// embedded agent only; remote agents join with the gRPC transport.
     fn client(&self, host_id: &str) -> Option<Arc<dyn HostClient>> {
-        (self.host.host_id() == host_id).then(|| self.host.clone())
+        self.pool.get(host_id)
     }
 
     /// Capsules on `host_id` that held or were getting a VM become `missing`.
@@ -859,9 +949,7 @@ impl CapsuleService {
 #[async_trait::async_trait]
 impl crate::hosts::HostEvents for CapsuleService {
     async fn host_online(&self, host: &wrenn_api::Host) {
-        if self.client(&host.id).is_none() {
-            info!(host_id = %host.id, address = ?host.address, "host online (this version places capsules on the embedded agent only)");
-        }
+        self.pool.connect(host);
     }
 
     async fn host_down(&self, host: &wrenn_api::Host) {

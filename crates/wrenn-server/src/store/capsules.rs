@@ -121,6 +121,21 @@ impl Store {
         rows.iter().map(from_row).collect()
     }
 
+    /// vCPUs and memory reserved on each host by the capsules that hold (or are getting, or
+    /// may still hold) a VM there.
+    pub async fn reserved_by_host(&self) -> Result<std::collections::HashMap<String, (i64, i64)>> {
+        let rows = sqlx::query(
+            "SELECT host_id, SUM(vcpus), SUM(memory_mb) FROM capsules WHERE host_id IS NOT NULL \
+             AND status IN ('pending', 'starting', 'running', 'pausing', 'resuming', 'snapshotting', 'missing') \
+             GROUP BY host_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, (r.try_get(1)?, r.try_get(2)?))))
+            .collect()
+    }
+
     /// Capsules on a host in any of `statuses`.
     pub async fn capsules_on_host(
         &self,

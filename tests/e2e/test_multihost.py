@@ -1,0 +1,245 @@
+"""One control plane (`wrenn server`) and two host agents (`wrenn agent`) on this machine, each
+with its own data dir, slot range and listen address: registration, capsules spread over both
+and driven through gRPC over mutual TLS (exec, files), kill -9 of an agent (host unreachable,
+capsules missing, 503), its restart (reconciled, credentials rotated), force-delete of a host
+with capsules, and nothing left behind."""
+
+import json
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import ROOT, Browser, free_port, vmm_processes
+from test_crash import namespaces_in
+
+SLOTS = {"a": "10.201.130.0", "b": "10.201.140.0"}
+INTERVAL = "2"
+
+
+def env_base(data_dir):
+    return dict(
+        os.environ,
+        WRENN_DATA_DIR=str(data_dir),
+        WRENN_IMAGES_DIR=os.environ.get("WRENN_IMAGES_DIR", str(ROOT / "target/wrenn-images")),
+        WRENN_ENVD=os.environ.get("WRENN_ENVD", str(ROOT / "target/x86_64-unknown-linux-gnu/release/envd")),
+        WRENN_HEARTBEAT_INTERVAL_SEC=INTERVAL,
+        RUST_LOG=os.environ.get("RUST_LOG", "info"),
+    )
+
+
+def wrenn():
+    return str(Path(os.environ.get("WRENN_BIN", ROOT / "target/debug/wrenn")))
+
+
+def wait_log(path, pattern, proc, timeout=600):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        text = Path(path).read_text() if Path(path).exists() else ""
+        m = re.search(pattern, text)
+        if m:
+            return m
+        assert proc.poll() is None, f"process exited:\n{text[-4000:]}"
+        time.sleep(0.2)
+    raise AssertionError(f"{pattern!r} never appeared in {path}")
+
+
+class Agent:
+    def __init__(self, name, cp_url, token=None, data_dir=None, port=None):
+        self.name = name
+        self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix=f"wrenn-agent-{name}-"))
+        self.port = port or free_port()
+        self.cp_url = cp_url
+        self.start(token)
+
+    def start(self, token=None):
+        env = env_base(self.data_dir)
+        env.pop("DATABASE_URL", None)
+        env.update(WRENN_SLOT_BASE=SLOTS[self.name], WRENN_MAX_SLOTS="16", WRENN_DESTROY_ON_EXIT="true")
+        args = [wrenn(), "agent", "--control-plane", self.cp_url]
+        if token:
+            args += ["--register", token, "--address", f"127.0.0.1:{self.port}"]
+        self.log_path = self.data_dir / "agent.log"
+        self.log = open(self.log_path, "a")
+        self.log.write("\n--- start ---\n")
+        self.log.flush()
+        self.offset = self.log_path.stat().st_size
+        self.proc = subprocess.Popen(args, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 600
+        while "serving the control plane" not in self.log_path.read_text()[self.offset:]:
+            assert self.proc.poll() is None, self.log_path.read_text()[-4000:]
+            assert time.time() < deadline, "agent never came up"
+            time.sleep(0.2)
+
+    def creds(self):
+        return json.loads((self.data_dir / "agent-credentials.json").read_text())
+
+    def capsule_dirs(self):
+        d = self.data_dir / "capsules"
+        return {p.name for p in d.iterdir()} if d.exists() else set()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=120)
+        self.log.close()
+
+
+@pytest.fixture
+def cluster():
+    data_dir = Path(tempfile.mkdtemp(prefix="wrenn-cp-"))
+    port = free_port()
+    env = env_base(data_dir)
+    env.pop("DATABASE_URL", None)
+    env["WRENN_LISTEN"] = f"127.0.0.1:{port}"
+    log_path = data_dir / "server.log"
+    log = open(log_path, "a")
+    cp = subprocess.Popen([wrenn(), "server"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    password = wait_log(log_path, r"password: ([0-9a-f]{24})", cp, timeout=120).group(1)
+    key = json.loads((data_dir / "bootstrap.json").read_text())["api_key"]
+    admin = Browser(url)
+    r = admin.post("/v1/auth/login", json={"email": "admin@localhost", "password": password})
+    assert r.status_code == 200, r.text
+    agents = []
+    state = {"url": url, "key": key, "admin": admin, "agents": agents, "cp": cp, "data_dir": data_dir}
+    yield state
+    for a in agents:
+        a.stop()
+    cp.send_signal(signal.SIGTERM)
+    cp.wait(timeout=60)
+    log.close()
+    for a in agents:
+        assert vmm_processes(str(a.data_dir)) == [], f"VMs of agent {a.name} left running"
+    for base in SLOTS.values():
+        assert namespaces_in(base, 16) == [], "network namespaces left behind"
+
+
+def wait_host(admin, hid, status, timeout=60):
+    deadline = time.time() + timeout
+    while True:
+        h = admin.get(f"/v1/hosts/{hid}").json()
+        if h["status"] == status:
+            return h
+        assert time.time() < deadline, f"host {hid} stayed {h['status']}, expected {status}"
+        time.sleep(0.3)
+
+
+def wait_capsule(c, cid, targets, timeout=90):
+    deadline = time.time() + timeout
+    while True:
+        s = c.get(f"/v1/capsules/{cid}").json()["status"]
+        if s in targets:
+            return s
+        assert time.time() < deadline, f"capsule {cid} stayed {s}"
+        time.sleep(0.3)
+
+
+def test_two_agents_one_control_plane(cluster):
+    url, admin = cluster["url"], cluster["admin"]
+    c = httpx.Client(base_url=url, headers={"X-API-Key": cluster["key"]}, timeout=120)
+    # No host yet: nowhere to run.
+    r = c.post("/v1/capsules", json={})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "no_hosts_available", r.text
+
+    ids = {}
+    for name in ("a", "b"):
+        r = admin.post("/v1/hosts", json={"type": "regular", "provider": "bare-metal"})
+        assert r.status_code == 201, r.text
+        agent = Agent(name, url, token=r.json()["registration_token"])
+        cluster["agents"].append(agent)
+        ids[name] = r.json()["host"]["id"]
+        assert agent.creds()["host_id"] == ids[name]
+    agents = {a.name: a for a in cluster["agents"]}
+    for name, hid in ids.items():
+        h = wait_host(admin, hid, "online")
+        assert h["address"] == f"127.0.0.1:{agents[name].port}" and h["cpu_cores"] >= 1
+
+    # A process without the control plane's client certificate gets nowhere: the agent's
+    # certificate checks out against the CA, but the agent demands a client certificate.
+    ctx = ssl.create_default_context(cadata=agents["a"].creds()["tls"]["ca_cert"])
+    ctx.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", agents["a"].port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            with pytest.raises((ssl.SSLError, ConnectionError)) as refused:
+                tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                assert tls.recv(1) == b"", "the agent answered a client without a certificate"
+                raise ConnectionError("closed")
+    assert "CERTIFICATE_REQUIRED" in str(refused.value), refused.value
+
+    # Capsules spread over both hosts and run through them.
+    cids = []
+    for _ in range(4):
+        r = c.post("/v1/capsules", json={"timeout_sec": 600})
+        assert r.status_code == 202, r.text
+        cids.append(r.json()["id"])
+    for cid in cids:
+        assert wait_capsule(c, cid, {"running", "error"}) == "running"
+    on = {n: agents[n].capsule_dirs() & set(cids) for n in agents}
+    assert on["a"] and on["b"], f"capsules were not spread: {on}"
+    for cid in cids:
+        r = c.post(f"/v1/capsules/{cid}/exec", json={"cmd": "echo hello-from-$(hostname)"})
+        assert r.status_code == 200 and r.json()["stdout"].startswith("hello-from-"), r.text
+    a_cid, b_cid = sorted(on["a"])[0], sorted(on["b"])[0]
+    r = c.post(f"/v1/capsules/{a_cid}/files/write", data={"path": "/tmp/x"}, files={"file": ("x", b"through the tunnel" * 1000)})
+    assert r.status_code in (200, 201, 204), r.text
+    assert c.post(f"/v1/capsules/{a_cid}/files/read", json={"path": "/tmp/x"}).content == b"through the tunnel" * 1000
+
+    # kill -9 agent a: host unreachable, its capsules missing and answering 503.
+    old_refresh = agents["a"].creds()["refresh_token"]
+    agents["a"].proc.send_signal(signal.SIGKILL)
+    agents["a"].proc.wait()
+    wait_host(admin, ids["a"], "unreachable", timeout=30)
+    for cid in on["a"]:
+        assert wait_capsule(c, cid, {"missing"}, timeout=10) == "missing"
+    r = c.post(f"/v1/capsules/{a_cid}/exec", json={"cmd": "true"})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "host_unavailable", r.text
+    assert c.post(f"/v1/capsules/{b_cid}/exec", json={"cmd": "true"}).status_code == 200
+
+    # Restart: credentials rotate, the host is back and its capsules run again.
+    agents["a"].log.close()
+    agents["a"].start()
+    assert agents["a"].creds()["refresh_token"] != old_refresh
+    r = httpx.post(url + "/v1/hosts/auth/refresh", json={"refresh_token": old_refresh})
+    assert r.status_code == 401, "a rotated refresh token is refused"
+    wait_host(admin, ids["a"], "online", timeout=30)
+    for cid in on["a"]:
+        assert wait_capsule(c, cid, {"running"}, timeout=30) == "running"
+    r = c.post(f"/v1/capsules/{a_cid}/exec", json={"cmd": "cat /tmp/x | wc -c"})
+    assert r.status_code == 200 and r.json()["stdout"].strip() == str(len(b"through the tunnel" * 1000)), r.text
+
+    # Force-delete host b with its capsules.
+    r = admin.delete(f"/v1/hosts/{ids['b']}")
+    assert r.status_code == 409, r.text
+    body = r.json()
+    assert body["error"]["code"] == "host_has_capsules"
+    assert set(body["error"]["sandbox_ids"]) == on["b"] and set(body["capsule_ids"]) == on["b"]
+    assert set(admin.get(f"/v1/hosts/{ids['b']}/delete-preview").json()["sandbox_ids"]) == on["b"]
+    assert admin.delete(f"/v1/hosts/{ids['b']}", params={"force": "true"}).status_code == 204
+    for cid in on["b"]:
+        assert c.get(f"/v1/capsules/{cid}").json()["status"] == "stopped"
+    deadline = time.time() + 30
+    while vmm_processes(str(agents["b"].data_dir)):
+        assert time.time() < deadline, "host b's VMs survived the force delete"
+        time.sleep(0.3)
+    # Its agent learns at the next heartbeat, forgets its credentials and stops.
+    assert agents["b"].proc.wait(timeout=30) != 0
+    assert not (agents["b"].data_dir / "agent-credentials.json").exists()
+    assert "deleted this host" in agents["b"].log_path.read_text()
+
+    # New capsules now all go to host a; destroy everything.
+    r = c.post("/v1/capsules", json={})
+    assert r.status_code == 202
+    assert wait_capsule(c, r.json()["id"], {"running"}) == "running"
+    assert r.json()["id"] in agents["a"].capsule_dirs()
+    for cid in list(on["a"]) + [r.json()["id"]]:
+        assert c.delete(f"/v1/capsules/{cid}").status_code in (200, 202)
+        assert wait_capsule(c, cid, {"stopped"}) == "stopped"
