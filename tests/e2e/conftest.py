@@ -340,6 +340,7 @@ def platform(mail_sink, github):
             "WRENN_AUTH_IP_LIMIT": "100000",
             # Hosts silent for 3 intervals are unreachable: short, so the test sees it happen.
             "WRENN_HEARTBEAT_INTERVAL_SEC": "2",
+            "WRENN_RECONCILE_INTERVAL_SEC": "3",
         }
     )
     assert p.base_url.startswith("http://127.0.0.1:")

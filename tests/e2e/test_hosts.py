@@ -79,6 +79,12 @@ def test_create_permissions_and_byoc(platform, mail_sink):
     assert owner.delete(f"/v1/hosts/{byoc['id']}/tags/gpu").status_code == 204
     err(owner.delete(f"/v1/hosts/{byoc['id']}/tags/gpu"), 404, "not_found")
     err(member.get(f"/v1/hosts/{byoc['id']}/delete-preview"), 403, "forbidden")
+    # A team admin manages the team's BYOC hosts like the owner.
+    assert owner.patch(f"/v1/teams/{team}/members/{member.me['user_id']}", json={"role": "admin"}).status_code == 204
+    assert member.post(f"/v1/hosts/{byoc['id']}/tags", json={"tag": "by-admin"}).status_code == 204
+    assert member.get(f"/v1/hosts/{byoc['id']}/delete-preview").json()["sandbox_ids"] == []
+    assert member.delete(f"/v1/hosts/{byoc['id']}/tags/by-admin").status_code == 204
+    assert owner.patch(f"/v1/teams/{team}/members/{member.me['user_id']}", json={"role": "member"}).status_code == 204
     # A new token while pending replaces the old one.
     r = owner.post(f"/v1/hosts/{byoc['id']}/token")
     assert r.status_code == 201
@@ -159,3 +165,24 @@ def test_registration_tokens_refresh_and_liveness(platform):
     with host_client(platform, last["token"]) as hc:
         err(hc.post(f"/v1/hosts/{hid}/heartbeat"), 404, "not_found")
     err(httpx.post(platform.base_url + "/v1/hosts/auth/refresh", json={"refresh_token": last["refresh_token"]}), 401, "unauthorized")
+
+
+def test_reconciler_destroys_vms_no_capsule_owns(platform, api):
+    """A VM whose capsule record is gone (here: deleted behind the platform's back) is an
+    orphan: the periodic reconciler destroys it."""
+    import sqlite3
+
+    from conftest import vmm_processes, wait_status
+
+    r = api.post("/v1/capsules", json={})
+    cid = r.json()["id"]
+    assert wait_status(api, cid, {"running"})["status"] == "running"
+    assert vmm_processes(cid)
+    db = sqlite3.connect(platform.data_dir / "wrenn.db")
+    with db:
+        db.execute("DELETE FROM capsules WHERE id = ?", (cid,))
+    db.close()
+    deadline = time.time() + 30
+    while vmm_processes(cid):
+        assert time.time() < deadline, "the orphaned VM was not destroyed"
+        time.sleep(0.5)

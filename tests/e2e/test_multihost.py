@@ -235,6 +235,20 @@ def test_two_agents_one_control_plane(cluster):
     assert not (agents["b"].data_dir / "agent-credentials.json").exists()
     assert "deleted this host" in agents["b"].log_path.read_text()
 
+    # An agent whose stored credentials the control plane no longer accepts stops and says so
+    # (here: a copy of a's credentials with the refresh token that was rotated away).
+    stale_dir = Path(tempfile.mkdtemp(prefix="wrenn-agent-stale-"))
+    stale = agents["a"].creds()
+    stale["refresh_token"] = old_refresh
+    (stale_dir / "agent-credentials.json").write_text(json.dumps(stale))
+    env = env_base(stale_dir)
+    env.update(WRENN_SLOT_BASE=SLOTS["b"], WRENN_MAX_SLOTS="16")
+    out = subprocess.run([wrenn(), "agent"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "no longer accepts this host's credentials" in out.stderr, out.stderr[-2000:]
+    # Without credentials and without a token, it says how to register.
+    out = subprocess.run([wrenn(), "agent"], env=env_base(tempfile.mkdtemp()), capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "--register" in out.stderr, out.stderr[-2000:]
+
     # New capsules now all go to host a; destroy everything.
     r = c.post("/v1/capsules", json={})
     assert r.status_code == 202

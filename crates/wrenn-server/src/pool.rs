@@ -145,37 +145,52 @@ impl HostPool {
             .hosts(None)
             .await?
             .into_iter()
-            .filter(|h| h.status == "online" && self.get(&h.id).is_some())
+            .filter(|h| self.get(&h.id).is_some())
             .collect();
-        let own: Vec<&Host> = hosts
-            .iter()
-            .filter(|h| h.team_id.as_deref() == Some(team_id))
-            .collect();
-        let byoc = self.store.team(team_id).await?.is_some_and(|t| t.byoc) && !own.is_empty();
-        let candidates: Vec<&Host> = if byoc {
-            own
-        } else {
-            hosts.iter().filter(|h| h.team_id.is_none()).collect()
-        };
+        let byoc = self.store.team(team_id).await?.is_some_and(|t| t.byoc);
         let reserved = self.store.reserved_by_host().await?;
-        let mut best: Option<(f64, &Host)> = None;
-        for h in candidates {
-            let (cpus, mem) = reserved.get(&h.id).copied().unwrap_or((0, 0));
-            let cap_cpu = h.cpu_cores.unwrap_or(1).max(1) as f64 * self.overcommit.cpu;
-            let cap_mem = h.memory_mb.unwrap_or(0).max(0) as f64 * self.overcommit.memory;
-            let cpu_after = (cpus + i64::from(spec.vcpus)) as f64;
-            let mem_after = (mem + i64::from(spec.memory_mb)) as f64;
-            if cpu_after > cap_cpu || mem_after > cap_mem {
-                continue;
-            }
-            let load = (cpu_after / cap_cpu).max(mem_after / cap_mem);
-            if best.is_none_or(|(l, _)| load < l) {
-                best = Some((load, h));
-            }
-        }
-        let (_, h) = best.ok_or_else(no_hosts)?;
-        self.get(&h.id).ok_or_else(no_hosts)
+        let id =
+            choose(&hosts, &reserved, team_id, byoc, spec, self.overcommit).ok_or_else(no_hosts)?;
+        self.get(&id).ok_or_else(no_hosts)
     }
+}
+
+/// Placement: among `hosts` (connected ones), the online host with room for `spec` that is least
+/// loaded afterwards. A BYOC team with hosts of its own uses only those; everyone else the
+/// shared (regular) hosts. `reserved` is (vCPUs, MiB) per host.
+pub fn choose(
+    hosts: &[Host],
+    reserved: &HashMap<String, (i64, i64)>,
+    team_id: &str,
+    team_byoc: bool,
+    spec: &CapsuleSpec,
+    overcommit: Overcommit,
+) -> Option<String> {
+    let own: Vec<&Host> = hosts
+        .iter()
+        .filter(|h| h.team_id.as_deref() == Some(team_id))
+        .collect();
+    let candidates: Vec<&Host> = if team_byoc && !own.is_empty() {
+        own
+    } else {
+        hosts.iter().filter(|h| h.team_id.is_none()).collect()
+    };
+    let mut best: Option<(f64, &Host)> = None;
+    for h in candidates.into_iter().filter(|h| h.status == "online") {
+        let (cpus, mem) = reserved.get(&h.id).copied().unwrap_or((0, 0));
+        let cap_cpu = h.cpu_cores.unwrap_or(1).max(1) as f64 * overcommit.cpu;
+        let cap_mem = h.memory_mb.unwrap_or(0).max(0) as f64 * overcommit.memory;
+        let cpu_after = (cpus + i64::from(spec.vcpus)) as f64;
+        let mem_after = (mem + i64::from(spec.memory_mb)) as f64;
+        if cpu_after > cap_cpu || mem_after > cap_mem {
+            continue;
+        }
+        let load = (cpu_after / cap_cpu).max(mem_after / cap_mem);
+        if best.is_none_or(|(l, _)| load < l) {
+            best = Some((load, h));
+        }
+    }
+    best.map(|(_, h)| h.id.clone())
 }
 
 fn no_hosts() -> ApiError {
@@ -183,4 +198,124 @@ fn no_hosts() -> ApiError {
         ErrorCode::NoHostsAvailable,
         "no host has room for this capsule right now; try again later or ask for fewer resources",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(id: &str, team: Option<&str>, status: &str, cores: i64, mem: i64) -> Host {
+        let now = chrono::Utc::now();
+        Host {
+            id: id.into(),
+            kind: if team.is_some() { "byoc" } else { "regular" }.into(),
+            team_id: team.map(Into::into),
+            provider: None,
+            availability_zone: None,
+            arch: None,
+            cpu_cores: Some(cores),
+            memory_mb: Some(mem),
+            disk_gb: None,
+            address: None,
+            status: status.into(),
+            last_heartbeat_at: None,
+            created_by: "t".into(),
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    fn spec(vcpus: u32, memory_mb: u32) -> CapsuleSpec {
+        CapsuleSpec {
+            template: "minimal".into(),
+            vcpus,
+            memory_mb,
+            disk_size_mb: 1024,
+            timeout_sec: 0,
+        }
+    }
+
+    const EXACT: Overcommit = Overcommit {
+        cpu: 1.0,
+        memory: 1.0,
+    };
+
+    #[test]
+    fn least_loaded_host_with_room_wins() {
+        let hosts = [
+            host("a", None, "online", 4, 4096),
+            host("b", None, "online", 4, 4096),
+        ];
+        let mut reserved = HashMap::new();
+        reserved.insert("a".to_string(), (2, 1024));
+        assert_eq!(
+            choose(&hosts, &reserved, "t", false, &spec(1, 512), EXACT).as_deref(),
+            Some("b")
+        );
+        reserved.insert("b".to_string(), (3, 3584));
+        assert_eq!(
+            choose(&hosts, &reserved, "t", false, &spec(1, 512), EXACT).as_deref(),
+            Some("a")
+        );
+        // Nobody has room for 3 more vCPUs… unless overcommitted.
+        assert_eq!(
+            choose(&hosts, &reserved, "t", false, &spec(3, 512), EXACT),
+            None
+        );
+        let loose = Overcommit {
+            cpu: 2.0,
+            memory: 1.0,
+        };
+        assert_eq!(
+            choose(&hosts, &reserved, "t", false, &spec(3, 512), loose).as_deref(),
+            Some("a")
+        );
+    }
+
+    #[test]
+    fn only_online_hosts_take_capsules() {
+        let hosts = [
+            host("a", None, "unreachable", 8, 8192),
+            host("b", None, "draining", 8, 8192),
+            host("c", None, "pending", 8, 8192),
+        ];
+        assert_eq!(
+            choose(&hosts, &HashMap::new(), "t", false, &spec(1, 512), EXACT),
+            None
+        );
+    }
+
+    #[test]
+    fn byoc_teams_use_their_own_hosts_and_others_never_do() {
+        let hosts = [
+            host("shared", None, "online", 64, 65536),
+            host("mine", Some("t1"), "online", 2, 2048),
+            host("theirs", Some("t2"), "online", 64, 65536),
+        ];
+        let none = HashMap::new();
+        assert_eq!(
+            choose(&hosts, &none, "t1", true, &spec(1, 512), EXACT).as_deref(),
+            Some("mine")
+        );
+        // Full own hosts: no spill-over onto shared ones.
+        let mut full = HashMap::new();
+        full.insert("mine".to_string(), (2, 2048));
+        assert_eq!(
+            choose(&hosts, &full, "t1", true, &spec(1, 512), EXACT),
+            None
+        );
+        // Other teams, and a BYOC team without hosts of its own, use the shared hosts only.
+        assert_eq!(
+            choose(&hosts, &none, "t3", false, &spec(1, 512), EXACT).as_deref(),
+            Some("shared")
+        );
+        assert_eq!(
+            choose(&hosts, &none, "t3", true, &spec(1, 512), EXACT).as_deref(),
+            Some("shared")
+        );
+        assert_eq!(
+            choose(&hosts, &none, "t1", false, &spec(1, 512), EXACT).as_deref(),
+            Some("shared")
+        );
+    }
 }

@@ -754,6 +754,53 @@ impl CapsuleService {
         Ok(())
     }
 
+    /// The periodic reconciler: for every online host, capsules the database says run but the
+    /// host does not hold turn `error`, and VMs the host holds for capsules that no longer
+    /// exist (or are recorded as ended) are destroyed. Capsules that changed in the last
+    /// minute are left alone (an operation may be in flight); every fix is logged.
+    pub async fn reconcile_pass(&self) -> Result<()> {
+        use CapsuleStatus::*;
+        let settle = chrono::Utc::now() - chrono::Duration::seconds(60);
+        for host in self.pool.all() {
+            let Ok(client) = self.pool.online(host.host_id()).await else {
+                continue;
+            };
+            let Ok(live) = client.list().await else {
+                continue;
+            };
+            let live: std::collections::HashMap<String, wrenn_agent::Phase> =
+                live.into_iter().map(|c| (c.id, c.phase)).collect();
+            for row in self
+                .store
+                .capsules_on_host(host.host_id(), &[Running, Paused])
+                .await?
+            {
+                let c = &row.capsule;
+                if c.last_updated > settle || live.contains_key(&c.id) {
+                    continue;
+                }
+                warn!(capsule_id = %c.id, host_id = host.host_id(), status = c.status.as_str(), "reconciler: capsule no longer on its host");
+                self.store
+                    .mark_error(&c.id, "the capsule vanished from its host")
+                    .await?;
+            }
+            for id in live.keys() {
+                let orphan = match self.store.capsule(id).await? {
+                    None => true,
+                    Some(r) => {
+                        r.capsule.status.is_terminal() && r.capsule.last_updated < settle
+                            || r.host_id.as_deref() != Some(host.host_id())
+                    }
+                };
+                if orphan {
+                    warn!(capsule_id = %id, host_id = host.host_id(), "reconciler: destroying a VM no live capsule owns");
+                    let _ = client.destroy(id).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn reconcile_on(&self, host: &dyn HostClient) -> Result<()> {
         use wrenn_agent::Phase;
         use CapsuleStatus::*;

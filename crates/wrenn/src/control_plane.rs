@@ -47,6 +47,9 @@ pub struct CpArgs {
     /// Seconds between host agents' heartbeats; a host silent for three is unreachable.
     #[arg(long, env = "WRENN_HEARTBEAT_INTERVAL_SEC", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     heartbeat_interval_sec: u64,
+    /// Seconds between reconciler passes (database vs. every host's live capsules).
+    #[arg(long, env = "WRENN_RECONCILE_INTERVAL_SEC", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    reconcile_interval_sec: u64,
     /// How many vCPUs may be reserved per host core, and memory per MiB of host memory,
     /// when placing capsules.
     #[arg(long, env = "WRENN_CPU_OVERCOMMIT", default_value_t = 16.0)]
@@ -164,6 +167,20 @@ pub async fn run(
             }
             if let Err(e) = reaper.pause_idle().await {
                 tracing::warn!(error = %e.message, "TTL reaper pass failed");
+            }
+        }
+    });
+
+    // Periodically: the database and every online host's live list agree (orphans fixed).
+    let reconciler = capsules.clone();
+    let reconcile_every = args.reconcile_interval_sec;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(reconcile_every));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = reconciler.reconcile_pass().await {
+                tracing::warn!(error = %e.message, "reconciler pass failed");
             }
         }
     });

@@ -499,15 +499,30 @@ impl AccountService {
         self.open_session(&user.id, &team, meta).await
     }
 
-    /// The team a new session starts in: the user's oldest team.
+    /// The team a new session starts in: the user's oldest team. A user left without any
+    /// (every team they were in was deleted) gets a new one of their own, so they can always
+    /// sign in.
     async fn default_team(&self, user_id: &str) -> Result<String> {
+        if let Some((t, _)) = self.store.teams_of_user(user_id).await?.into_iter().next() {
+            return Ok(t.id);
+        }
+        let user = self.user(user_id).await?;
+        let id = new_id(prefix::TEAM);
+        let slug = team_slug();
+        let name: String = format!("{}'s Team", user.name).chars().take(128).collect();
         self.store
-            .teams_of_user(user_id)
-            .await?
-            .into_iter()
-            .next()
-            .map(|(t, _)| t.id)
-            .ok_or_else(|| ApiError::forbidden("this account belongs to no team"))
+            .create_team(
+                NewTeam {
+                    id: &id,
+                    name: &name,
+                    slug: &slug,
+                },
+                user_id,
+                self.now(),
+            )
+            .await?;
+        tracing::info!(user_id, team_id = %id, "user had no team left: created one");
+        Ok(id)
     }
 
     fn new_session_secrets(&self) -> (String, String, String) {
