@@ -3,6 +3,7 @@
 import hashlib
 import os
 import time
+from pathlib import Path
 
 from wrenn import Capsule
 
@@ -106,6 +107,9 @@ def test_streamed_transfer_keeps_memory_flat(platform, running_capsule):
             yield b
 
     pid = platform.proc.pid
+    # VmHWM is the peak of the process's whole life: reset it (Linux: 5 > clear_refs) so the
+    # peak is this transfer's, not an earlier test's.
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
     before = rss_kib(pid, "VmRSS")
     envd_before, _ = envd_memory_kib(cap)
     started = time.monotonic()

@@ -7,7 +7,8 @@
 //! loaded first; a team with BYOC hosts of its own uses only those.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use wrenn_agent::rpc::client::RemoteAgent;
 use wrenn_agent::rpc::TlsMaterial;
@@ -41,7 +42,12 @@ pub struct HostPool {
     tls: Option<TlsMaterial>,
     clients: RwLock<HashMap<String, Arc<dyn HostClient>>>,
     overcommit: Overcommit,
+    /// Whether each host was up, and when that was read.
+    status: Mutex<HashMap<String, (bool, Instant)>>,
 }
+
+/// How long a host's status read from the database is trusted.
+const STATUS_TTL: Duration = Duration::from_secs(1);
 
 fn unavailable(host_id: &str) -> ApiError {
     ApiError::new(
@@ -57,6 +63,7 @@ impl HostPool {
             tls,
             clients: RwLock::new(HashMap::new()),
             overcommit,
+            status: Mutex::new(HashMap::new()),
         }
     }
 
@@ -97,6 +104,7 @@ impl HostPool {
 
     pub fn remove(&self, host_id: &str) {
         self.write().remove(host_id);
+        self.status_changed(host_id);
     }
 
     pub fn get(&self, host_id: &str) -> Option<Arc<dyn HostClient>> {
@@ -113,13 +121,45 @@ impl HostPool {
         self.online(id).await
     }
 
-    /// Host `id`, if online (or draining) and connected.
+    /// Host `id`, if online (or draining) and connected. The status is read from the
+    /// database at most once per [`STATUS_TTL`] per host, so the request path of an exec costs
+    /// no extra query while liveness changes (made by any replica) still show within a second.
     pub async fn online(&self, id: &str) -> Result<Arc<dyn HostClient>, ApiError> {
         let client = self.get(id).ok_or_else(|| unavailable(id))?;
-        match self.store.host(id).await?.map(|h| h.status) {
-            Some(s) if s == "online" || s == "draining" => Ok(client),
-            _ => Err(unavailable(id)),
+        let cached = self
+            .status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .filter(|(_, at)| at.elapsed() < STATUS_TTL)
+            .map(|(up, _)| *up);
+        let up = match cached {
+            Some(up) => up,
+            None => {
+                let up = matches!(
+                    self.store.host(id).await?.map(|h| h.status).as_deref(),
+                    Some("online" | "draining")
+                );
+                self.status
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id.to_string(), (up, Instant::now()));
+                up
+            }
+        };
+        if up {
+            Ok(client)
+        } else {
+            Err(unavailable(id))
         }
+    }
+
+    /// Forgets what is known of a host's status (it just changed).
+    pub fn status_changed(&self, id: &str) {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
     }
 
     /// Any online host (to ask what every host has: the platform templates).

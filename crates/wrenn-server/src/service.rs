@@ -996,10 +996,12 @@ impl CapsuleService {
 #[async_trait::async_trait]
 impl crate::hosts::HostEvents for CapsuleService {
     async fn host_online(&self, host: &wrenn_api::Host) {
+        self.pool.status_changed(&host.id);
         self.pool.connect(host);
     }
 
     async fn host_down(&self, host: &wrenn_api::Host) {
+        self.pool.status_changed(&host.id);
         match self.mark_missing(&host.id).await {
             Ok(n) => warn!(host_id = %host.id, capsules = n, "host down: its capsules are missing"),
             Err(e) => {
@@ -1009,6 +1011,7 @@ impl crate::hosts::HostEvents for CapsuleService {
     }
 
     async fn host_back(&self, host: &wrenn_api::Host) {
+        self.pool.status_changed(&host.id);
         if let Some(client) = self.client(&host.id) {
             if let Err(e) = self.reconcile_host(&host.id, client.as_ref()).await {
                 warn!(host_id = %host.id, error = %e.message, "reconcile after the host came back failed");
