@@ -6,6 +6,7 @@
 pub mod account;
 pub mod capsule;
 pub mod error;
+pub mod event;
 pub mod host;
 pub mod id;
 pub mod stats;
@@ -14,6 +15,7 @@ pub mod template;
 pub use account::*;
 pub use capsule::*;
 pub use error::{ApiError, ErrorBody, ErrorCode};
+pub use event::*;
 pub use host::*;
 pub use stats::*;
 pub use template::*;

@@ -87,11 +87,28 @@ pub fn cookie<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.trim_matches('"'))
 }
 
-/// Who is acting: what audit entries and logs name.
+/// Who is acting: what events, audit entries and logs name.
 #[derive(Debug, Clone)]
 pub enum Actor {
     ApiKey { id: String, name: String },
     User { id: String, email: String },
+}
+
+impl Actor {
+    pub fn event(&self) -> wrenn_api::EventActor {
+        match self {
+            Actor::ApiKey { id, name } => wrenn_api::EventActor {
+                kind: "api_key".into(),
+                id: id.clone(),
+                name: name.clone(),
+            },
+            Actor::User { id, email } => wrenn_api::EventActor {
+                kind: "user".into(),
+                id: id.clone(),
+                name: email.clone(),
+            },
+        }
+    }
 }
 
 /// The team a request acts for, proved by an API key or by a session (with its CSRF token on

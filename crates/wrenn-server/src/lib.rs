@@ -15,6 +15,7 @@ pub mod activity;
 pub mod auth;
 pub mod bootstrap;
 pub mod error;
+pub mod events;
 pub mod host;
 pub mod hosts;
 pub mod http;
@@ -36,4 +37,5 @@ pub struct AppState {
     pub key_usage: Arc<auth::KeyUsage>,
     pub accounts: Arc<accounts::AccountService>,
     pub hosts: Arc<hosts::HostService>,
+    pub events: Arc<events::EventBus>,
 }

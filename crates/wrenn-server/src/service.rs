@@ -19,9 +19,11 @@ use wrenn_api::{
 
 use crate::activity::{Activity, Busy};
 use crate::error::from_agent;
+use crate::events::EventBus;
 use crate::host::HostClient;
 use crate::pool::HostPool;
 use crate::store::{CapsuleRow, NewTemplate, Store};
+use wrenn_api::{Event, EventActor, EventResource};
 
 /// How long DELETE waits for the host to finish before answering 202 anyway.
 const DESTROY_WAIT: Duration = Duration::from_secs(5);
@@ -30,6 +32,104 @@ pub struct CapsuleService {
     store: Store,
     pool: Arc<HostPool>,
     activity: Activity,
+    events: Emitter,
+}
+
+/// Publishes capsule events with the capsule as it is now (cheap to clone into tasks).
+#[derive(Clone)]
+pub struct Emitter {
+    store: Store,
+    bus: Arc<EventBus>,
+}
+
+impl Emitter {
+    /// `capsule.<action>` with its outcome (`Err` carries the error).
+    pub async fn action(
+        &self,
+        action: &str,
+        id: &str,
+        actor: &EventActor,
+        outcome: std::result::Result<(), String>,
+        metadata: &[(&str, &str)],
+    ) {
+        let row = self.store.capsule(id).await.ok().flatten();
+        self.bus.publish(Event {
+            event: format!("capsule.{action}"),
+            outcome: Some(if outcome.is_ok() { "success" } else { "error" }.into()),
+            resource: EventResource {
+                id: id.to_string(),
+                kind: "capsule".into(),
+            },
+            actor: actor.clone(),
+            metadata: metadata
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            error: outcome.err(),
+            team_id: row.as_ref().map(|r| r.team_id.clone()),
+            sandbox: row.map(|r| r.capsule),
+            timestamp: chrono::Utc::now(),
+        });
+    }
+
+    /// `capsule.state.changed` from `from` to `to`.
+    pub async fn changed(
+        &self,
+        id: &str,
+        from: CapsuleStatus,
+        to: CapsuleStatus,
+        reason: Option<&str>,
+    ) {
+        let row = self.store.capsule(id).await.ok().flatten();
+        let mut metadata: std::collections::BTreeMap<String, String> =
+            [("from", from.as_str()), ("to", to.as_str())]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+        if let Some(r) = reason {
+            metadata.insert("reason".into(), r.into());
+        }
+        self.bus.publish(Event {
+            event: "capsule.state.changed".into(),
+            outcome: None,
+            resource: EventResource {
+                id: id.to_string(),
+                kind: "capsule".into(),
+            },
+            actor: EventActor::system("wrenn"),
+            metadata,
+            error: None,
+            team_id: row.as_ref().map(|r| r.team_id.clone()),
+            sandbox: row.map(|r| r.capsule),
+            timestamp: chrono::Utc::now(),
+        });
+    }
+
+    /// An event about something other than a capsule (templates, hosts).
+    pub fn other(
+        &self,
+        event: &str,
+        kind: &str,
+        id: &str,
+        team_id: Option<&str>,
+        actor: &EventActor,
+        outcome: Option<bool>,
+    ) {
+        self.bus.publish(Event {
+            event: event.into(),
+            outcome: outcome.map(|ok| if ok { "success" } else { "error" }.into()),
+            resource: EventResource {
+                id: id.to_string(),
+                kind: kind.into(),
+            },
+            actor: actor.clone(),
+            metadata: Default::default(),
+            error: None,
+            sandbox: None,
+            team_id: team_id.map(Into::into),
+            timestamp: chrono::Utc::now(),
+        });
+    }
 }
 
 /// Why a capsule is paused (kept in its row).
@@ -53,9 +153,13 @@ impl PauseReason {
 type Result<T> = std::result::Result<T, ApiError>;
 
 impl CapsuleService {
-    pub fn new(store: Store, pool: Arc<HostPool>) -> Self {
+    pub fn new(store: Store, pool: Arc<HostPool>, bus: Arc<EventBus>) -> Self {
         Self {
             activity: Activity::new(store.clone()),
+            events: Emitter {
+                store: store.clone(),
+                bus,
+            },
             store,
             pool,
         }
@@ -66,7 +170,12 @@ impl CapsuleService {
     }
 
     /// Records the capsule as `starting` and boots it in the background.
-    pub async fn create(&self, team_id: &str, req: CreateCapsuleRequest) -> Result<Capsule> {
+    pub async fn create(
+        &self,
+        team_id: &str,
+        req: CreateCapsuleRequest,
+        actor: &EventActor,
+    ) -> Result<Capsule> {
         let mut spec = req.validate().map_err(ApiError::invalid)?;
         let templates = self
             .pool
@@ -124,13 +233,19 @@ impl CapsuleService {
             .await?;
         info!(capsule_id = %id, team_id, host_id = host.host_id(), template = %spec.template, "capsule create accepted");
         let store = self.store.clone();
+        let (events, actor) = (self.events.clone(), actor.clone());
         tokio::spawn(async move {
             match host.create(&id, &spec, from.as_ref()).await {
                 Ok(info) => match store
                     .mark_running(&id, &info.guest_ip, &info.host_ip, &info.metadata)
                     .await
                 {
-                    Ok(true) => {}
+                    Ok(true) => {
+                        events.action("create", &id, &actor, Ok(()), &[]).await;
+                        events
+                            .changed(&id, CapsuleStatus::Starting, CapsuleStatus::Running, None)
+                            .await;
+                    }
                     // Destroyed while booting: the VM nobody wants goes away again.
                     Ok(false) => {
                         let _ = host.destroy(&id).await;
@@ -146,6 +261,12 @@ impl CapsuleService {
                 Err(e) => {
                     warn!(capsule_id = %id, error = %e, "capsule failed to start");
                     let _ = store.mark_error(&id, &e.to_string()).await;
+                    events
+                        .action("create", &id, &actor, Err(e.to_string()), &[])
+                        .await;
+                    events
+                        .changed(&id, CapsuleStatus::Starting, CapsuleStatus::Error, None)
+                        .await;
                 }
             }
         });
@@ -189,7 +310,7 @@ impl CapsuleService {
     }
 
     /// Starts destruction and waits briefly for it; repeating it is harmless.
-    pub async fn destroy(&self, team_id: &str, id: &str) -> Result<Capsule> {
+    pub async fn destroy(&self, team_id: &str, id: &str, actor: &EventActor) -> Result<Capsule> {
         let row = self.owned(team_id, id).await?;
         if row.capsule.status.is_terminal() {
             return Ok(row.capsule);
@@ -214,16 +335,24 @@ impl CapsuleService {
             )
             .await?;
         let (store, id_owned) = (self.store.clone(), id.to_string());
+        let (events, actor, was) = (self.events.clone(), actor.clone(), row.capsule.status);
         let task = tokio::spawn(async move {
             match host.destroy(&id_owned).await {
                 Ok(_) => {
                     let _ = store.transition(&id_owned, &[Stopping], Stopped).await;
                     info!(capsule_id = %id_owned, "capsule destroyed");
+                    events
+                        .action("destroy", &id_owned, &actor, Ok(()), &[])
+                        .await;
+                    events.changed(&id_owned, was, Stopped, None).await;
                 }
                 Err(e) => {
                     warn!(capsule_id = %id_owned, error = %e, "destroy failed");
                     let _ = store
                         .mark_error(&id_owned, &format!("destroy failed: {e}"))
+                        .await;
+                    events
+                        .action("destroy", &id_owned, &actor, Err(e.to_string()), &[])
                         .await;
                 }
             }
@@ -240,6 +369,7 @@ impl CapsuleService {
         team_id: &str,
         req: CreateSnapshotRequest,
         overwrite: bool,
+        actor: &EventActor,
     ) -> Result<Template> {
         use CapsuleStatus::*;
         let name = match req.name {
@@ -309,6 +439,14 @@ impl CapsuleService {
                 .await;
         }
         info!(capsule_id = %id, template = %name, snapshot_id, size_bytes = meta.size_bytes, "snapshot template created");
+        self.events.other(
+            "template.snapshot.create",
+            "template",
+            &name,
+            Some(team_id),
+            actor,
+            Some(true),
+        );
         Ok(self
             .store
             .template(team_id, &name)
@@ -389,7 +527,12 @@ impl CapsuleService {
     }
 
     /// `DELETE /v1/snapshots/{name}`: the name goes at once; the files once no capsule uses them.
-    pub async fn delete_template(&self, team_id: &str, name: &str) -> Result<()> {
+    pub async fn delete_template(
+        &self,
+        team_id: &str,
+        name: &str,
+        actor: &EventActor,
+    ) -> Result<()> {
         if self
             .pool
             .any()
@@ -412,6 +555,14 @@ impl CapsuleService {
             .ok_or_else(|| ApiError::not_found(format!("template {name:?} not found")))?;
         self.delete_snapshot_files(&row.host_id, &row.snapshot_id)
             .await;
+        self.events.other(
+            "template.snapshot.delete",
+            "template",
+            name,
+            Some(team_id),
+            actor,
+            Some(true),
+        );
         Ok(())
     }
 
@@ -433,11 +584,17 @@ impl CapsuleService {
 
     /// `running` → `pausing`, and the host saves the capsule in the background → `paused`.
     /// A failed pause goes back to `running` if the host still runs it, `error` otherwise.
-    pub async fn pause(&self, team_id: &str, id: &str) -> Result<Capsule> {
+    pub async fn pause(&self, team_id: &str, id: &str, actor: &EventActor) -> Result<Capsule> {
         let row = self.owned(team_id, id).await?;
         let host = self.pool.client_for(&row).await?;
-        self.begin_pause(id, row.capsule.status, PauseReason::User, host)
-            .await?;
+        self.begin_pause(
+            id,
+            row.capsule.status,
+            PauseReason::User,
+            host,
+            actor.clone(),
+        )
+        .await?;
         Ok(self.owned(team_id, id).await?.capsule)
     }
 
@@ -448,6 +605,7 @@ impl CapsuleService {
         status: CapsuleStatus,
         reason: PauseReason,
         host: Arc<dyn HostClient>,
+        actor: EventActor,
     ) -> Result<()> {
         use CapsuleStatus::*;
         if !self.store.transition(id, &[Running], Pausing).await? {
@@ -460,16 +618,28 @@ impl CapsuleService {
         info!(capsule_id = %id, reason = reason.as_str(), "capsule pause accepted");
         let (store, id_owned) = (self.store.clone(), id.to_string());
         let activity = self.activity.clone();
+        let events = self.events.clone();
         tokio::spawn(async move {
             let id = id_owned;
+            let meta: &[(&str, &str)] = match reason {
+                PauseReason::TtlExpired => &[("reason", "ttl_expired")],
+                PauseReason::User => &[],
+            };
             match host.pause(&id).await {
                 Ok(()) => {
                     let _ = store.transition(&id, &[Pausing], Paused).await;
+                    events.action("pause", &id, &actor, Ok(()), meta).await;
+                    events
+                        .changed(&id, Running, Paused, meta.first().map(|m| m.1))
+                        .await;
                 }
                 Err(e) => {
                     let runs_on =
                         host_phase(&*host, &id).await == Some(wrenn_agent::Phase::Running);
                     warn!(capsule_id = %id, error = %e, runs_on, "pause failed");
+                    events
+                        .action("pause", &id, &actor, Err(e.to_string()), meta)
+                        .await;
                     if runs_on {
                         // It runs on, untouched; an auto-pause tries again after another
                         // full timeout rather than at once.
@@ -486,7 +656,7 @@ impl CapsuleService {
 
     /// `paused` → `resuming`, and the host restores it in the background → `running`. A failed
     /// resume leaves it `paused` (its files intact) if the host still holds it, `error` otherwise.
-    pub async fn resume(&self, team_id: &str, id: &str) -> Result<Capsule> {
+    pub async fn resume(&self, team_id: &str, id: &str, actor: &EventActor) -> Result<Capsule> {
         use CapsuleStatus::*;
         let row = self.owned(team_id, id).await?;
         let host = self.pool.client_for(&row).await?;
@@ -498,6 +668,7 @@ impl CapsuleService {
         }
         info!(capsule_id = %id, "capsule resume accepted");
         let (store, id_owned) = (self.store.clone(), id.to_string());
+        let (events, actor) = (self.events.clone(), actor.clone());
         tokio::spawn(async move {
             let id = id_owned;
             match host.resume(&id).await {
@@ -506,7 +677,10 @@ impl CapsuleService {
                         .mark_resumed(&id, &info.guest_ip, &info.host_ip, &info.metadata)
                         .await
                     {
-                        Ok(true) => {}
+                        Ok(true) => {
+                            events.action("resume", &id, &actor, Ok(()), &[]).await;
+                            events.changed(&id, Paused, Running, None).await;
+                        }
                         // Destroyed while resuming: nobody wants the VM any more.
                         Ok(false) => {
                             let _ = host.destroy(&id).await;
@@ -518,6 +692,9 @@ impl CapsuleService {
                     let still_paused =
                         host_phase(&*host, &id).await == Some(wrenn_agent::Phase::Paused);
                     warn!(capsule_id = %id, error = %e, still_paused, "resume failed");
+                    events
+                        .action("resume", &id, &actor, Err(e.to_string()), &[])
+                        .await;
                     if still_paused {
                         let _ = store.transition(&id, &[Resuming], Paused).await;
                     } else {
@@ -897,7 +1074,13 @@ impl CapsuleService {
             match host.reap_dead().await {
                 Ok(dead) => {
                     for (id, reason) in dead {
+                        let was = self.store.capsule(&id).await?.map(|r| r.capsule.status);
                         self.store.mark_error(&id, &reason).await?;
+                        if let Some(was) = was {
+                            self.events
+                                .changed(&id, was, CapsuleStatus::Error, Some("vm_died"))
+                                .await;
+                        }
                     }
                 }
                 Err(e) => {
@@ -928,8 +1111,14 @@ impl CapsuleService {
             let Ok(host) = self.pool.online(&host_id).await else {
                 continue;
             };
-            self.begin_pause(&c.id, c.status, PauseReason::TtlExpired, host)
-                .await?;
+            self.begin_pause(
+                &c.id,
+                c.status,
+                PauseReason::TtlExpired,
+                host,
+                EventActor::system("ttl-reaper"),
+            )
+            .await?;
         }
         Ok(())
     }
@@ -960,6 +1149,14 @@ impl CapsuleService {
                 .transition(&row.capsule.id, &from, Missing)
                 .await?
             {
+                self.events
+                    .changed(
+                        &row.capsule.id,
+                        row.capsule.status,
+                        Missing,
+                        Some("host_failure"),
+                    )
+                    .await;
                 n += 1;
             }
         }
@@ -987,6 +1184,9 @@ impl CapsuleService {
             };
             if self.store.transition(id, &[Missing], to).await? {
                 info!(capsule_id = %id, host_id, to = to.as_str(), "reconciled after the host came back");
+                self.events
+                    .changed(id, Missing, to, Some("host_recovered"))
+                    .await;
             }
         }
         Ok(())
@@ -1002,6 +1202,14 @@ impl crate::hosts::HostEvents for CapsuleService {
 
     async fn host_down(&self, host: &wrenn_api::Host) {
         self.pool.status_changed(&host.id);
+        self.events.other(
+            "host.down",
+            "host",
+            &host.id,
+            host.team_id.as_deref(),
+            &EventActor::system("host-monitor"),
+            None,
+        );
         match self.mark_missing(&host.id).await {
             Ok(n) => warn!(host_id = %host.id, capsules = n, "host down: its capsules are missing"),
             Err(e) => {
@@ -1012,6 +1220,14 @@ impl crate::hosts::HostEvents for CapsuleService {
 
     async fn host_back(&self, host: &wrenn_api::Host) {
         self.pool.status_changed(&host.id);
+        self.events.other(
+            "host.up",
+            "host",
+            &host.id,
+            host.team_id.as_deref(),
+            &EventActor::system("host-monitor"),
+            None,
+        );
         if let Some(client) = self.client(&host.id) {
             if let Err(e) = self.reconcile_host(&host.id, client.as_ref()).await {
                 warn!(host_id = %host.id, error = %e.message, "reconcile after the host came back failed");

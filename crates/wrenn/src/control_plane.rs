@@ -14,6 +14,7 @@ use wrenn_server::accounts::limits::AuthLimits;
 use wrenn_server::accounts::mail::Mailer;
 use wrenn_server::accounts::oauth::ProviderConfig;
 use wrenn_server::accounts::{AccountConfig, AccountService, SystemClock};
+use wrenn_server::events::EventBus;
 use wrenn_server::host::LocalHost;
 use wrenn_server::hosts::pki::Pki;
 use wrenn_server::hosts::{HostConfig, HostService};
@@ -41,6 +42,10 @@ pub struct CpArgs {
     /// unset.
     #[arg(long, env = "DATABASE_URL")]
     database_url: Option<String>,
+    /// Redis for the event bus shared by several control-plane replicas
+    /// (`redis://host:6379`); in-process events when unset.
+    #[arg(long, env = "REDIS_URL")]
+    redis_url: Option<String>,
     /// Seconds between team statistics samples (`/v1/capsules/stats` and `/usage`).
     #[arg(long, env = "WRENN_STATS_INTERVAL_SEC", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     stats_interval_sec: u64,
@@ -150,7 +155,17 @@ pub async fn run(
             pool.connect(&h);
         }
     }
-    let capsules = Arc::new(CapsuleService::new(store.clone(), pool.clone()));
+    let events = Arc::new(match &args.redis_url {
+        Some(url) => EventBus::redis(url)
+            .await
+            .with_context(|| format!("cannot use Redis at {url} for events"))?,
+        None => EventBus::local(),
+    });
+    let capsules = Arc::new(CapsuleService::new(
+        store.clone(),
+        pool.clone(),
+        events.clone(),
+    ));
     capsules
         .reconcile()
         .await
@@ -298,6 +313,7 @@ pub async fn run(
         key_usage: Default::default(),
         accounts,
         hosts,
+        events: events.clone(),
     });
 
     match &embedded {
@@ -330,7 +346,11 @@ pub async fn run(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(crate::shutdown_signal())
+    .with_graceful_shutdown(async move {
+        crate::shutdown_signal().await;
+        // Event streams never end by themselves: end them so the shutdown does not wait.
+        events.close();
+    })
     .await?;
     Ok(embedded)
 }

@@ -65,7 +65,14 @@ impl TeamCapsules for CapsuleService {
             }
         };
         for c in capsules {
-            if let Err(e) = self.destroy(team_id, &c.id).await {
+            if let Err(e) = self
+                .destroy(
+                    team_id,
+                    &c.id,
+                    &wrenn_api::EventActor::system("team-cleanup"),
+                )
+                .await
+            {
                 tracing::warn!(team_id, capsule_id = %c.id, error = %e.message, "destroy with its team failed");
             }
         }

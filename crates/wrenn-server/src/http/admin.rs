@@ -123,7 +123,11 @@ pub async fn create_capsule(
 ) -> Result<impl IntoResponse> {
     Ok((
         StatusCode::CREATED,
-        Json(s.capsules.create(&auth.team_id, req).await?),
+        Json(
+            s.capsules
+                .create(&auth.team_id, req, &auth.actor.event())
+                .await?,
+        ),
     ))
 }
 
@@ -150,7 +154,7 @@ pub async fn snapshot(
         StatusCode::CREATED,
         Json(
             s.capsules
-                .create_snapshot(&auth.team_id, req, false)
+                .create_snapshot(&auth.team_id, req, false, &auth.actor.event())
                 .await?,
         ),
     ))

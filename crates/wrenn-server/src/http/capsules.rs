@@ -17,7 +17,10 @@ pub async fn create(
     auth: TeamAuth,
     ApiJson(req): ApiJson<CreateCapsuleRequest>,
 ) -> Result<impl IntoResponse, HttpError> {
-    let capsule = s.capsules.create(&auth.team_id, req).await?;
+    let capsule = s
+        .capsules
+        .create(&auth.team_id, req, &auth.actor.event())
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(capsule)))
 }
 
@@ -41,7 +44,10 @@ pub async fn destroy(
     auth: TeamAuth,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, HttpError> {
-    let capsule = s.capsules.destroy(&auth.team_id, &id).await?;
+    let capsule = s
+        .capsules
+        .destroy(&auth.team_id, &id, &auth.actor.event())
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(capsule)))
 }
 
@@ -50,7 +56,10 @@ pub async fn pause(
     auth: TeamAuth,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, HttpError> {
-    let capsule = s.capsules.pause(&auth.team_id, &id).await?;
+    let capsule = s
+        .capsules
+        .pause(&auth.team_id, &id, &auth.actor.event())
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(capsule)))
 }
 
@@ -59,7 +68,10 @@ pub async fn resume(
     auth: TeamAuth,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, HttpError> {
-    let capsule = s.capsules.resume(&auth.team_id, &id).await?;
+    let capsule = s
+        .capsules
+        .resume(&auth.team_id, &id, &auth.actor.event())
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(capsule)))
 }
 

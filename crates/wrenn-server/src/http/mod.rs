@@ -4,6 +4,7 @@
 mod accounts;
 mod admin;
 mod capsules;
+mod events;
 mod files;
 mod hosts;
 mod pty;
@@ -176,6 +177,8 @@ pub fn router(state: AppState) -> Router {
             axum::routing::patch(teams::set_role).delete(teams::remove_member),
         )
         .route("/v1/teams/{id}/leave", post(teams::leave))
+        .route("/v1/events/stream", get(events::team_stream))
+        .route("/v1/admin/events/stream", get(events::admin_stream))
         .route("/v1/hosts", post(hosts::create).get(hosts::list))
         .route("/v1/hosts/register", post(hosts::register))
         .route("/v1/hosts/auth/refresh", post(hosts::refresh))
@@ -209,7 +212,6 @@ async fn openapi() -> impl IntoResponse {
 const NOT_YET: &[&str] = &[
     "/v1/channels",
     "/v1/admin/",
-    "/v1/events/",
     "/v1/audit-logs",
     "/v1/capsules/",
 ];

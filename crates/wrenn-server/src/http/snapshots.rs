@@ -34,7 +34,7 @@ pub async fn create(
     };
     let t = s
         .capsules
-        .create_snapshot(&auth.team_id, req, overwrite)
+        .create_snapshot(&auth.team_id, req, overwrite, &auth.actor.event())
         .await?;
     Ok((StatusCode::CREATED, Json(t)))
 }
@@ -62,6 +62,8 @@ pub async fn delete(
     auth: TeamAuth,
     Path(name): Path<String>,
 ) -> Result<StatusCode, HttpError> {
-    s.capsules.delete_template(&auth.team_id, &name).await?;
+    s.capsules
+        .delete_template(&auth.team_id, &name, &auth.actor.event())
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
