@@ -417,22 +417,7 @@ impl AccountService {
             return Err(ApiError::new(ErrorCode::InvalidToken, "token is required"));
         }
         let now = self.now();
-        let Some((user_id, expires_at)) = self
-            .store
-            .take_user_token(&sha256_hex(token), "activation")
-            .await?
-        else {
-            return Err(ApiError::new(
-                ErrorCode::InvalidToken,
-                "invalid or already used activation token",
-            ));
-        };
-        if expires_at <= now {
-            return Err(ApiError::new(
-                ErrorCode::InvalidToken,
-                "activation token expired; sign up again",
-            ));
-        }
+        let user_id = self.redeem(token, "activation", "sign up again").await?;
         let user =
             self.store.user_by_id(&user_id).await?.ok_or_else(|| {
                 ApiError::new(ErrorCode::InvalidToken, "invalid activation token")
@@ -504,6 +489,26 @@ impl AccountService {
         }
         let team = self.default_team(&user.id).await?;
         self.open_session(&user.id, &team, meta).await
+    }
+
+    /// Consumes a one-time token (`activation` or `reset`): the user it was issued to, if it
+    /// exists and has not expired. `retry` tells the user what to do otherwise.
+    async fn redeem(&self, token: &str, purpose: &str, retry: &str) -> Result<String> {
+        let invalid = |why: &str| {
+            ApiError::new(
+                ErrorCode::InvalidToken,
+                format!("{purpose} token {why}; {retry}"),
+            )
+        };
+        match self
+            .store
+            .take_user_token(&sha256_hex(token), purpose)
+            .await?
+        {
+            None => Err(invalid("is invalid or already used")),
+            Some((_, expires_at)) if expires_at <= self.now() => Err(invalid("expired")),
+            Some((user_id, _)) => Ok(user_id),
+        }
     }
 
     /// The team a new session starts in: the user's oldest team. A user left without any
@@ -868,23 +873,9 @@ impl AccountService {
     pub async fn confirm_reset(&self, req: ResetConfirmRequest, meta: &ClientMeta) -> Result<()> {
         self.limit(Action::Reset, meta.ip, None)?;
         validate_password(&req.new_password)?;
-        let now = self.now();
-        let Some((user_id, expires_at)) = self
-            .store
-            .take_user_token(&sha256_hex(req.token.trim()), "reset")
-            .await?
-        else {
-            return Err(ApiError::new(
-                ErrorCode::InvalidToken,
-                "invalid or already used reset token",
-            ));
-        };
-        if expires_at <= now {
-            return Err(ApiError::new(
-                ErrorCode::InvalidToken,
-                "reset token expired; ask for a new one",
-            ));
-        }
+        let user_id = self
+            .redeem(req.token.trim(), "reset", "ask for a new one")
+            .await?;
         let u = self.user(&user_id).await?;
         if u.status != "active" {
             return Err(ApiError::new(
