@@ -254,6 +254,21 @@ def test_two_agents_one_control_plane(cluster):
     assert r.status_code == 202
     assert wait_capsule(c, r.json()["id"], {"running"}) == "running"
     assert r.json()["id"] in agents["a"].capsule_dirs()
+
+    # What an agent reports about a capsule applies and is published as a state change.
+    from test_events import Reader
+
+    watcher = Reader(url + "/v1/events/stream", {"X-API-Key": cluster["key"]})
+    watcher.wait(lambda n, d: n == "connected")
+    victim = sorted(on["a"])[-1]
+    a_token = agents["a"].creds()["token"]
+    ev = {"event": "sandbox.error", "sandbox_id": victim, "host_id": ids["a"], "reason": "disk on fire"}
+    assert httpx.post(url + "/v1/hosts/sandbox-events", json=ev, headers={"X-Host-Token": a_token}).status_code == 204
+    got = c.get(f"/v1/capsules/{victim}").json()
+    assert got["status"] == "error", got
+    watcher.wait(lambda n, d: n == "capsule.state.changed" and d["resource"]["id"] == victim
+                 and d["metadata"].get("to") == "error" and d["metadata"].get("reason") == "sandbox.error")
+    on["a"].discard(victim)
     for cid in list(on["a"]) + [r.json()["id"]]:
         assert c.delete(f"/v1/capsules/{cid}").status_code in (200, 202)
         assert wait_capsule(c, cid, {"stopped"}) == "stopped"

@@ -1273,12 +1273,12 @@ impl crate::hosts::HostEvents for CapsuleService {
             }
         };
         let id = &row.capsule.id;
-        let done = match ev.event.as_str() {
+        let moved = match ev.event.as_str() {
             "sandbox.auto_paused" => self
                 .store
                 .transition(id, &[Running, Missing], Paused)
                 .await
-                .map(|_| ()),
+                .map(|ok| ok.then_some(Paused)),
             "sandbox.stopped" => self
                 .store
                 .transition(
@@ -1289,20 +1289,27 @@ impl crate::hosts::HostEvents for CapsuleService {
                     Stopped,
                 )
                 .await
-                .map(|_| ()),
-            "sandbox.error" => {
-                self.store
-                    .mark_error(
-                        id,
-                        ev.reason.as_deref().unwrap_or("the host reported an error"),
-                    )
-                    .await
-            }
+                .map(|ok| ok.then_some(Stopped)),
+            "sandbox.error" => self
+                .store
+                .mark_error(
+                    id,
+                    ev.reason.as_deref().unwrap_or("the host reported an error"),
+                )
+                .await
+                .map(|_| (!row.capsule.status.is_terminal()).then_some(Error)),
             other => {
                 info!(capsule_id = %id, host_id, event = other, "unknown capsule event accepted");
-                Ok(())
+                Ok(None)
             }
         };
+        // What the host reported goes on the event bus like any other change.
+        if let Ok(Some(to)) = &moved {
+            self.events
+                .changed(id, row.capsule.status, *to, Some(&ev.event))
+                .await;
+        }
+        let done = moved.map(|_| ());
         if let Err(e) = done {
             warn!(capsule_id = %id, error = %e, "capsule event not applied");
         }
