@@ -327,8 +327,75 @@ def github():
     srv.shutdown()
 
 
+class Receiver(http.server.ThreadingHTTPServer):
+    """A real local HTTP server standing in for notification receivers (webhooks, chat
+    providers' incoming webhooks, Telegram's bot API, a Matrix homeserver). It records every
+    request. Paths choose the answer: `/flaky/<key>` fails twice per key then succeeds,
+    `/fail/...` always answers 500, `/redirect/...` 302; anything else 200."""
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _ReceiverHandler)
+        self.received = []
+        self.failures = {}
+        self.lock = threading.Lock()
+
+    def requests(self, prefix):
+        with self.lock:
+            return [r for r in self.received if r["path"].startswith(prefix)]
+
+    def wait_for(self, prefix, n=1, timeout=30):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            got = self.requests(prefix)
+            if len(got) >= n:
+                return got
+            time.sleep(0.1)
+        raise AssertionError(f"{prefix}: {len(self.requests(prefix))} requests, wanted {n}")
+
+
+class _ReceiverHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+    def _handle(self):
+        n = int(self.headers.get("Content-Length", 0))
+        body = self.rfile.read(n)
+        rec = {"method": self.command, "path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body, "at": time.time()}
+        status = 200
+        with self.server.lock:
+            self.server.received.append(rec)
+            if self.path.startswith("/flaky/"):
+                k = self.server.failures.get(self.path, 0)
+                if k < 2:
+                    self.server.failures[self.path] = k + 1
+                    status = 500
+            elif self.path.startswith("/fail/"):
+                status = 500
+            elif self.path.startswith("/redirect/"):
+                status = 302
+        out = b'{"ok":true}' if status == 200 else b"receiver says no"
+        self.send_response(status)
+        if status == 302:
+            self.send_header("Location", "/elsewhere")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    do_POST = _handle
+    do_PUT = _handle
+
+
 @pytest.fixture(scope="session")
-def platform(mail_sink, github):
+def receiver():
+    srv = Receiver()
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    srv.base_url = f"http://127.0.0.1:{srv.server_address[1]}"
+    yield srv
+    srv.shutdown()
+
+
+@pytest.fixture(scope="session")
+def platform(mail_sink, github, receiver):
     p = start_platform(
         env_extra={
             "WRENN_SMTP_URL": f"smtp://127.0.0.1:{mail_sink.port}",
@@ -341,6 +408,9 @@ def platform(mail_sink, github):
             # Hosts silent for 3 intervals are unreachable: short, so the test sees it happen.
             "WRENN_HEARTBEAT_INTERVAL_SEC": "2",
             "WRENN_RECONCILE_INTERVAL_SEC": "3",
+            # Notifications: Telegram's API is the local receiver; retries come quickly.
+            "WRENN_TELEGRAM_API_URL": receiver.base_url + "/telegram",
+            "WRENN_CHANNEL_RETRY_DELAYS": "1,2",
         }
     )
     assert p.base_url.startswith("http://127.0.0.1:")

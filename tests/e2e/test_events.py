@@ -145,9 +145,11 @@ def shared_database():
     subprocess.run(["psql", admin, "-qc", f"DROP DATABASE IF EXISTS {db} WITH (FORCE)"], check=True)
 
 
-def test_two_control_planes_share_events_through_redis(shared_database):
+def test_two_control_planes_share_events_through_redis(shared_database, receiver):
     """Two `wrenn server`s on one database and one Redis: a host's loss is published once (by
-    whichever monitor notices first) and reaches the admin streams of both."""
+    whichever monitor notices first) and reaches the admin streams of both; a channel created
+    through one is notified once of events produced on either; each lands once in the audit
+    log."""
     procs, urls = [], []
     try:
         for i in range(2):
@@ -161,6 +163,8 @@ def test_two_control_planes_share_events_through_redis(shared_database):
                 REDIS_URL=os.environ.get("WRENN_TEST_REDIS_URL", "redis://127.0.0.1:6379"),
                 WRENN_HEARTBEAT_INTERVAL_SEC="1",
                 WRENN_ADMIN_PASSWORD="shared-admin-pass",
+                # Replicas share the key that seals channel configs.
+                WRENN_ENCRYPTION_KEY="5e" * 32,
             )
             log = open(data_dir / "server.log", "w")
             procs.append(subprocess.Popen([wrenn(), "server"], env=env, stdout=log, stderr=subprocess.STDOUT))
@@ -182,6 +186,11 @@ def test_two_control_planes_share_events_through_redis(shared_database):
         readers = [Reader(u + "/v1/admin/events/stream", {"Cookie": f"wrenn_sid={b.cookies['wrenn_sid']}"}) for u, b in zip(urls, admins)]
         for r in readers:
             r.wait(lambda n, d: n == "connected")
+        # A channel of the admin's team, created through the first replica.
+        hook = f"/hook/replicas-{os.getpid()}"
+        r = admins[0].post("/v1/channels", json={"name": "ops", "provider": "webhook", "config": {"url": receiver.base_url + hook}, "events": ["host.up", "host.down"]})
+        assert r.status_code == 201, r.text
+        secret = r.json()["secret"]
         # A host that registers on the first and then falls silent.
         token = admins[0].post("/v1/hosts", json={"type": "regular"}).json()["registration_token"]
         reg = httpx.post(urls[0] + "/v1/hosts/register", json={"token": token, "address": "127.0.0.1:7001"}).json()
@@ -195,6 +204,36 @@ def test_two_control_planes_share_events_through_redis(shared_database):
         assert httpx.post(f"{urls[1]}/v1/hosts/{hid}/heartbeat", headers={"X-Host-Token": reg["token"]}).status_code == 204
         for r in readers:
             r.wait(lambda n, d: n == "host.up" and d["resource"]["id"] == hid)
+        # It stays up from now on.
+        beating = threading.Event()
+
+        def beat():
+            while not beating.wait(0.5):
+                httpx.post(f"{urls[1]}/v1/hosts/{hid}/heartbeat", headers={"X-Host-Token": reg["token"]})
+
+        threading.Thread(target=beat, daemon=True).start()
+        # Each event reached the channel once, whichever replica handled it, signed.
+        receiver.wait_for(hook, 2)
+        time.sleep(3)
+        got = receiver.requests(hook)
+        import hashlib
+        import hmac
+
+        names = []
+        for req in got:
+            ts = req["headers"]["x-wrenn-timestamp"]
+            sig = "sha256=" + hmac.new(secret.encode(), ts.encode() + b"." + req["body"], hashlib.sha256).hexdigest()
+            assert req["headers"]["x-wrenn-signature"] == sig
+            ev = json.loads(req["body"])
+            assert ev["resource"] == {"id": hid, "type": "host"}
+            names.append(ev["event"])
+        assert sorted(names) == ["host.down", "host.up"], names
+        # And the audit log (either replica) has the host's life once each.
+        log = admins[1].get("/v1/admin/audit-logs", params={"resource_type": "host", "limit": 200}).json()["entries"]
+        actions = [e["action"] for e in log if e["resource_id"] == hid]
+        assert sorted(actions) == ["create", "marked_down", "marked_up"], actions
+        assert all(e["scope"] == "admin" and e["team_id"] is None for e in log if e["resource_id"] == hid)
+        beating.set()
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)

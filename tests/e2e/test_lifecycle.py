@@ -216,6 +216,13 @@ def test_inactivity_timeout_pauses_idle_capsules_only(platform, api):
         (reason,) = db.execute("SELECT pause_reason FROM capsules WHERE id = ?", (idle,)).fetchone()
         db.close()
         assert reason == "ttl_expired"
+        # The audit log names the system as the actor.
+        from conftest import admin_browser
+
+        log = admin_browser(platform).get("/v1/admin/audit-logs", params={"resource_type": "capsule", "action": "pause"}).json()
+        (entry,) = [e for e in log["entries"] if e["resource_id"] == idle]
+        assert (entry["actor_type"], entry["actor_name"], entry["status"]) == ("system", "ttl-reaper", "success")
+        assert entry["metadata"]["reason"] == "ttl_expired"
         # Auto-paused capsules resume like any other.
         resume(api, idle)
     finally:

@@ -22,12 +22,16 @@ SESSION_OPERATIONS = [
     "confirmPasswordReset", "listSessions", "revokeSession", "connectProvider", "disconnectProvider", "oauthRedirect",
     "oauthCallback", "createAPIKey", "listAPIKeys", "deleteAPIKey", "searchUsers", "listTeams", "createTeam", "getTeam",
     "renameTeam", "deleteTeam", "listTeamMembers", "addTeamMember", "updateMemberRole", "removeTeamMember", "leaveTeam",
+    # testChannel is left out: fuzzed configs could name hosts beyond this machine
+    # (test_channels.py covers it against a local receiver).
+    "createChannel", "listChannels", "getChannel", "updateChannel", "deleteChannel", "rotateChannelConfig",
+    "listAuditLogs",
 ]
 ADMIN_OPERATIONS = [
     "adminListUsers", "adminSetUserActive", "setUserAdmin", "adminListTeams", "adminSetTeamBYOC", "adminDeleteTeam",
     "adminListCapsules", "adminGetCapsule", "adminDestroyCapsule", "adminCreateSnapshotFromCapsule", "adminExecCommand",
     "adminGetCapsuleMetrics", "adminListProcesses", "adminKillProcess", "adminListDir", "adminMakeDir", "adminRemovePath",
-    "adminDownloadFile", "adminUploadFile",
+    "adminDownloadFile", "adminUploadFile", "adminListAuditLogs",
     "createHost", "listHosts", "getHost", "deleteHost", "regenerateHostToken", "getHostDeletePreview",
     "listHostTags", "addHostTag", "removeHostTag", "registerHost", "refreshHostToken",
 ]

@@ -28,6 +28,7 @@ pub enum ErrorCode {
     SignupCooldown,
     OwnsTeamWithMembers,
     RateLimited,
+    DeliveryFailed,
 }
 
 impl ErrorCode {
@@ -56,6 +57,7 @@ impl ErrorCode {
             ErrorCode::SignupCooldown => "signup_cooldown",
             ErrorCode::OwnsTeamWithMembers => "owns_team_with_members",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::DeliveryFailed => "delivery_failed",
         }
     }
 
@@ -65,7 +67,8 @@ impl ErrorCode {
             ErrorCode::InvalidRequest
             | ErrorCode::InvalidToken
             | ErrorCode::AlreadyActivated
-            | ErrorCode::LastLoginMethod => 400,
+            | ErrorCode::LastLoginMethod
+            | ErrorCode::DeliveryFailed => 400,
             ErrorCode::Unauthorized | ErrorCode::WrongPassword => 401,
             ErrorCode::Forbidden | ErrorCode::AccountDeactivated => 403,
             ErrorCode::NotFound | ErrorCode::ProviderNotFound => 404,

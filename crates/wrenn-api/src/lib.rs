@@ -4,7 +4,9 @@
 //! spec exactly so that the official SDK and any generated client deserialize our answers.
 
 pub mod account;
+pub mod audit;
 pub mod capsule;
+pub mod channel;
 pub mod error;
 pub mod event;
 pub mod host;
@@ -13,7 +15,9 @@ pub mod stats;
 pub mod template;
 
 pub use account::*;
+pub use audit::*;
 pub use capsule::*;
+pub use channel::*;
 pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use event::*;
 pub use host::*;

@@ -9,11 +9,15 @@
 //! - [`accounts`]: users, sessions, teams, API keys, OAuth, admin.
 //! - [`hosts`]: host records, registration, host tokens and mTLS material, liveness.
 //! - [`host`]: how the control plane reaches a host agent ([`host::HostClient`]).
+//! - [`events`]: the event bus (SSE listeners, work queues); [`audit`]: the audit log;
+//!   [`channels`]: notification channels and their delivery.
 
 pub mod accounts;
 pub mod activity;
+pub mod audit;
 pub mod auth;
 pub mod bootstrap;
+pub mod channels;
 pub mod error;
 pub mod events;
 pub mod host;
@@ -38,4 +42,6 @@ pub struct AppState {
     pub accounts: Arc<accounts::AccountService>,
     pub hosts: Arc<hosts::HostService>,
     pub events: Arc<events::EventBus>,
+    pub audit: audit::AuditLog,
+    pub channels: Arc<channels::ChannelService>,
 }

@@ -18,6 +18,7 @@ use wrenn_api::{
 };
 
 use crate::activity::{Activity, Busy};
+use crate::audit::{self, AuditLog};
 use crate::error::from_agent;
 use crate::events::EventBus;
 use crate::host::HostClient;
@@ -40,9 +41,18 @@ pub struct CapsuleService {
 pub struct Emitter {
     store: Store,
     bus: Arc<EventBus>,
+    audit: AuditLog,
 }
 
 impl Emitter {
+    /// Writes the event's audit entry (if it stands for one), then publishes it.
+    async fn emit(&self, ev: Event) {
+        if let Some(r) = audit::from_event(&ev) {
+            self.audit.record(r).await;
+        }
+        self.bus.publish(ev);
+    }
+
     /// `capsule.<action>` with its outcome (`Err` carries the error).
     pub async fn action(
         &self,
@@ -53,7 +63,7 @@ impl Emitter {
         metadata: &[(&str, &str)],
     ) {
         let row = self.store.capsule(id).await.ok().flatten();
-        self.bus.publish(Event {
+        self.emit(Event {
             event: format!("capsule.{action}"),
             outcome: Some(if outcome.is_ok() { "success" } else { "error" }.into()),
             resource: EventResource {
@@ -69,7 +79,8 @@ impl Emitter {
             team_id: row.as_ref().map(|r| r.team_id.clone()),
             sandbox: row.map(|r| r.capsule),
             timestamp: chrono::Utc::now(),
-        });
+        })
+        .await;
     }
 
     /// `capsule.state.changed` from `from` to `to`.
@@ -89,7 +100,7 @@ impl Emitter {
         if let Some(r) = reason {
             metadata.insert("reason".into(), r.into());
         }
-        self.bus.publish(Event {
+        self.emit(Event {
             event: "capsule.state.changed".into(),
             outcome: None,
             resource: EventResource {
@@ -102,11 +113,12 @@ impl Emitter {
             team_id: row.as_ref().map(|r| r.team_id.clone()),
             sandbox: row.map(|r| r.capsule),
             timestamp: chrono::Utc::now(),
-        });
+        })
+        .await;
     }
 
     /// An event about something other than a capsule (templates, hosts).
-    pub fn other(
+    pub async fn other(
         &self,
         event: &str,
         kind: &str,
@@ -115,7 +127,7 @@ impl Emitter {
         actor: &EventActor,
         outcome: Option<bool>,
     ) {
-        self.bus.publish(Event {
+        self.emit(Event {
             event: event.into(),
             outcome: outcome.map(|ok| if ok { "success" } else { "error" }.into()),
             resource: EventResource {
@@ -128,7 +140,8 @@ impl Emitter {
             sandbox: None,
             team_id: team_id.map(Into::into),
             timestamp: chrono::Utc::now(),
-        });
+        })
+        .await;
     }
 }
 
@@ -159,6 +172,7 @@ impl CapsuleService {
             events: Emitter {
                 store: store.clone(),
                 bus,
+                audit: AuditLog::new(store.clone()),
             },
             store,
             pool,
@@ -439,14 +453,16 @@ impl CapsuleService {
                 .await;
         }
         info!(capsule_id = %id, template = %name, snapshot_id, size_bytes = meta.size_bytes, "snapshot template created");
-        self.events.other(
-            "template.snapshot.create",
-            "template",
-            &name,
-            Some(team_id),
-            actor,
-            Some(true),
-        );
+        self.events
+            .other(
+                "template.snapshot.create",
+                "template",
+                &name,
+                Some(team_id),
+                actor,
+                Some(true),
+            )
+            .await;
         Ok(self
             .store
             .template(team_id, &name)
@@ -555,14 +571,16 @@ impl CapsuleService {
             .ok_or_else(|| ApiError::not_found(format!("template {name:?} not found")))?;
         self.delete_snapshot_files(&row.host_id, &row.snapshot_id)
             .await;
-        self.events.other(
-            "template.snapshot.delete",
-            "template",
-            name,
-            Some(team_id),
-            actor,
-            Some(true),
-        );
+        self.events
+            .other(
+                "template.snapshot.delete",
+                "template",
+                name,
+                Some(team_id),
+                actor,
+                Some(true),
+            )
+            .await;
         Ok(())
     }
 
@@ -1202,14 +1220,16 @@ impl crate::hosts::HostEvents for CapsuleService {
 
     async fn host_down(&self, host: &wrenn_api::Host) {
         self.pool.status_changed(&host.id);
-        self.events.other(
-            "host.down",
-            "host",
-            &host.id,
-            host.team_id.as_deref(),
-            &EventActor::system("host-monitor"),
-            None,
-        );
+        self.events
+            .other(
+                "host.down",
+                "host",
+                &host.id,
+                host.team_id.as_deref(),
+                &EventActor::system("host-monitor"),
+                None,
+            )
+            .await;
         match self.mark_missing(&host.id).await {
             Ok(n) => warn!(host_id = %host.id, capsules = n, "host down: its capsules are missing"),
             Err(e) => {
@@ -1220,14 +1240,16 @@ impl crate::hosts::HostEvents for CapsuleService {
 
     async fn host_back(&self, host: &wrenn_api::Host) {
         self.pool.status_changed(&host.id);
-        self.events.other(
-            "host.up",
-            "host",
-            &host.id,
-            host.team_id.as_deref(),
-            &EventActor::system("host-monitor"),
-            None,
-        );
+        self.events
+            .other(
+                "host.up",
+                "host",
+                &host.id,
+                host.team_id.as_deref(),
+                &EventActor::system("host-monitor"),
+                None,
+            )
+            .await;
         if let Some(client) = self.client(&host.id) {
             if let Err(e) = self.reconcile_host(&host.id, client.as_ref()).await {
                 warn!(host_id = %host.id, error = %e.message, "reconcile after the host came back failed");

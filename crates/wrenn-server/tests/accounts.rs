@@ -667,22 +667,28 @@ async fn admins_govern_users_and_teams(store: Store) {
     assert_eq!(users.len(), 2);
     // The last admin stays one.
     assert_eq!(
-        code(e.svc.admin_set_admin(&root_r.user_id, false).await),
+        code(e.svc.admin_set_admin(&root, &root_r.user_id, false).await),
         "invalid_request"
     );
     assert_eq!(
         code(e.svc.admin_set_active(&root, &root_r.user_id, false).await),
         "invalid_request"
     );
-    e.svc.admin_set_admin(&user_r.user_id, true).await.unwrap();
+    e.svc
+        .admin_set_admin(&root, &user_r.user_id, true)
+        .await
+        .unwrap();
     assert!(
         e.session(&user_i).await.is_admin,
         "takes effect on the next request"
     );
-    e.svc.admin_set_admin(&user_r.user_id, false).await.unwrap();
+    e.svc
+        .admin_set_admin(&root, &user_r.user_id, false)
+        .await
+        .unwrap();
     assert!(!e.session(&user_i).await.is_admin);
     assert_eq!(
-        code(e.svc.admin_set_admin("usr-nope", true).await),
+        code(e.svc.admin_set_admin(&root, "usr-nope", true).await),
         "not_found"
     );
 
@@ -727,15 +733,21 @@ async fn admins_govern_users_and_teams(store: Store) {
     assert!(teams
         .iter()
         .any(|t| t.owner_email.as_deref() == Some("user@x.io") && t.members == 1));
-    e.svc.admin_set_byoc(&user_r.team_id, true).await.unwrap();
+    e.svc
+        .admin_set_byoc(&root, &user_r.team_id, true)
+        .await
+        .unwrap();
     assert_eq!(
-        code(e.svc.admin_set_byoc(&user_r.team_id, false).await),
+        code(e.svc.admin_set_byoc(&root, &user_r.team_id, false).await),
         "invalid_request"
     );
     assert!(e.store.team(&user_r.team_id).await.unwrap().unwrap().byoc);
-    e.svc.admin_delete_team(&user_r.team_id).await.unwrap();
+    e.svc
+        .admin_delete_team(&root, &user_r.team_id)
+        .await
+        .unwrap();
     assert_eq!(
-        code(e.svc.admin_delete_team(&user_r.team_id).await),
+        code(e.svc.admin_delete_team(&root, &user_r.team_id).await),
         "not_found"
     );
     assert_eq!(e.svc.admin_teams().await.unwrap().len(), 1);

@@ -19,7 +19,234 @@ on_both_backends!(
     templates_are_unique_per_team,
     stats_samples_peaks_usage_and_pruning,
     host_tokens_are_single_use_and_secrets_stable,
+    audit_pages_follow_their_cursor_and_filters,
+    channels_are_unique_per_team_and_deliveries_idempotent,
 );
+
+fn audit_entry(
+    id: &str,
+    team: Option<&str>,
+    at: chrono::DateTime<Utc>,
+    action: &str,
+    scope: &str,
+) -> wrenn_api::AuditLogEntry {
+    wrenn_api::AuditLogEntry {
+        id: id.into(),
+        team_id: team.map(Into::into),
+        actor_type: "user".into(),
+        actor_id: "usr-1".into(),
+        actor_name: "a@x.io".into(),
+        resource_type: "capsule".into(),
+        resource_id: "cl-1".into(),
+        action: action.into(),
+        scope: scope.into(),
+        status: "success".into(),
+        metadata: serde_json::json!({"reason": "ttl_expired", "n": 3})
+            .as_object()
+            .unwrap()
+            .clone(),
+        created_at: at,
+    }
+}
+
+async fn audit_pages_follow_their_cursor_and_filters(store: Store) {
+    use wrenn_server::store::AuditQuery;
+    let t0 = Utc.with_ymd_and_hms(2026, 11, 30, 10, 0, 0).unwrap();
+    // Five entries, two of them at the very same microsecond (the id breaks the tie), one
+    // in another team and one platform-wide.
+    let at = |us: i64| t0 + Duration::microseconds(us);
+    for (id, team, t, action, scope) in [
+        ("log-a", Some("team-1"), at(1), "create", "team"),
+        ("log-b", Some("team-1"), at(2), "pause", "admin"),
+        ("log-c", Some("team-1"), at(2), "resume", "team"),
+        ("log-d", Some("team-1"), at(3), "destroy", "team"),
+        ("log-e", Some("team-2"), at(4), "create", "team"),
+        ("log-f", None, at(5), "marked_down", "admin"),
+    ] {
+        store
+            .insert_audit(&audit_entry(id, team, t, action, scope))
+            .await
+            .unwrap();
+    }
+    let page = |before: Option<(chrono::DateTime<Utc>, String)>, limit| AuditQuery {
+        team_id: Some("team-1".into()),
+        before,
+        limit,
+        ..Default::default()
+    };
+    let first = store.audit_page(&page(None, 2)).await.unwrap();
+    let ids: Vec<_> = first.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, ["log-d", "log-c"]);
+    assert_eq!(first[0].metadata["n"], 3);
+    assert_eq!(first[0].created_at, at(3), "microseconds survive");
+    let last = first.last().unwrap();
+    let second = store
+        .audit_page(&page(Some((last.created_at, last.id.clone())), 2))
+        .await
+        .unwrap();
+    let ids: Vec<_> = second.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["log-b", "log-a"],
+        "the tie at one instant is split by id"
+    );
+    // Members' view: team scope only.
+    let q = AuditQuery {
+        team_id: Some("team-1".into()),
+        scopes: vec!["team".into()],
+        limit: 10,
+        ..Default::default()
+    };
+    assert_eq!(store.audit_page(&q).await.unwrap().len(), 3);
+    // Filters; platform view.
+    let q = AuditQuery {
+        actions: vec!["create".into(), "marked_down".into()],
+        limit: 10,
+        ..Default::default()
+    };
+    let ids: Vec<_> = store
+        .audit_page(&q)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(ids, ["log-f", "log-e", "log-a"]);
+    let q = AuditQuery {
+        resource_types: vec!["host".into()],
+        limit: 10,
+        ..Default::default()
+    };
+    assert!(store.audit_page(&q).await.unwrap().is_empty());
+
+    // A purged user's entries stay, without their name.
+    let user = "usr-gone".to_string();
+    assert!(store
+        .insert_user(
+            &user,
+            "gone@x.io",
+            "Gone",
+            None,
+            "active",
+            t0 - Duration::days(30)
+        )
+        .await
+        .unwrap());
+    let mut e = audit_entry("log-g", Some("team-1"), at(6), "create", "team");
+    e.actor_id = user.clone();
+    store.insert_audit(&e).await.unwrap();
+    store
+        .soft_delete_user(&user, &[], t0 - Duration::days(20))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.purge_deleted_users(t0).await.unwrap(),
+        vec![user.clone()]
+    );
+    let q = AuditQuery {
+        team_id: Some("team-1".into()),
+        limit: 1,
+        ..Default::default()
+    };
+    let kept = &store.audit_page(&q).await.unwrap()[0];
+    assert_eq!(
+        (kept.id.as_str(), kept.actor_name.as_str()),
+        ("log-g", "deleted-user")
+    );
+}
+
+async fn channels_are_unique_per_team_and_deliveries_idempotent(store: Store) {
+    use wrenn_server::store::ChannelRow;
+    let now = Utc::now();
+    let row = |id: &str, team: &str, name: &str, events: &[&str]| ChannelRow {
+        id: id.into(),
+        team_id: team.into(),
+        name: name.into(),
+        provider: "webhook".into(),
+        events: events.iter().map(|e| e.to_string()).collect(),
+        sealed_config: BTreeMap::from([("url".to_string(), "sealed".to_string())]),
+        created_at: now,
+        updated_at: now,
+    };
+    assert!(store
+        .insert_channel(&row("ch-1", "team-1", "ops", &["capsule.create"]))
+        .await
+        .unwrap());
+    assert!(!store
+        .insert_channel(&row("ch-2", "team-1", "ops", &["host.down"]))
+        .await
+        .unwrap());
+    assert!(store
+        .insert_channel(&row("ch-3", "team-2", "ops", &["host.down"]))
+        .await
+        .unwrap());
+    assert!(store
+        .insert_channel(&row("ch-4", "team-1", "dev", &["host.down"]))
+        .await
+        .unwrap());
+    assert!(
+        store.channel("team-2", "ch-1").await.unwrap().is_none(),
+        "another team's"
+    );
+    let teams = ["team-1".to_string(), "team-2".to_string()];
+    let ids = |v: Vec<ChannelRow>| v.into_iter().map(|c| c.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(store
+            .subscribed_channels(&teams, "host.down")
+            .await
+            .unwrap()),
+        ["ch-3", "ch-4"]
+    );
+    assert_eq!(
+        ids(store
+            .subscribed_channels(&teams[..1], "capsule.create")
+            .await
+            .unwrap()),
+        ["ch-1"]
+    );
+    // Renaming onto a taken name is refused; an unknown channel is None.
+    let ev = ["host.up".to_string()];
+    assert_eq!(
+        store
+            .update_channel("team-1", "ch-4", "ops", &ev, now)
+            .await
+            .unwrap(),
+        Some(false)
+    );
+    assert_eq!(
+        store
+            .update_channel("team-1", "ch-4", "dev2", &ev, now)
+            .await
+            .unwrap(),
+        Some(true)
+    );
+    assert_eq!(
+        store
+            .update_channel("team-2", "ch-4", "x", &ev, now)
+            .await
+            .unwrap(),
+        None
+    );
+    // A delivery id is recorded once.
+    assert!(store
+        .insert_delivery("d-1", "ch-1", "capsule.create", now)
+        .await
+        .unwrap());
+    assert!(!store
+        .insert_delivery("d-1", "ch-1", "capsule.create", now)
+        .await
+        .unwrap());
+    store
+        .update_delivery("d-1", "delivered", 3, None, now)
+        .await
+        .unwrap();
+    let d = store.delivery("d-1").await.unwrap().unwrap();
+    assert_eq!((d.status.as_str(), d.attempts), ("delivered", 3));
+    assert_eq!(store.deliveries("ch-1", 10).await.unwrap().len(), 1);
+    assert!(store.delete_channel("team-1", "ch-1").await.unwrap());
+    assert!(store.deliveries("ch-1", 10).await.unwrap().is_empty());
+    assert!(!store.delete_channel("team-1", "ch-1").await.unwrap());
+}
 
 async fn host_tokens_are_single_use_and_secrets_stable(store: Store) {
     let now = Utc::now();

@@ -14,6 +14,8 @@ use wrenn_server::accounts::limits::AuthLimits;
 use wrenn_server::accounts::mail::Mailer;
 use wrenn_server::accounts::oauth::ProviderConfig;
 use wrenn_server::accounts::{AccountConfig, AccountService, SystemClock};
+use wrenn_server::audit::AuditLog;
+use wrenn_server::channels::{ChannelConfig, ChannelService, ConfigCipher};
 use wrenn_server::events::EventBus;
 use wrenn_server::host::LocalHost;
 use wrenn_server::hosts::pki::Pki;
@@ -100,6 +102,44 @@ pub struct CpArgs {
     /// …and per email address.
     #[arg(long, env = "WRENN_AUTH_EMAIL_LIMIT", default_value_t = 10)]
     auth_email_limit: u32,
+    /// Key sealing notification channels' secrets (64 hex). Without it one is generated and
+    /// kept in `<data>/encryption.key`; replicas sharing a database must share the key.
+    #[arg(long, env = "WRENN_ENCRYPTION_KEY", hide_env_values = true)]
+    encryption_key: Option<String>,
+    /// Telegram's bot API base URL (a proxy, or a stand-in in tests).
+    #[arg(
+        long,
+        env = "WRENN_TELEGRAM_API_URL",
+        default_value = "https://api.telegram.org"
+    )]
+    telegram_api_url: String,
+    /// Seconds to wait before each retry of a failed notification (comma-separated).
+    #[arg(long, env = "WRENN_CHANNEL_RETRY_DELAYS", default_value = "10,30", value_parser = parse_delays)]
+    channel_retry_delays: Delays,
+}
+
+#[derive(Clone, Debug)]
+struct Delays(Vec<std::time::Duration>);
+
+fn parse_delays(s: &str) -> std::result::Result<Delays, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.parse::<u64>()
+                .ok()
+                .filter(|n| *n <= 3600)
+                .map(std::time::Duration::from_secs)
+                .ok_or_else(|| format!("{p:?} is not a number of seconds (0 to 3600)"))
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .and_then(|v| {
+            if v.len() > 10 {
+                Err("at most 10 retries".into())
+            } else {
+                Ok(Delays(v))
+            }
+        })
 }
 
 /// Runs the control plane until SIGTERM/SIGINT; with `embedded`, that agent is a host of its
@@ -283,8 +323,10 @@ pub async fn run(
             }
         }
     });
-    // Housekeeping: expired sessions every 10 minutes, deleted accounts purged daily.
+    // Housekeeping: expired sessions every 10 minutes, deleted accounts purged and old
+    // delivery records forgotten daily.
     let housekeeper = accounts.clone();
+    let delivery_store = store.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(600));
         let mut n: u64 = 0;
@@ -299,13 +341,44 @@ pub async fn run(
                     Ok(k) => info!(users = k, "deleted accounts purged"),
                     Err(e) => tracing::warn!(error = %e.message, "account purge failed"),
                 }
+                let before = chrono::Utc::now()
+                    - chrono::Duration::days(wrenn_server::channels::DELIVERY_RETENTION_DAYS);
+                if let Err(e) = delivery_store.prune_deliveries(before).await {
+                    tracing::warn!(error = %e, "delivery records cleanup failed");
+                }
             }
             n += 1;
         }
     });
+    // Notification channels: sealed configs, one delivery loop per replica sharing the
+    // bus's `channels` queue.
+    let cipher = Arc::new(match &args.encryption_key {
+        Some(k) => ConfigCipher::from_hex(k).context("WRENN_ENCRYPTION_KEY")?,
+        None => {
+            if args.database_url.is_some() {
+                tracing::warn!("WRENN_ENCRYPTION_KEY is not set: channel secrets are sealed with a key kept in the data dir; every replica sharing this database needs the same key");
+            }
+            ConfigCipher::load_or_create(&data_dir).context("channel encryption key")?
+        }
+    });
+    let channels = Arc::new(ChannelService::new(
+        store.clone(),
+        cipher,
+        ChannelConfig {
+            telegram_api_url: args.telegram_api_url.clone(),
+            retry_delays: args.channel_retry_delays.0.clone(),
+        },
+    ));
+    let queue = events
+        .work_queue(wrenn_server::channels::QUEUE_GROUP)
+        .await
+        .context("notification queue")?;
+    tokio::spawn(channels.clone().run(queue, events.closed()));
+
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let audit = AuditLog::new(store.clone());
     let app = wrenn_server::http::router(AppState {
         store,
         capsules,
@@ -314,6 +387,8 @@ pub async fn run(
         accounts,
         hosts,
         events: events.clone(),
+        audit,
+        channels,
     });
 
     match &embedded {

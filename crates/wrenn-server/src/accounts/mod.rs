@@ -22,6 +22,7 @@ use chrono::{DateTime, Duration, Utc};
 use wrenn_api::id::{new_id, prefix};
 use wrenn_api::*;
 
+use crate::audit::{AuditLog, Record};
 use crate::service::CapsuleService;
 use crate::store::{NewSession, NewTeam, SessionContext, Store, TeamRow, UserRow};
 use limits::{Action, AuthLimits, Exhausted};
@@ -182,6 +183,16 @@ pub struct AccountService {
     limits: AuthLimits,
     http: reqwest::Client,
     oauth_flows: oauth::PendingFlows,
+    audit: AuditLog,
+}
+
+/// Who a session's user is, as audit entries name them.
+pub fn user_actor(s: &SessionUser) -> wrenn_api::EventActor {
+    wrenn_api::EventActor {
+        kind: "user".into(),
+        id: s.user_id.clone(),
+        name: s.email.clone(),
+    }
 }
 
 fn normalize_email(e: &str) -> String {
@@ -301,6 +312,7 @@ impl AccountService {
         limits: AuthLimits,
     ) -> Self {
         Self {
+            audit: AuditLog::new(store.clone()),
             store,
             capsules,
             mailer,
@@ -928,6 +940,14 @@ impl AccountService {
             )
             .await?;
         tracing::info!(team_id = %s.team_id, key_id = %id, "API key created");
+        self.audit
+            .record(
+                Record::new(&user_actor(s), "api_key", &id, "create")
+                    .team(Some(&s.team_id))
+                    .meta("name", name)
+                    .meta("key_prefix", prefix.as_str()),
+            )
+            .await;
         Ok(ApiKeyResponse {
             id,
             team_id: s.team_id.clone(),
@@ -962,6 +982,9 @@ impl AccountService {
         self.team_role(s)?;
         if self.store.delete_api_key(&s.team_id, id).await? {
             tracing::info!(team_id = %s.team_id, key_id = id, "API key deleted");
+            self.audit
+                .record(Record::new(&user_actor(s), "api_key", id, "revoke").team(Some(&s.team_id)))
+                .await;
             Ok(())
         } else {
             Err(ApiError::not_found(format!("API key {id} not found")))
@@ -1027,6 +1050,13 @@ impl AccountService {
             .await?
             .ok_or_else(|| ApiError::internal("team vanished"))?;
         tracing::info!(team_id = %id, user_id = %s.user_id, "team created");
+        self.audit
+            .record(
+                Record::new(&user_actor(s), "team", &id, "create")
+                    .team(Some(&id))
+                    .meta("name", name.as_str()),
+            )
+            .await;
         Ok(TeamWithRole {
             team: team(&t),
             role: "owner".into(),
@@ -1086,6 +1116,13 @@ impl AccountService {
         }
         let name = validate_team_name(name)?;
         self.store.rename_team(team_id, &name).await?;
+        self.audit
+            .record(
+                Record::new(&user_actor(s), "team", team_id, "rename")
+                    .team(Some(team_id))
+                    .meta("name", name.as_str()),
+            )
+            .await;
         Ok(())
     }
 
@@ -1094,7 +1131,11 @@ impl AccountService {
         if role != Role::Owner {
             return Err(ApiError::forbidden("only the team's owner can delete it"));
         }
-        self.delete_team_now(team_id).await
+        self.delete_team_now(team_id).await?;
+        self.audit
+            .record(Record::new(&user_actor(s), "team", team_id, "delete").team(Some(team_id)))
+            .await;
+        Ok(())
     }
 
     async fn delete_team_now(&self, team_id: &str) -> Result<()> {
@@ -1142,6 +1183,13 @@ impl AccountService {
             )));
         }
         tracing::info!(team_id, user_id = %user.id, "member added");
+        self.audit
+            .record(
+                Record::new(&user_actor(s), "member", &user.id, "add")
+                    .team(Some(team_id))
+                    .meta("email", user.email.as_str()),
+            )
+            .await;
         Ok(TeamMember {
             user_id: user.id,
             email: user.email,
@@ -1174,6 +1222,13 @@ impl AccountService {
             Some("owner") => Err(ApiError::forbidden("the owner's role cannot be changed")),
             Some(_) => {
                 self.store.set_member_role(team_id, uid, role).await?;
+                self.audit
+                    .record(
+                        Record::new(&user_actor(s), "member", uid, "role_update")
+                            .team(Some(team_id))
+                            .meta("role", role),
+                    )
+                    .await;
                 Ok(())
             }
         }
@@ -1194,6 +1249,11 @@ impl AccountService {
             Some(_) => {
                 self.store.remove_member(team_id, uid).await?;
                 tracing::info!(team_id, user_id = uid, "member removed");
+                self.audit
+                    .record(
+                        Record::new(&user_actor(s), "member", uid, "remove").team(Some(team_id)),
+                    )
+                    .await;
                 Ok(())
             }
         }
@@ -1207,6 +1267,9 @@ impl AccountService {
             ));
         }
         self.store.remove_member(team_id, &s.user_id).await?;
+        self.audit
+            .record(Record::new(&user_actor(s), "member", &s.user_id, "leave").team(Some(team_id)))
+            .await;
         Ok(())
     }
 
@@ -1243,6 +1306,7 @@ impl AccountService {
                 "disabled" => {
                     self.store.enable_user(uid).await?;
                     tracing::info!(user_id = uid, "user reactivated");
+                    self.audit_user(s, uid, "activate").await;
                     Ok(())
                 }
                 _ => Err(ApiError::invalid(
@@ -1269,11 +1333,12 @@ impl AccountService {
                 user_id = uid,
                 "user deactivated: sessions and API keys revoked"
             );
+            self.audit_user(s, uid, "deactivate").await;
             Ok(())
         }
     }
 
-    pub async fn admin_set_admin(&self, uid: &str, admin: bool) -> Result<()> {
+    pub async fn admin_set_admin(&self, s: &SessionUser, uid: &str, admin: bool) -> Result<()> {
         let u = self
             .store
             .user_by_id(uid)
@@ -1293,6 +1358,8 @@ impl AccountService {
             ));
         }
         tracing::info!(user_id = uid, admin, "platform admin flag set");
+        self.audit_user(s, uid, if admin { "grant_admin" } else { "revoke_admin" })
+            .await;
         Ok(())
     }
 
@@ -1311,14 +1378,22 @@ impl AccountService {
             .collect())
     }
 
-    pub async fn admin_delete_team(&self, team_id: &str) -> Result<()> {
+    pub async fn admin_delete_team(&self, s: &SessionUser, team_id: &str) -> Result<()> {
         if self.store.team(team_id).await?.is_none() {
             return Err(ApiError::not_found(format!("team {team_id} not found")));
         }
-        self.delete_team_now(team_id).await
+        self.delete_team_now(team_id).await?;
+        self.audit
+            .record(
+                Record::new(&user_actor(s), "team", team_id, "delete")
+                    .team(Some(team_id))
+                    .admin(),
+            )
+            .await;
+        Ok(())
     }
 
-    pub async fn admin_set_byoc(&self, team_id: &str, byoc: bool) -> Result<()> {
+    pub async fn admin_set_byoc(&self, s: &SessionUser, team_id: &str, byoc: bool) -> Result<()> {
         let t = self
             .store
             .team(team_id)
@@ -1330,6 +1405,32 @@ impl AccountService {
             ));
         }
         self.store.set_team_byoc(team_id, byoc).await?;
+        if byoc != t.byoc {
+            self.audit
+                .record(
+                    Record::new(&user_actor(s), "team", team_id, "set_byoc")
+                        .team(Some(team_id))
+                        .admin()
+                        .meta("byoc", byoc),
+                )
+                .await;
+        }
         Ok(())
+    }
+
+    /// An admin action on a user: one platform entry, and one admin-scope entry in each team
+    /// the user belongs to (so the team's owners and admins see it).
+    async fn audit_user(&self, s: &SessionUser, uid: &str, action: &str) {
+        let r = Record::new(&user_actor(s), "user", uid, action).admin();
+        let teams: Vec<String> = match self.store.teams_of_user(uid).await {
+            Ok(t) => t.into_iter().map(|(t, _)| t.id).collect(),
+            Err(_) => vec![],
+        };
+        if teams.is_empty() {
+            return self.audit.record(r).await;
+        }
+        for t in teams {
+            self.audit.record(r.clone().team(Some(&t))).await;
+        }
     }
 }

@@ -21,6 +21,7 @@ use wrenn_api::*;
 
 use crate::accounts::secrets::{random_hex, sha256_hex};
 use crate::accounts::{Clock, Role, SessionUser};
+use crate::audit::{AuditLog, Record};
 use crate::store::{HostSpecs, Store};
 use pki::Pki;
 
@@ -77,6 +78,7 @@ pub struct HostService {
     clock: Arc<dyn Clock>,
     config: HostConfig,
     events: Arc<dyn HostEvents>,
+    audit: AuditLog,
 }
 
 fn forbidden(m: &str) -> ApiError {
@@ -121,6 +123,7 @@ impl HostService {
         events: Arc<dyn HostEvents>,
     ) -> Self {
         Self {
+            audit: AuditLog::new(store.clone()),
             store,
             pki,
             clock,
@@ -261,6 +264,7 @@ impl HostService {
         self.store.insert_host(&host).await?;
         let registration_token = self.new_registration_token(&host.id).await?;
         tracing::info!(host_id = %host.id, kind = %host.kind, "host created");
+        self.audit_host(u, &host, "create", &[]).await;
         Ok(CreateHostResponse {
             host,
             registration_token,
@@ -334,7 +338,22 @@ impl HostService {
         self.events.host_deleted(&host, &all).await;
         self.store.delete_host(id).await?;
         tracing::info!(host_id = id, capsules = all.len(), "host deleted");
+        self.audit_host(u, &host, "delete", &all).await;
         Ok(())
+    }
+
+    /// A host entry: in its team's log (BYOC) or the platform's (regular hosts).
+    async fn audit_host(&self, u: &SessionUser, host: &Host, action: &str, capsules: &[String]) {
+        let mut r = Record::new(&crate::accounts::user_actor(u), "host", &host.id, action)
+            .team(host.team_id.as_deref())
+            .meta("type", host.kind.as_str());
+        if host.team_id.is_none() {
+            r = r.admin();
+        }
+        if !capsules.is_empty() {
+            r = r.meta("capsules_destroyed", capsules.len() as u64);
+        }
+        self.audit.record(r).await;
     }
 
     pub async fn regenerate_token(&self, u: &SessionUser, id: &str) -> Result<CreateHostResponse> {

@@ -31,11 +31,11 @@ pub async fn set_active(
 
 pub async fn set_admin(
     State(s): State<AppState>,
-    _: AdminAuth,
+    AdminAuth(u): AdminAuth,
     Path(id): Path<String>,
     ApiJson(req): ApiJson<AdminFlag>,
 ) -> Result<StatusCode> {
-    s.accounts.admin_set_admin(&id, req.admin).await?;
+    s.accounts.admin_set_admin(&u, &id, req.admin).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -45,20 +45,20 @@ pub async fn teams(State(s): State<AppState>, _: AdminAuth) -> Result<Json<Vec<A
 
 pub async fn delete_team(
     State(s): State<AppState>,
-    _: AdminAuth,
+    AdminAuth(u): AdminAuth,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
-    s.accounts.admin_delete_team(&id).await?;
+    s.accounts.admin_delete_team(&u, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 pub async fn set_byoc(
     State(s): State<AppState>,
-    _: AdminAuth,
+    AdminAuth(u): AdminAuth,
     Path(id): Path<String>,
     ApiJson(req): ApiJson<ByocFlag>,
 ) -> Result<StatusCode> {
-    s.accounts.admin_set_byoc(&id, req.byoc).await?;
+    s.accounts.admin_set_byoc(&u, &id, req.byoc).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -434,6 +434,13 @@ impl Store {
                 .bind(id)
                 .execute(&mut *tx)
                 .await?;
+            // The audit trail stays; only who it was is forgotten (REFERENCE.md).
+            sqlx::query(
+                "UPDATE audit_logs SET actor_name = 'deleted-user' WHERE actor_type = 'user' AND actor_id = $1",
+            )
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
             sqlx::query("DELETE FROM users WHERE id = $1")
                 .bind(id)
                 .execute(&mut *tx)
@@ -1109,6 +1116,8 @@ async fn soft_delete_team_in(tx: &mut Tx<'_>, id: &str, now: DateTime<Utc>) -> R
     for sql in [
         "DELETE FROM api_keys WHERE team_id = $1",
         "DELETE FROM team_members WHERE team_id = $1",
+        "DELETE FROM channel_deliveries WHERE channel_id IN (SELECT id FROM channels WHERE team_id = $1)",
+        "DELETE FROM channels WHERE team_id = $1",
     ] {
         sqlx::query(sql).bind(id).execute(&mut **tx).await?;
     }

@@ -5,7 +5,9 @@
 //! accept (`$n` placeholders, `ON CONFLICT`, timestamps as RFC 3339 text), and one set of
 //! migrations (`migrations/`) builds both schemas. `tests/store.rs` runs against both.
 
+mod audit;
 mod capsules;
+mod channels;
 mod hosts;
 mod identity;
 mod stats;
@@ -18,7 +20,9 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::AnyPool;
 use sqlx::Executor;
 
+pub use audit::{audit_ts, AuditQuery};
 pub use capsules::CapsuleRow;
+pub use channels::ChannelRow;
 pub use hosts::HostSpecs;
 pub use identity::{
     ApiKeyOwner, ApiKeyRow, MemberRow, NewSession, NewTeam, OAuthUser, OwnedTeam, SessionContext,
