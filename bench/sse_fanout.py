@@ -117,8 +117,13 @@ def wait_status(api, cid, want, timeout=120):
 
 async def measure(base_url, key, n_clients, cycles, pid):
     api = httpx.Client(base_url=base_url, headers={"X-API-Key": key}, timeout=120)
-    current = {"id": None}
-    clients = [Client(base_url, key, lambda ev: ev.get("resource", {}).get("id") == current["id"]) for _ in range(n_clients)]
+    # Counted: the capsule's events published after `since` (the pause/resume cycles).
+    current = {"id": None, "since": float("inf")}
+
+    def wanted(ev):
+        return ev.get("resource", {}).get("id") == current["id"] and parse_ts(ev["timestamp"]) >= current["since"]
+
+    clients = [Client(base_url, key, wanted) for _ in range(n_clients)]
     rss_before = rss_kib(pid)
     tasks = []
     for i, c in enumerate(clients):
@@ -136,14 +141,15 @@ async def measure(base_url, key, n_clients, cycles, pid):
         r.raise_for_status()
         cid = r.json()["id"]
         wait_status(api, cid, "running")
-        current["id"] = cid
         time.sleep(0.5)
+        current["id"], current["since"] = cid, time.time()
         for _ in range(cycles):
             api.post(f"/v1/capsules/{cid}/pause").raise_for_status()
             wait_status(api, cid, "paused")
             api.post(f"/v1/capsules/{cid}/resume").raise_for_status()
             wait_status(api, cid, "running")
         time.sleep(2)
+        current["id"] = None
         api.delete(f"/v1/capsules/{cid}")
         return cid
 

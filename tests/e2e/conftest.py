@@ -411,6 +411,8 @@ def platform(mail_sink, github, receiver):
             # Notifications: Telegram's API is the local receiver; retries come quickly.
             "WRENN_TELEGRAM_API_URL": receiver.base_url + "/telegram",
             "WRENN_CHANNEL_RETRY_DELAYS": "1,2",
+            # The receivers are on loopback (off by default: public addresses only).
+            "WRENN_CHANNEL_ALLOW_PRIVATE_TARGETS": "true",
         }
     )
     assert p.base_url.startswith("http://127.0.0.1:")

@@ -165,6 +165,7 @@ def test_two_control_planes_share_events_through_redis(shared_database, receiver
                 WRENN_ADMIN_PASSWORD="shared-admin-pass",
                 # Replicas share the key that seals channel configs.
                 WRENN_ENCRYPTION_KEY="5e" * 32,
+                WRENN_CHANNEL_ALLOW_PRIVATE_TARGETS="true",
             )
             log = open(data_dir / "server.log", "w")
             procs.append(subprocess.Popen([wrenn(), "server"], env=env, stdout=log, stderr=subprocess.STDOUT))
@@ -239,3 +240,21 @@ def test_two_control_planes_share_events_through_redis(shared_database, receiver
             p.send_signal(signal.SIGTERM)
         for p in procs:
             p.wait(timeout=60)
+
+
+def test_replicas_on_redis_must_share_an_encryption_key(shared_database):
+    """Without WRENN_ENCRYPTION_KEY each replica would seal channel secrets with a key of its
+    own, and the others could not deliver: `wrenn server` with REDIS_URL refuses to start."""
+    data_dir = Path(tempfile.mkdtemp(prefix="wrenn-nokey-"))
+    env = dict(
+        os.environ,
+        WRENN_DATA_DIR=str(data_dir),
+        WRENN_LISTEN=f"127.0.0.1:{free_port()}",
+        DATABASE_URL=shared_database,
+        REDIS_URL=os.environ.get("WRENN_TEST_REDIS_URL", "redis://127.0.0.1:6379"),
+    )
+    env.pop("WRENN_ENCRYPTION_KEY", None)
+    r = subprocess.run([wrenn(), "server"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "WRENN_ENCRYPTION_KEY" in r.stdout + r.stderr
+    assert not (data_dir / "encryption.key").exists()

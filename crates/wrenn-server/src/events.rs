@@ -142,8 +142,14 @@ impl EventBus {
     }
 
     /// A queue of every event published from now on, shared with the other consumers of
-    /// `group` (in every replica, with Redis): each event goes to one of them.
-    pub async fn work_queue(&self, group: &str) -> Result<WorkQueue, redis::RedisError> {
+    /// `group` (in every replica, with Redis): each event goes to one of them. An event a
+    /// consumer has not acknowledged within `claim_idle` is handed to another (its consumer is
+    /// presumed dead): longer than the handling of one event can take.
+    pub async fn work_queue(
+        &self,
+        group: &str,
+        claim_idle: Duration,
+    ) -> Result<WorkQueue, redis::RedisError> {
         let Some(client) = &self.client else {
             let (tx, rx) = mpsc::channel(WORK_BACKLOG);
             self.work.lock().unwrap_or_else(|e| e.into_inner()).push(tx);
@@ -157,8 +163,10 @@ impl EventBus {
             consumer: wrenn_api::id::new_id("cp-"),
             ready: VecDeque::new(),
             last_claim: None,
+            claim_idle,
         };
         q.create_group().await?;
+        q.forget_dead_consumers().await;
         Ok(WorkQueue::Redis(Box::new(q)))
     }
 
@@ -179,10 +187,9 @@ impl EventBus {
 
 /// Events queued for an in-process work queue before new ones are dropped (and logged).
 const WORK_BACKLOG: usize = 65_536;
-/// An entry handed to a consumer that has not acknowledged it after this long is handed to
-/// another (its consumer is presumed dead). Longer than a delivery with all its retries.
-const CLAIM_IDLE: Duration = Duration::from_secs(180);
 const CLAIM_EVERY: Duration = Duration::from_secs(30);
+/// Consumers (replicas that stopped) idle this long with nothing pending are removed.
+const DEAD_CONSUMER: Duration = Duration::from_secs(24 * 3600);
 
 /// A source of events for one consumer group (see [`EventBus::work_queue`]).
 pub enum WorkQueue {
@@ -215,14 +222,6 @@ impl Work {
 }
 
 impl WorkQueue {
-    /// Leaves the group at shutdown: with Redis, this consumer is removed when it holds no
-    /// unacknowledged entry (one that does stays, for another replica to claim them).
-    pub async fn leave(self) {
-        if let WorkQueue::Redis(mut q) = self {
-            q.leave().await;
-        }
-    }
-
     /// The next event (`None`: the bus is gone).
     pub async fn next(&mut self) -> Option<Work> {
         match self {
@@ -245,6 +244,7 @@ pub struct RedisQueue {
     consumer: String,
     ready: VecDeque<Work>,
     last_claim: Option<Instant>,
+    claim_idle: Duration,
 }
 
 impl RedisQueue {
@@ -265,24 +265,35 @@ impl RedisQueue {
         }
     }
 
-    async fn leave(&mut self) {
-        let pending: Result<redis::Value, _> = redis::cmd("XPENDING")
-            .arg(STREAM)
-            .arg(&self.group)
-            .arg("-")
-            .arg("+")
-            .arg(1)
-            .arg(&self.consumer)
-            .query_async(&mut self.conn)
-            .await;
-        if matches!(pending, Ok(redis::Value::Array(ref v)) if v.is_empty()) {
-            let _: Result<i64, _> = redis::cmd("XGROUP")
-                .arg("DELCONSUMER")
+    /// Removes consumers of stopped replicas: idle for a day with nothing pending (a consumer
+    /// with pending entries stays until another claims them). Each replica is a new consumer.
+    async fn forget_dead_consumers(&mut self) {
+        let info: Result<Vec<std::collections::HashMap<String, redis::Value>>, _> =
+            redis::cmd("XINFO")
+                .arg("CONSUMERS")
                 .arg(STREAM)
                 .arg(&self.group)
-                .arg(&self.consumer)
                 .query_async(&mut self.conn)
                 .await;
+        let Ok(consumers) = info else { return };
+        for c in consumers {
+            let int = |k: &str| match c.get(k) {
+                Some(redis::Value::Int(n)) => *n,
+                _ => -1,
+            };
+            let name = match c.get("name") {
+                Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                _ => continue,
+            };
+            if int("pending") == 0 && int("idle") >= DEAD_CONSUMER.as_millis() as i64 {
+                let _: Result<i64, _> = redis::cmd("XGROUP")
+                    .arg("DELCONSUMER")
+                    .arg(STREAM)
+                    .arg(&self.group)
+                    .arg(&name)
+                    .query_async(&mut self.conn)
+                    .await;
+            }
         }
     }
 
@@ -324,7 +335,7 @@ impl RedisQueue {
                     .arg(STREAM)
                     .arg(&self.group)
                     .arg(&self.consumer)
-                    .arg(CLAIM_IDLE.as_millis() as u64)
+                    .arg(self.claim_idle.as_millis() as u64)
                     .arg("0-0")
                     .arg("COUNT")
                     .arg(64)

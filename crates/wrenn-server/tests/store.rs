@@ -135,6 +135,14 @@ async fn audit_pages_follow_their_cursor_and_filters(store: Store) {
     let mut e = audit_entry("log-g", Some("team-1"), at(6), "create", "team");
     e.actor_id = user.clone();
     store.insert_audit(&e).await.unwrap();
+    let mut added = audit_entry("log-h", Some("team-1"), at(7), "add", "team");
+    added.resource_type = "member".into();
+    added.resource_id = user.clone();
+    added.metadata = serde_json::json!({"email": "gone@x.io"})
+        .as_object()
+        .unwrap()
+        .clone();
+    store.insert_audit(&added).await.unwrap();
     store
         .soft_delete_user(&user, &[], t0 - Duration::days(20))
         .await
@@ -145,12 +153,14 @@ async fn audit_pages_follow_their_cursor_and_filters(store: Store) {
     );
     let q = AuditQuery {
         team_id: Some("team-1".into()),
-        limit: 1,
+        limit: 2,
         ..Default::default()
     };
-    let kept = &store.audit_page(&q).await.unwrap()[0];
+    let kept = store.audit_page(&q).await.unwrap();
+    assert_eq!(kept[0].id, "log-h");
+    assert!(kept[0].metadata.is_empty(), "no email left about them");
     assert_eq!(
-        (kept.id.as_str(), kept.actor_name.as_str()),
+        (kept[1].id.as_str(), kept[1].actor_name.as_str()),
         ("log-g", "deleted-user")
     );
 }

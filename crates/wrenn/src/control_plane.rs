@@ -116,6 +116,10 @@ pub struct CpArgs {
     /// Seconds to wait before each retry of a failed notification (comma-separated).
     #[arg(long, env = "WRENN_CHANNEL_RETRY_DELAYS", default_value = "10,30", value_parser = parse_delays)]
     channel_retry_delays: Delays,
+    /// Let channels' URLs reach loopback and private addresses (services on the platform's
+    /// own network). Off: notifications go to public addresses only.
+    #[arg(long, env = "WRENN_CHANNEL_ALLOW_PRIVATE_TARGETS")]
+    channel_allow_private_targets: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -355,8 +359,12 @@ pub async fn run(
     let cipher = Arc::new(match &args.encryption_key {
         Some(k) => ConfigCipher::from_hex(k).context("WRENN_ENCRYPTION_KEY")?,
         None => {
+            if args.redis_url.is_some() {
+                // Replicas: a key of each one's own would make every other's deliveries fail.
+                bail!("with REDIS_URL (several control-plane replicas) set WRENN_ENCRYPTION_KEY: the 64-hex key every replica shares to seal channel secrets (e.g. `openssl rand -hex 32`)");
+            }
             if args.database_url.is_some() {
-                tracing::warn!("WRENN_ENCRYPTION_KEY is not set: channel secrets are sealed with a key kept in the data dir; every replica sharing this database needs the same key");
+                tracing::warn!("WRENN_ENCRYPTION_KEY is not set: channel secrets are sealed with a key kept in the data dir; another replica on this database would need the same key");
             }
             ConfigCipher::load_or_create(&data_dir).context("channel encryption key")?
         }
@@ -367,10 +375,11 @@ pub async fn run(
         ChannelConfig {
             telegram_api_url: args.telegram_api_url.clone(),
             retry_delays: args.channel_retry_delays.0.clone(),
+            allow_private_targets: args.channel_allow_private_targets,
         },
     ));
     let queue = events
-        .work_queue(wrenn_server::channels::QUEUE_GROUP)
+        .work_queue(wrenn_server::channels::QUEUE_GROUP, channels.max_handling())
         .await
         .context("notification queue")?;
     tokio::spawn(channels.clone().run(queue, events.closed()));

@@ -52,18 +52,23 @@ impl ConfigCipher {
                 rand::rngs::OsRng.fill_bytes(&mut key);
                 let hex = hex::encode(key);
                 use std::os::unix::fs::OpenOptionsExt;
-                // create_new: two processes starting at once cannot both write a key.
-                match std::fs::OpenOptions::new()
+                // Written whole under a temporary name, then linked into place: a process
+                // starting at the same moment sees no key or a whole one, and the first link
+                // wins.
+                let tmp = dir.join(format!(".{KEY_FILE}.{}", std::process::id()));
+                let mut f = std::fs::OpenOptions::new()
                     .write(true)
-                    .create_new(true)
+                    .create(true)
+                    .truncate(true)
                     .mode(0o600)
-                    .open(&path)
-                {
-                    Ok(mut f) => {
-                        f.write_all(hex.as_bytes()).map_err(io)?;
-                        f.sync_all().map_err(io)?;
-                        Self::from_hex(&hex)
-                    }
+                    .open(&tmp)
+                    .map_err(io)?;
+                f.write_all(hex.as_bytes()).map_err(io)?;
+                f.sync_all().map_err(io)?;
+                let linked = std::fs::hard_link(&tmp, &path);
+                let _ = std::fs::remove_file(&tmp);
+                match linked {
+                    Ok(()) => Self::from_hex(&hex),
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                         Self::from_hex(&std::fs::read_to_string(&path).map_err(io)?)
                     }

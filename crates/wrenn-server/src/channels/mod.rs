@@ -47,6 +47,8 @@ pub struct ChannelConfig {
     pub telegram_api_url: String,
     /// Waits before each retry after a failed attempt (REFERENCE.md: 10 s, then 30 s).
     pub retry_delays: Vec<Duration>,
+    /// Let users' URLs reach loopback and private addresses (off: public addresses only).
+    pub allow_private_targets: bool,
 }
 
 impl Default for ChannelConfig {
@@ -54,6 +56,7 @@ impl Default for ChannelConfig {
         Self {
             telegram_api_url: "https://api.telegram.org".into(),
             retry_delays: vec![Duration::from_secs(10), Duration::from_secs(30)],
+            allow_private_targets: false,
         }
     }
 }
@@ -151,7 +154,7 @@ impl ChannelService {
             audit: AuditLog::new(store.clone()),
             store,
             cipher,
-            sender: Sender::new(&config.telegram_api_url),
+            sender: Sender::new(&config.telegram_api_url, config.allow_private_targets),
             retry_delays: config.retry_delays,
         }
     }
@@ -321,8 +324,19 @@ impl ChannelService {
         Ok(self.store.deliveries(id, limit).await?)
     }
 
-    /// The delivery loop: one task per event (at most [`CONCURRENT_EVENTS`] at once), each
-    /// acknowledged when all its deliveries have ended. Ends when `closing` completes.
+    /// The longest one event's handling may take: every attempt timing out, every wait, and
+    /// a margin. An event unacknowledged for longer is presumed abandoned (its replica died)
+    /// and handed to another.
+    pub fn max_handling(&self) -> Duration {
+        let waits: Duration = self.retry_delays.iter().sum();
+        let attempts = self.retry_delays.len() as u32 + 1;
+        waits + provider::ATTEMPT_TIMEOUT * attempts + Duration::from_secs(120)
+    }
+
+    /// The delivery loop: one task per event (at most [`CONCURRENT_EVENTS`] at once, a slot
+    /// taken before the event is read, so none waits unhandled), each acknowledged when all
+    /// its deliveries have ended. Ends when `closing` completes; unfinished events stay
+    /// unacknowledged for another replica to take over.
     pub async fn run(
         self: Arc<Self>,
         mut queue: WorkQueue,
@@ -331,48 +345,38 @@ impl ChannelService {
         let slots = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_EVENTS));
         tokio::pin!(closing);
         loop {
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
             let work: Work = tokio::select! {
-                _ = &mut closing => {
-                    // Unfinished deliveries stay unacknowledged (another replica claims them).
-                    queue.leave().await;
-                    return;
-                }
+                _ = &mut closing => return,
                 w = queue.next() => match w {
                     Some(w) => w,
                     None => return,
                 },
             };
-            let Ok(permit) = slots.clone().acquire_owned().await else {
-                return;
-            };
             let me = self.clone();
             tokio::spawn(async move {
-                me.dispatch(&work.event, work.key.as_deref()).await;
-                work.ack().await;
+                match me.dispatch(&work.event, work.key.as_deref()).await {
+                    Ok(()) => work.ack().await,
+                    // Left unacknowledged: handed out again later (with Redis).
+                    Err(e) => {
+                        tracing::warn!(error = %e, event = %work.event.event, "notifications not sent: the event will be tried again")
+                    }
+                }
                 drop(permit);
             });
         }
     }
 
-    /// Delivers one event to every channel subscribed to it.
-    pub async fn dispatch(&self, ev: &Event, key: Option<&str>) {
+    /// Delivers one event to every channel subscribed to it. `Err` only when the channels
+    /// could not be read (nothing was sent); a delivery's own failure is recorded with it.
+    pub async fn dispatch(&self, ev: &Event, key: Option<&str>) -> crate::store::Result<()> {
         if !CHANNEL_EVENTS.contains(&ev.event.as_str()) {
-            return;
+            return Ok(());
         }
-        let teams = match self.audience(ev).await {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(error = %e, event = %ev.event, "cannot find who to notify");
-                return;
-            }
-        };
-        let channels = match self.store.subscribed_channels(&teams, &ev.event).await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, event = %ev.event, "cannot read channels");
-                return;
-            }
-        };
+        let teams = self.audience(ev).await?;
+        let channels = self.store.subscribed_channels(&teams, &ev.event).await?;
         let jobs = channels.iter().map(|ch| {
             // A redelivered stream entry gets the same delivery ids: what was delivered is
             // not sent again.
@@ -388,6 +392,7 @@ impl ChannelService {
             async move { self.deliver(ch, &n, &id).await }
         });
         futures_util::future::join_all(jobs).await;
+        Ok(())
     }
 
     /// Teams whose channels hear about `ev`: its team; for a platform host, the teams with

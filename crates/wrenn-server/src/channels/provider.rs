@@ -4,8 +4,15 @@
 //! telegram uses the bot API's `sendMessage` (base URL configurable, for tests and proxies);
 //! matrix the client-server API's `m.room.message` on the user's homeserver; webhook POSTs
 //! the event JSON signed with HMAC-SHA256 of `timestamp.body`.
+//!
+//! URLs come from users, so by default the sender reaches only public addresses: a URL naming
+//! a loopback, private, link-local (cloud metadata) or otherwise internal address, or a name
+//! resolving only to such addresses, is refused, and the HTTP client's resolver drops them too
+//! (so a name cannot be re-pointed between the check and the request).
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -261,23 +268,118 @@ pub fn signature(secret: &str, timestamp: &str, body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
+/// True for addresses on the public internet: not loopback, private, shared (CGNAT),
+/// link-local, unique-local, multicast, documentation, benchmarking or unspecified.
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_unspecified()
+                || v4.is_documentation()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b))
+                || (a == 198 && (b == 18 || b == 19))
+                || a >= 240)
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+                || first == 0x2001 && v6.segments()[1] == 0xdb8)
+        }
+    }
+}
+
+/// The HTTP client's resolver when only public addresses may be reached.
+struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), 0))
+                .await?
+                .filter(|a| is_public(a.ip()))
+                .collect();
+            if addrs.is_empty() {
+                return Err(format!("{} has no public address", name.as_str()).into());
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+fn client(public_only: bool) -> reqwest::Client {
+    let mut b = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(ATTEMPT_TIMEOUT)
+        .user_agent(concat!("Wrenn/", env!("CARGO_PKG_VERSION")));
+    if public_only {
+        b = b.dns_resolver(Arc::new(PublicOnly));
+    }
+    b.build().unwrap_or_default()
+}
+
 /// Sends notifications (one attempt each; retries are the dispatcher's).
 #[derive(Clone)]
 pub struct Sender {
+    /// For URLs users gave (public addresses only, unless allowed otherwise).
     http: reqwest::Client,
+    /// For the operator's own endpoints (the Telegram API base).
+    trusted: reqwest::Client,
     telegram_api: String,
+    allow_private: bool,
 }
 
 impl Sender {
-    pub fn new(telegram_api: &str) -> Self {
+    /// `allow_private`: let users' URLs reach loopback and private networks (a self-hosted
+    /// platform notifying services on its own network, or tests).
+    pub fn new(telegram_api: &str, allow_private: bool) -> Self {
         Self {
-            http: reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .timeout(ATTEMPT_TIMEOUT)
-                .user_agent(concat!("Wrenn/", env!("CARGO_PKG_VERSION")))
-                .build()
-                .unwrap_or_default(),
+            http: client(!allow_private),
+            trusted: client(false),
             telegram_api: telegram_api.trim_end_matches('/').to_string(),
+            allow_private,
+        }
+    }
+
+    /// Refuses a user's URL whose host is, or resolves only to, a non-public address (the
+    /// resolver enforces it again at connect time; this check gives the clear message).
+    async fn check_target(&self, url: &str) -> Result<(), String> {
+        if self.allow_private {
+            return Ok(());
+        }
+        let u = reqwest::Url::parse(url).map_err(|_| "invalid URL".to_string())?;
+        let refused = || {
+            "the URL points to a private or internal address: notifications go to public addresses only"
+                .to_string()
+        };
+        match u.host() {
+            Some(url::Host::Ipv4(ip)) if !is_public(IpAddr::V4(ip)) => Err(refused()),
+            Some(url::Host::Ipv6(ip)) if !is_public(IpAddr::V6(ip)) => Err(refused()),
+            Some(url::Host::Domain(d)) => {
+                let port = u.port_or_known_default().unwrap_or(443);
+                let addrs: Vec<SocketAddr> = tokio::net::lookup_host((d, port))
+                    .await
+                    .map_err(|_| format!("cannot resolve {d}"))?
+                    .collect();
+                if addrs.iter().any(|a| is_public(a.ip())) {
+                    Ok(())
+                } else {
+                    Err(refused())
+                }
+            }
+            _ => Ok(()),
         }
     }
 
@@ -292,6 +394,11 @@ impl Sender {
         delivery_id: &str,
     ) -> Result<(), String> {
         let get = |k: &str| config.get(k).map(String::as_str).unwrap_or_default();
+        for f in ["webhook_url", "url", "homeserver_url"] {
+            if let Some(u) = config.get(f) {
+                self.check_target(u).await?;
+            }
+        }
         let text = n.text();
         let req = match provider {
             Provider::Slack | Provider::GoogleChat => self
@@ -311,7 +418,7 @@ impl Sender {
                 "text": text,
             })),
             Provider::Telegram => self
-                .http
+                .trusted
                 .post(format!(
                     "{}/bot{}/sendMessage",
                     self.telegram_api,
@@ -413,6 +520,63 @@ mod tests {
         let mut c = cfg(&[("url", "http://h/x"), ("secret", "0123456789abcdef")]);
         assert_eq!(Provider::Webhook.check_config(&mut c).unwrap(), None);
         assert!(Provider::parse("email").is_err());
+    }
+
+    #[test]
+    fn only_public_addresses_are_public() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "224.0.0.1",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "::",
+        ] {
+            assert!(!is_public(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["1.1.1.1", "8.8.8.8", "2606:4700::1111", "::ffff:1.1.1.1"] {
+            assert!(is_public(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    #[tokio::test]
+    async fn users_urls_reach_private_addresses_only_when_allowed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await;
+            }
+        });
+        let n = Notification::test("team-1", wrenn_api::EventActor::system("test"));
+        for host in ["127.0.0.1", "localhost"] {
+            let cfg = BTreeMap::from([(
+                "webhook_url".to_string(),
+                format!("http://{host}:{port}/hook"),
+            )]);
+            let e = Sender::new("http://unused", false)
+                .send(Provider::Slack, &cfg, &n, "d-1")
+                .await
+                .unwrap_err();
+            assert!(e.contains("private or internal"), "{host}: {e}");
+            Sender::new("http://unused", true)
+                .send(Provider::Slack, &cfg, &n, "d-1")
+                .await
+                .unwrap();
+        }
     }
 
     #[test]

@@ -434,13 +434,14 @@ impl Store {
                 .bind(id)
                 .execute(&mut *tx)
                 .await?;
-            // The audit trail stays; only who it was is forgotten (REFERENCE.md).
-            sqlx::query(
+            // The audit trail stays; only who it was is forgotten (REFERENCE.md): their name
+            // as an actor, and the email kept about them as a member.
+            for sql in [
                 "UPDATE audit_logs SET actor_name = 'deleted-user' WHERE actor_type = 'user' AND actor_id = $1",
-            )
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
+                "UPDATE audit_logs SET metadata = '{}' WHERE resource_type IN ('member', 'user') AND resource_id = $1",
+            ] {
+                sqlx::query(sql).bind(id).execute(&mut *tx).await?;
+            }
             sqlx::query("DELETE FROM users WHERE id = $1")
                 .bind(id)
                 .execute(&mut *tx)
