@@ -134,8 +134,8 @@ def test_input_errors(api):
     assert_error(api.post("/v1/capsules/cl-doesnotexist/exec", json={"cmd": "true"}), 404, "not_found")
     assert_error(api.get("/v1/nothing-here"), 404, "not_found")
     # Spec operations that later versions build answer a clear error, not a bare 404.
-    assert_error(api.get("/v1/channels"), 501, "not_implemented")
-    assert_error(api.get("/v1/audit-logs"), 501, "not_implemented")
+    assert_error(api.get("/v1/admin/builds"), 501, "not_implemented")
+    assert_error(api.get("/v1/admin/templates"), 501, "not_implemented")
     assert api.get("/v1/capsules").status_code == 200
 
 

@@ -186,3 +186,16 @@ def test_reconciler_destroys_vms_no_capsule_owns(platform, api):
     while vmm_processes(cid):
         assert time.time() < deadline, "the orphaned VM was not destroyed"
         time.sleep(0.5)
+    # Recorded: a destroy by the reconciler, reason orphaned (platform-wide: the row is gone).
+    from conftest import admin_browser
+
+    admin = admin_browser(platform)
+    deadline = time.time() + 10
+    while True:
+        log = admin.get("/v1/admin/audit-logs", params={"resource_type": "capsule", "action": "destroy"}).json()["entries"]
+        entry = [e for e in log if e["resource_id"] == cid]
+        if entry:
+            break
+        assert time.time() < deadline, "no audit entry for the orphan"
+        time.sleep(0.5)
+    assert (entry[0]["actor_name"], entry[0]["metadata"]["reason"], entry[0]["team_id"]) == ("reconciler", "orphaned", None)

@@ -83,6 +83,17 @@ impl Emitter {
         .await;
     }
 
+    /// `capsule.destroy` by the system: what a failed create had made was torn down.
+    pub async fn cleaned_up_after_failed_create(
+        &self,
+        id: &str,
+        outcome: std::result::Result<(), String>,
+    ) {
+        let actor = EventActor::system("create-cleanup");
+        let reason = [("reason", "cleanup_after_create_error")];
+        self.action("destroy", id, &actor, outcome, &reason).await;
+    }
+
     /// `capsule.state.changed` from `from` to `to`.
     pub async fn changed(
         &self,
@@ -266,10 +277,15 @@ impl CapsuleService {
                     }
                     Err(e) => {
                         warn!(capsule_id = %id, error = %e, "cannot record the running capsule; destroying it");
-                        let _ = host.destroy(&id).await;
+                        let outcome = host
+                            .destroy(&id)
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| e.to_string());
                         let _ = store
                             .mark_error(&id, "control plane could not record the capsule")
                             .await;
+                        events.cleaned_up_after_failed_create(&id, outcome).await;
                     }
                 },
                 Err(e) => {
@@ -279,8 +295,15 @@ impl CapsuleService {
                         .action("create", &id, &actor, Err(e.to_string()), &[])
                         .await;
                     events
-                        .changed(&id, CapsuleStatus::Starting, CapsuleStatus::Error, None)
+                        .changed(
+                            &id,
+                            CapsuleStatus::Starting,
+                            CapsuleStatus::Error,
+                            Some("create_failed"),
+                        )
                         .await;
+                    // The host tore down whatever the failed create had made.
+                    events.cleaned_up_after_failed_create(&id, Ok(())).await;
                 }
             }
         });
@@ -978,6 +1001,9 @@ impl CapsuleService {
                 self.store
                     .mark_error(&c.id, "the capsule vanished from its host")
                     .await?;
+                self.events
+                    .changed(&c.id, c.status, Error, Some("vanished_from_host"))
+                    .await;
             }
             for id in live.keys() {
                 let orphan = match self.store.capsule(id).await? {
@@ -989,7 +1015,20 @@ impl CapsuleService {
                 };
                 if orphan {
                     warn!(capsule_id = %id, host_id = host.host_id(), "reconciler: destroying a VM no live capsule owns");
-                    let _ = client.destroy(id).await;
+                    let outcome = client
+                        .destroy(id)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string());
+                    self.events
+                        .action(
+                            "destroy",
+                            id,
+                            &EventActor::system("reconciler"),
+                            outcome,
+                            &[("reason", "orphaned")],
+                        )
+                        .await;
                 }
             }
         }
