@@ -150,10 +150,11 @@ def test_two_control_planes_share_events_through_redis(shared_database, receiver
     whichever monitor notices first) and reaches the admin streams of both; a channel created
     through one is notified once of events produced on either; each lands once in the audit
     log."""
-    procs, urls = [], []
+    procs, urls, logs = [], [], []
     try:
         for i in range(2):
             data_dir = Path(tempfile.mkdtemp(prefix=f"wrenn-cp{i}-"))
+            logs.append(data_dir / "server.log")
             port = free_port()
             env = dict(
                 os.environ,
@@ -235,6 +236,11 @@ def test_two_control_planes_share_events_through_redis(shared_database, receiver
         assert sorted(actions) == ["create", "marked_down", "marked_up"], actions
         assert all(e["scope"] == "admin" and e["team_id"] is None for e in log if e["resource_id"] == hid)
         beating.set()
+        # One replica samples team statistics (usage counted once): the lease holder.
+        import re
+
+        sampling = [len(re.findall(r"sampling\S*=\S*true", log.read_text())) for log in logs]
+        assert sorted(sampling) == [0, 1], sampling
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)

@@ -111,11 +111,27 @@ def cluster():
     assert r.status_code == 200, r.text
     agents = []
     state = {"url": url, "key": key, "admin": admin, "agents": agents, "cp": cp, "data_dir": data_dir}
+
+    def restart_cp():
+        """Starts the control plane again on the same data dir and port (after a test stopped it)."""
+        state["cp"] = subprocess.Popen([wrenn(), "server"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while True:
+            try:
+                httpx.get(url + "/openapi.yaml", timeout=1)
+                return
+            except httpx.HTTPError:
+                assert state["cp"].poll() is None, log_path.read_text()[-3000:]
+                assert time.time() < deadline, "the control plane did not come back"
+                time.sleep(0.2)
+
+    state["restart_cp"] = restart_cp
     yield state
     for a in agents:
         a.stop()
-    cp.send_signal(signal.SIGTERM)
-    cp.wait(timeout=60)
+    if state["cp"].poll() is None:
+        state["cp"].send_signal(signal.SIGTERM)
+        state["cp"].wait(timeout=60)
     log.close()
     for a in agents:
         assert vmm_processes(str(a.data_dir)) == [], f"VMs of agent {a.name} left running"
@@ -272,3 +288,37 @@ def test_two_agents_one_control_plane(cluster):
     for cid in list(on["a"]) + [r.json()["id"]]:
         assert c.delete(f"/v1/capsules/{cid}").status_code in (200, 202)
         assert wait_capsule(c, cid, {"stopped"}) == "stopped"
+
+
+def test_an_agent_pauses_its_capsules_while_the_control_plane_is_away(cluster):
+    """REFERENCE.md: after 3 heartbeats that cannot reach the control plane the agent pauses
+    every running capsule (nothing runs unobserved); when the control plane is back the
+    capsules are `paused`, and resume with everything they held."""
+    url, admin = cluster["url"], cluster["admin"]
+    c = httpx.Client(base_url=url, headers={"X-API-Key": cluster["key"]}, timeout=120)
+    token = admin.post("/v1/hosts", json={"type": "regular"}).json()["registration_token"]
+    a = Agent("a", url, token)
+    cluster["agents"].append(a)
+    hid = a.creds()["host_id"]
+    wait_host(admin, hid, "online")
+    r = c.post("/v1/capsules", json={"timeout_sec": 3600})
+    assert r.status_code == 202, r.text
+    cid = r.json()["id"]
+    wait_capsule(c, cid, {"running"})
+    assert c.post(f"/v1/capsules/{cid}/exec", json={"cmd": "echo kept > /root/mark"}).json()["exit_code"] == 0
+
+    cp = cluster["cp"]
+    cp.send_signal(signal.SIGTERM)
+    cp.wait(timeout=60)
+    wait_log(a.log_path, f"paused while the control plane is unreachable.*{cid}", a.proc, timeout=90)
+    assert vmm_processes(cid) == [], "paused to disk: no VM runs"
+
+    cluster["restart_cp"]()
+    assert wait_capsule(c, cid, {"paused", "error", "stopped"}, timeout=60) == "paused"
+    wait_host(admin, hid, "online")
+    assert c.post(f"/v1/capsules/{cid}/resume").status_code in (200, 202)
+    wait_capsule(c, cid, {"running"})
+    out = c.post(f"/v1/capsules/{cid}/exec", json={"cmd": "cat /root/mark"}).json()
+    assert out["stdout"].strip() == "kept", out
+    assert c.delete(f"/v1/capsules/{cid}").status_code in (200, 202, 204)
+    wait_capsule(c, cid, {"stopped"})

@@ -1364,8 +1364,20 @@ impl crate::hosts::HostEvents for CapsuleService {
                 Ok(None)
             }
         };
-        // What the host reported goes on the event bus like any other change.
+        // What the host reported goes on the event bus like any other change; a pause the
+        // host made on its own is also an action (by the host) for the audit log.
         if let Ok(Some(to)) = &moved {
+            if *to == Paused {
+                let host = EventActor {
+                    kind: "host".into(),
+                    id: host_id.to_string(),
+                    name: host_id.to_string(),
+                };
+                let reason = ev.reason.as_deref().unwrap_or("host_auto_paused");
+                self.events
+                    .action("pause", id, &host, Ok(()), &[("reason", reason)])
+                    .await;
+            }
             self.events
                 .changed(id, row.capsule.status, *to, Some(&ev.event))
                 .await;

@@ -67,6 +67,12 @@ impl StatsService {
 
     /// One sampler tick at `now`: records every team's load, adds its usage, prunes old rows
     /// once an hour.
+    /// Another replica samples from now on: what this one remembers of its last tick must not
+    /// add usage for time the other counted when sampling comes back here.
+    pub async fn stop_sampling(&self) {
+        *self.sampler.lock().await = SamplerState::default();
+    }
+
     pub async fn sample(&self, now: DateTime<Utc>) -> Result<()> {
         let mut st = self.sampler.lock().await;
         let loads = self.store.load_by_team().await?;

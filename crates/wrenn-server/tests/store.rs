@@ -21,7 +21,38 @@ on_both_backends!(
     host_tokens_are_single_use_and_secrets_stable,
     audit_pages_follow_their_cursor_and_filters,
     channels_are_unique_per_team_and_deliveries_idempotent,
+    a_lease_has_one_holder_until_it_expires,
 );
+
+async fn a_lease_has_one_holder_until_it_expires(store: Store) {
+    let t0 = Utc::now();
+    let ttl = Duration::seconds(30);
+    assert!(store.hold_lease("sampler", "cp-a", t0, ttl).await.unwrap());
+    assert!(!store
+        .hold_lease("sampler", "cp-b", t0 + Duration::seconds(10), ttl)
+        .await
+        .unwrap());
+    // The holder renews; the other still waits.
+    assert!(store
+        .hold_lease("sampler", "cp-a", t0 + Duration::seconds(20), ttl)
+        .await
+        .unwrap());
+    assert!(!store
+        .hold_lease("sampler", "cp-b", t0 + Duration::seconds(40), ttl)
+        .await
+        .unwrap());
+    // Another lease is independent.
+    assert!(store.hold_lease("other", "cp-b", t0, ttl).await.unwrap());
+    // Expired (the holder stopped renewing): the other takes it, and the first is refused.
+    assert!(store
+        .hold_lease("sampler", "cp-b", t0 + Duration::seconds(51), ttl)
+        .await
+        .unwrap());
+    assert!(!store
+        .hold_lease("sampler", "cp-a", t0 + Duration::seconds(52), ttl)
+        .await
+        .unwrap());
+}
 
 fn audit_entry(
     id: &str,

@@ -7,6 +7,11 @@
 //! mutual TLS and sends heartbeats. When the control plane refuses its refresh token (revoked,
 //! host deleted) the agent stops with a message saying so; a 404 on a heartbeat (host deleted)
 //! also removes the stored credentials.
+//!
+//! When [`MISSED_BEFORE_PAUSE`] heartbeats in a row cannot reach the control plane, the agent
+//! pauses every running capsule (REFERENCE.md: nothing runs unobserved, and no inactivity
+//! timeout is enforced while the control plane is away); once heartbeats get through again it
+//! reports each as `sandbox.auto_paused`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -22,6 +27,9 @@ use wrenn_agent::CapsuleManager;
 use wrenn_api::{HostTls, RefreshHostTokenResponse, RegisterHostResponse};
 
 use crate::HostArgs;
+
+/// Heartbeats in a row that cannot reach the control plane before capsules are paused.
+const MISSED_BEFORE_PAUSE: u32 = 3;
 
 #[derive(Args)]
 pub struct AgentArgs {
@@ -213,10 +221,14 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let beat_dir = dir.clone();
     let beat_http = http.clone();
     let mut beat_stop = stop_rx.clone();
+    let beat_manager = manager.clone();
     let beater = tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_refresh = std::time::Instant::now();
+        let mut missed = 0u32;
+        // Paused while the control plane was away, not yet reported to it.
+        let mut unreported: Vec<String> = Vec::new();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -237,8 +249,14 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                 .header("X-Host-Token", &creds.token)
                 .send()
                 .await;
+            let reached = matches!(&r, Ok(r) if !r.status().is_server_error());
             match r {
-                Ok(r) if r.status().is_success() => {}
+                Ok(r) if r.status().is_success() => {
+                    if missed >= MISSED_BEFORE_PAUSE {
+                        info!(missed, "control plane reachable again");
+                    }
+                    report_auto_paused(&beat_http, &creds, &mut unreported).await;
+                }
                 Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => {
                     let _ = std::fs::remove_file(credentials_file(&beat_dir));
                     bail!("the control plane deleted this host; its credentials are removed");
@@ -255,6 +273,10 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                 }
                 Ok(r) => warn!(status = %r.status(), "heartbeat failed"),
                 Err(e) => warn!(error = %e, "control plane unreachable"),
+            }
+            missed = if reached { 0 } else { missed + 1 };
+            if missed == MISSED_BEFORE_PAUSE {
+                unreported.extend(pause_all(&beat_manager).await);
             }
         }
     });
@@ -292,4 +314,64 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     }
     let _: Arc<CapsuleManager> = manager;
     outcome
+}
+
+/// Pauses every running capsule; returns those paused.
+async fn pause_all(manager: &CapsuleManager) -> Vec<String> {
+    let running: Vec<String> = manager
+        .list()
+        .await
+        .into_iter()
+        .filter(|c| c.phase == wrenn_agent::Phase::Running)
+        .map(|c| c.id)
+        .collect();
+    if !running.is_empty() {
+        warn!(
+            capsules = running.len(),
+            missed = MISSED_BEFORE_PAUSE,
+            "control plane unreachable: pausing every running capsule"
+        );
+    }
+    let mut paused = Vec::new();
+    for id in running {
+        match manager.pause(&id).await {
+            Ok(()) => {
+                info!(capsule_id = %id, "paused while the control plane is unreachable");
+                paused.push(id);
+            }
+            Err(e) => warn!(capsule_id = %id, error = %e, "pause failed"),
+        }
+    }
+    paused
+}
+
+/// Tells the control plane which capsules were paused while it was away (kept for the next
+/// heartbeat when it cannot be told now).
+async fn report_auto_paused(http: &reqwest::Client, creds: &Credentials, ids: &mut Vec<String>) {
+    let url = format!("{}/v1/hosts/sandbox-events", creds.control_plane);
+    let mut left = Vec::new();
+    for id in ids.drain(..) {
+        let ev = wrenn_api::SandboxEvent {
+            event: "sandbox.auto_paused".into(),
+            sandbox_id: id.clone(),
+            host_id: creds.host_id.clone(),
+            timestamp: Some(chrono::Utc::now().timestamp()),
+            reason: Some("control_plane_unreachable".into()),
+        };
+        match http
+            .post(&url)
+            .header("X-Host-Token", &creds.token)
+            .json(&ev)
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => {}
+            // The capsule is gone from the control plane's view: nothing to tell.
+            Ok(r) if r.status().is_client_error() => {
+                warn!(capsule_id = %id, status = %r.status(), "auto-pause report refused")
+            }
+            _ => left.push(id),
+        }
+    }
+    *ids = left;
 }

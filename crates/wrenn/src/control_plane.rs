@@ -249,13 +249,42 @@ pub async fn run(
         store.clone(),
         std::time::Duration::from_secs(args.stats_interval_sec),
     ));
+    // One replica samples (usage would be counted once per replica otherwise): the one
+    // holding the `stats-sampler` lease, renewed every tick, taken over when it lapses.
     let sampler = stats.clone();
+    let lease_store = store.clone();
+    let replica = replica_id(&data_dir).context("replica id")?;
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(sampler.interval());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let ttl = chrono::Duration::from_std(sampler.interval() * 3)
+            .unwrap_or(chrono::Duration::seconds(30));
+        let mut leading = false;
         loop {
             tick.tick().await;
-            if let Err(e) = sampler.sample(chrono::Utc::now()).await {
+            let now = chrono::Utc::now();
+            match lease_store
+                .hold_lease("stats-sampler", &replica, now, ttl)
+                .await
+            {
+                Ok(held) => {
+                    if held != leading {
+                        info!(replica = %replica, sampling = held, "team stats sampler lease changed");
+                        leading = held;
+                        if !held {
+                            sampler.stop_sampling().await;
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "stats sampler lease unavailable");
+                    continue;
+                }
+            }
+            if !leading {
+                continue;
+            }
+            if let Err(e) = sampler.sample(now).await {
                 tracing::warn!(error = %e.message, "team stats sample failed");
             }
         }
@@ -437,4 +466,19 @@ pub async fn run(
     })
     .await?;
     Ok(embedded)
+}
+
+/// This replica's name in leases: kept in `<data>/replica-id`, so a restarted control plane
+/// takes its own lease back at once instead of waiting for it to lapse.
+fn replica_id(data_dir: &std::path::Path) -> Result<String> {
+    let path = data_dir.join("replica-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_string()),
+        _ => {
+            let id = wrenn_api::id::new_id("cp-");
+            std::fs::write(&path, &id)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            Ok(id)
+        }
+    }
 }

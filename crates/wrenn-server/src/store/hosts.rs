@@ -343,3 +343,29 @@ impl Store {
         )
     }
 }
+
+impl Store {
+    /// Takes or renews the lease `name` for `holder` until `now + ttl`: `true` when `holder`
+    /// holds it now (it was free, expired, or already its own). Jobs that must run in one
+    /// replica only (the stats sampler) run while their replica holds the lease.
+    pub async fn hold_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now: DateTime<Utc>,
+        ttl: chrono::Duration,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "INSERT INTO leases (name, holder, expires_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at \
+             WHERE leases.holder = excluded.holder OR leases.expires_at < $4",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(ts(now + ttl))
+        .bind(ts(now))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
