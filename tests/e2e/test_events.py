@@ -145,7 +145,7 @@ def shared_database():
     subprocess.run(["psql", admin, "-qc", f"DROP DATABASE IF EXISTS {db} WITH (FORCE)"], check=True)
 
 
-def test_two_control_planes_share_events_through_redis(shared_database, receiver):
+def test_two_control_planes_share_events_through_redis(shared_database, receiver, github):
     """Two `wrenn server`s on one database and one Redis: a host's loss is published once (by
     whichever monitor notices first) and reaches the admin streams of both; a channel created
     through one is notified once of events produced on either; each lands once in the audit
@@ -167,6 +167,10 @@ def test_two_control_planes_share_events_through_redis(shared_database, receiver
                 # Replicas share the key that seals channel configs.
                 WRENN_ENCRYPTION_KEY="5e" * 32,
                 WRENN_CHANNEL_ALLOW_PRIVATE_TARGETS="true",
+                WRENN_GITHUB_CLIENT_ID="test-client",
+                WRENN_GITHUB_CLIENT_SECRET="test-secret",
+                WRENN_GITHUB_URL=github.base_url,
+                WRENN_GITHUB_API_URL=github.base_url + "/api",
             )
             log = open(data_dir / "server.log", "w")
             procs.append(subprocess.Popen([wrenn(), "server"], env=env, stdout=log, stderr=subprocess.STDOUT))
@@ -236,6 +240,25 @@ def test_two_control_planes_share_events_through_redis(shared_database, receiver
         assert sorted(actions) == ["create", "marked_down", "marked_up"], actions
         assert all(e["scope"] == "admin" and e["team_id"] is None for e in log if e["resource_id"] == hid)
         beating.set()
+        # An OAuth flow started on one replica finishes on the other (flows live in the
+        # database, not in a replica's memory).
+        import secrets as _secrets
+        import urllib.parse
+
+        github.profiles["code-replicas"] = {"id": 777000 + os.getpid() % 1000, "login": "repl", "name": "Rep Lica", "email": f"repl{_secrets.token_hex(4)}@example.test"}
+        first = Browser(urls[0])
+        r = first.get("/auth/oauth/github")
+        state = urllib.parse.parse_qs(urllib.parse.urlparse(r.headers["location"]).query)["state"][0]
+        second = Browser(urls[1])
+        second.cookies = dict(first.cookies)
+        r = second.get("/auth/oauth/github/callback", params={"code": "code-replicas", "state": state})
+        assert r.status_code in (302, 303, 307) and "error" not in r.headers["location"], r.headers.get("location")
+        assert second.get("/v1/me").json()["name"] == "Rep Lica"
+        # Single use, on either replica.
+        again = Browser(urls[0])
+        again.cookies = dict(first.cookies)
+        r = again.get("/auth/oauth/github/callback", params={"code": "code-replicas", "state": state})
+        assert r.headers["location"].endswith("error=invalid_state")
         # One replica samples team statistics (usage counted once): the lease holder.
         import re
 

@@ -22,7 +22,69 @@ on_both_backends!(
     audit_pages_follow_their_cursor_and_filters,
     channels_are_unique_per_team_and_deliveries_idempotent,
     a_lease_has_one_holder_until_it_expires,
+    oauth_flows_are_single_use_and_bound_to_their_provider,
 );
+
+async fn oauth_flows_are_single_use_and_bound_to_their_provider(store: Store) {
+    let now = Utc::now();
+    let later = now + Duration::minutes(10);
+    store
+        .put_oauth_flow("s1", "github", None, later, now)
+        .await
+        .unwrap();
+    store
+        .put_oauth_flow("s2", "github", Some("usr-1"), later, now)
+        .await
+        .unwrap();
+    assert!(store
+        .take_oauth_flow("s1", "gitlab")
+        .await
+        .unwrap()
+        .is_none());
+    let (user, exp) = store
+        .take_oauth_flow("s1", "github")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (user, exp.timestamp_millis()),
+        (None, later.timestamp_millis())
+    );
+    assert!(
+        store
+            .take_oauth_flow("s1", "github")
+            .await
+            .unwrap()
+            .is_none(),
+        "single use"
+    );
+    let (user, _) = store
+        .take_oauth_flow("s2", "github")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(user.as_deref(), Some("usr-1"));
+    // Expired flows are forgotten when new ones start.
+    store
+        .put_oauth_flow(
+            "old",
+            "github",
+            None,
+            now - Duration::minutes(1),
+            now - Duration::minutes(11),
+        )
+        .await
+        .unwrap();
+    store
+        .put_oauth_flow("s3", "github", None, later, now)
+        .await
+        .unwrap();
+    assert!(store
+        .take_oauth_flow("old", "github")
+        .await
+        .unwrap()
+        .is_none());
+}
 
 async fn a_lease_has_one_holder_until_it_expires(store: Store) {
     let t0 = Utc::now();

@@ -182,7 +182,6 @@ pub struct AccountService {
     config: AccountConfig,
     limits: AuthLimits,
     http: reqwest::Client,
-    oauth_flows: oauth::PendingFlows,
     audit: AuditLog,
 }
 
@@ -324,7 +323,6 @@ impl AccountService {
                 .timeout(std::time::Duration::from_secs(15))
                 .build()
                 .unwrap_or_default(),
-            oauth_flows: Default::default(),
         }
     }
 

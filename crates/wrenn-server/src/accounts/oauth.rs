@@ -2,14 +2,12 @@
 //! signed-in account. The provider's three endpoints come from configuration, so a test (or a
 //! GitHub Enterprise installation) points them elsewhere.
 //!
-//! The state travels in a short-lived cookie and is also remembered server-side (hashed)
-//! with what the flow is for: the session cookie is `SameSite=Strict`, so the browser does not
-//! send it on the provider's redirect back, and "connect" must know the user another way.
+//! The state travels in a short-lived cookie and is also remembered server-side (hashed, in
+//! the database, so any replica can finish the flow) with what the flow is for: the session
+//! cookie is `SameSite=Strict`, so the browser does not send it on the provider's redirect
+//! back, and "connect" must know the user another way.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-
-use chrono::{DateTime, Duration, Utc};
+use chrono::Duration;
 use serde::Deserialize;
 use wrenn_api::id::{new_id, prefix};
 use wrenn_api::{ApiError, ErrorCode, SessionResponse};
@@ -56,28 +54,6 @@ impl ProviderConfig {
 enum Purpose {
     Login,
     Connect { user_id: String },
-}
-
-#[derive(Debug, Clone)]
-struct Pending {
-    purpose: Purpose,
-    expires_at: DateTime<Utc>,
-}
-
-/// Flows started and not yet finished, by SHA-256 of their state.
-#[derive(Default)]
-pub struct PendingFlows(Mutex<HashMap<String, Pending>>);
-
-impl PendingFlows {
-    fn put(&self, state: &str, p: Pending, now: DateTime<Utc>) {
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        m.retain(|_, v| v.expires_at > now);
-        m.insert(sha256_hex(state), p);
-    }
-    fn take(&self, state: &str, now: DateTime<Utc>) -> Option<Pending> {
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        m.remove(&sha256_hex(state)).filter(|p| p.expires_at > now)
-    }
 }
 
 /// A started flow: where to send the browser and the state for its cookie.
@@ -155,18 +131,19 @@ impl AccountService {
         }
     }
 
-    fn start(&self, provider: &str, purpose: Purpose) -> Result<Started, ApiError> {
+    /// Starts a flow. It is recorded in the database (by SHA-256 of its state), so the
+    /// callback may reach any replica; the state also goes into the browser's cookie.
+    async fn start(&self, provider: &str, purpose: Purpose) -> Result<Started, ApiError> {
         let cfg = self.provider(provider)?;
         let state = random_hex(16);
         let now = self.now();
-        self.oauth_flows.put(
-            &state,
-            Pending {
-                purpose,
-                expires_at: now + STATE_TTL,
-            },
-            now,
-        );
+        let user_id = match &purpose {
+            Purpose::Login => None,
+            Purpose::Connect { user_id } => Some(user_id.as_str()),
+        };
+        self.store
+            .put_oauth_flow(&sha256_hex(&state), provider, user_id, now + STATE_TTL, now)
+            .await?;
         let mut url = reqwest::Url::parse(&cfg.authorize_url)
             .map_err(|e| ApiError::internal(format!("bad authorize URL in configuration: {e}")))?;
         url.query_pairs_mut()
@@ -180,11 +157,11 @@ impl AccountService {
         })
     }
 
-    pub fn oauth_login_start(&self, provider: &str) -> Result<Started, ApiError> {
-        self.start(provider, Purpose::Login)
+    pub async fn oauth_login_start(&self, provider: &str) -> Result<Started, ApiError> {
+        self.start(provider, Purpose::Login).await
     }
 
-    pub fn oauth_connect_start(
+    pub async fn oauth_connect_start(
         &self,
         s: &SessionUser,
         provider: &str,
@@ -195,6 +172,7 @@ impl AccountService {
                 user_id: s.user_id.clone(),
             },
         )
+        .await
     }
 
     /// Finishes a flow. `cookie_state` is the state cookie the browser sent back.
@@ -214,7 +192,17 @@ impl AccountService {
         // The state must match the cookie and a flow this server started (single use).
         let pending = match (state, cookie_state) {
             (Some(s), Some(c)) if !s.is_empty() && super::secrets::constant_time_eq(s, c) => {
-                self.oauth_flows.take(s, now)
+                match self.store.take_oauth_flow(&sha256_hex(s), provider).await {
+                    Ok(Some((user_id, expires_at))) if expires_at > now => Some(match user_id {
+                        None => Purpose::Login,
+                        Some(user_id) => Purpose::Connect { user_id },
+                    }),
+                    Ok(_) => None,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "OAuth flow lookup failed");
+                        return Finished::Failed("internal_error");
+                    }
+                }
             }
             _ => None,
         };
@@ -234,10 +222,7 @@ impl AccountService {
                 return Finished::Failed("exchange_failed");
             }
         };
-        match self
-            .complete(provider, identity, pending.purpose, meta)
-            .await
-        {
+        match self.complete(provider, identity, pending, meta).await {
             Ok(f) => f,
             Err(e) => {
                 tracing::error!(provider, error = %e, "OAuth completion failed");

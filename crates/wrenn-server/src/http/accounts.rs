@@ -238,7 +238,7 @@ pub async fn connect_provider(
     SessionAuth(u): SessionAuth,
     Path(provider): Path<String>,
 ) -> Result<Response> {
-    let started = s.accounts.oauth_connect_start(&u, &provider)?;
+    let started = s.accounts.oauth_connect_start(&u, &provider).await?;
     Ok((
         AppendHeaders([state_cookie(&started.state, s.accounts.secure_cookies())]),
         Json(AuthUrlResponse {
@@ -261,7 +261,7 @@ pub async fn oauth_redirect(
     State(s): State<AppState>,
     Path(provider): Path<String>,
 ) -> Result<Response> {
-    let started = s.accounts.oauth_login_start(&provider)?;
+    let started = s.accounts.oauth_login_start(&provider).await?;
     Ok((
         AppendHeaders([state_cookie(&started.state, s.accounts.secure_cookies())]),
         Redirect::to(&started.auth_url),

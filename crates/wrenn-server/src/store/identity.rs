@@ -1124,3 +1124,54 @@ async fn soft_delete_team_in(tx: &mut Tx<'_>, id: &str, now: DateTime<Utc>) -> R
     }
     Ok(done.rows_affected() == 1)
 }
+
+impl Store {
+    /// Records a started OAuth flow (and forgets expired ones).
+    pub async fn put_oauth_flow(
+        &self,
+        state_hash: &str,
+        provider: &str,
+        user_id: Option<&str>,
+        expires_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        sqlx::query("DELETE FROM oauth_flows WHERE expires_at < $1")
+            .bind(ts(now))
+            .execute(&self.pool)
+            .await?;
+        sqlx::query(
+            "INSERT INTO oauth_flows (state_hash, provider, user_id, expires_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(state_hash)
+        .bind(provider)
+        .bind(user_id)
+        .bind(ts(expires_at))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Consumes a flow (single use): its user (connect flows) and expiry, if it exists for
+    /// `provider`.
+    #[allow(clippy::type_complexity)]
+    pub async fn take_oauth_flow(
+        &self,
+        state_hash: &str,
+        provider: &str,
+    ) -> Result<Option<(Option<String>, DateTime<Utc>)>> {
+        let row = sqlx::query(
+            "DELETE FROM oauth_flows WHERE state_hash = $1 AND provider = $2 RETURNING user_id, expires_at",
+        )
+        .bind(state_hash)
+        .bind(provider)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(r) => Ok(Some((
+                r.try_get(0)?,
+                parse_ts(&r.try_get::<String, _>(1)?)?,
+            ))),
+            None => Ok(None),
+        }
+    }
+}
