@@ -229,19 +229,11 @@ impl Store {
         &self,
         token_hash: &str,
     ) -> Result<Option<(String, DateTime<Utc>)>> {
-        let row = sqlx::query(
+        self.consume_owned(
             "DELETE FROM host_tokens WHERE token_hash = $1 AND kind = 'registration' RETURNING host_id, expires_at",
+            &[token_hash],
         )
-        .bind(token_hash)
-        .fetch_optional(&self.pool)
-        .await?;
-        match row {
-            Some(r) => Ok(Some((
-                r.try_get(0)?,
-                parse_ts(&r.try_get::<String, _>(1)?)?,
-            ))),
-            None => Ok(None),
-        }
+        .await
     }
 
     /// Revokes a refresh token that is live; returns its host. Of two concurrent uses one wins.

@@ -490,20 +490,11 @@ impl Store {
         token_hash: &str,
         purpose: &str,
     ) -> Result<Option<(String, DateTime<Utc>)>> {
-        let row = sqlx::query(
+        self.consume_owned(
             "DELETE FROM user_tokens WHERE token_hash = $1 AND purpose = $2 RETURNING user_id, expires_at",
+            &[token_hash, purpose],
         )
-        .bind(token_hash)
-        .bind(purpose)
-        .fetch_optional(&self.pool)
-        .await?;
-        match row {
-            Some(r) => Ok(Some((
-                r.try_get(0)?,
-                parse_ts(&r.try_get::<String, _>(1)?)?,
-            ))),
-            None => Ok(None),
-        }
+        .await
     }
 
     /// Activates an inactive user and creates their first team (owner), in one transaction.
@@ -1159,19 +1150,10 @@ impl Store {
         state_hash: &str,
         provider: &str,
     ) -> Result<Option<(Option<String>, DateTime<Utc>)>> {
-        let row = sqlx::query(
+        self.consume(
             "DELETE FROM oauth_flows WHERE state_hash = $1 AND provider = $2 RETURNING user_id, expires_at",
+            &[state_hash, provider],
         )
-        .bind(state_hash)
-        .bind(provider)
-        .fetch_optional(&self.pool)
-        .await?;
-        match row {
-            Some(r) => Ok(Some((
-                r.try_get(0)?,
-                parse_ts(&r.try_get::<String, _>(1)?)?,
-            ))),
-            None => Ok(None),
-        }
+        .await
     }
 }

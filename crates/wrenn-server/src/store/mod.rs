@@ -136,6 +136,41 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Runs a `DELETE … RETURNING <owner>, expires_at` that consumes a one-time row
+    /// atomically (of two concurrent uses, one gets it): the owner column (possibly NULL) and
+    /// the expiry, for the caller to judge.
+    async fn consume(
+        &self,
+        sql: &str,
+        binds: &[&str],
+    ) -> Result<Option<(Option<String>, DateTime<Utc>)>> {
+        let mut q = sqlx::query(sql);
+        for b in binds {
+            q = q.bind(*b);
+        }
+        match q.fetch_optional(&self.pool).await? {
+            Some(r) => Ok(Some((
+                sqlx::Row::try_get(&r, 0)?,
+                parse_ts(&sqlx::Row::try_get::<String, _>(&r, 1)?)?,
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    /// [`Store::consume`] for rows whose owner is never NULL.
+    async fn consume_owned(
+        &self,
+        sql: &str,
+        binds: &[&str],
+    ) -> Result<Option<(String, DateTime<Utc>)>> {
+        Ok(self
+            .consume(sql, binds)
+            .await?
+            .and_then(|(owner, exp)| owner.map(|o| (o, exp))))
+    }
+}
+
 /// Timestamps are stored as RFC 3339 UTC text with millisecond precision.
 pub fn ts(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
