@@ -53,6 +53,35 @@ impl Emitter {
         self.bus.publish(ev);
     }
 
+    /// A capsule event, carrying the capsule as it is now and its team.
+    async fn about_capsule(
+        &self,
+        event: String,
+        id: &str,
+        actor: EventActor,
+        outcome: Option<std::result::Result<(), String>>,
+        metadata: std::collections::BTreeMap<String, String>,
+    ) {
+        let row = self.store.capsule(id).await.ok().flatten();
+        self.emit(Event {
+            event,
+            outcome: outcome
+                .as_ref()
+                .map(|o| if o.is_ok() { "success" } else { "error" }.into()),
+            resource: EventResource {
+                id: id.to_string(),
+                kind: "capsule".into(),
+            },
+            actor,
+            metadata,
+            error: outcome.and_then(|o| o.err()),
+            team_id: row.as_ref().map(|r| r.team_id.clone()),
+            sandbox: row.map(|r| r.capsule),
+            timestamp: chrono::Utc::now(),
+        })
+        .await;
+    }
+
     /// `capsule.<action>` with its outcome (`Err` carries the error).
     pub async fn action(
         &self,
@@ -62,24 +91,17 @@ impl Emitter {
         outcome: std::result::Result<(), String>,
         metadata: &[(&str, &str)],
     ) {
-        let row = self.store.capsule(id).await.ok().flatten();
-        self.emit(Event {
-            event: format!("capsule.{action}"),
-            outcome: Some(if outcome.is_ok() { "success" } else { "error" }.into()),
-            resource: EventResource {
-                id: id.to_string(),
-                kind: "capsule".into(),
-            },
-            actor: actor.clone(),
-            metadata: metadata
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            error: outcome.err(),
-            team_id: row.as_ref().map(|r| r.team_id.clone()),
-            sandbox: row.map(|r| r.capsule),
-            timestamp: chrono::Utc::now(),
-        })
+        let metadata = metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.about_capsule(
+            format!("capsule.{action}"),
+            id,
+            actor.clone(),
+            Some(outcome),
+            metadata,
+        )
         .await;
     }
 
@@ -102,7 +124,6 @@ impl Emitter {
         to: CapsuleStatus,
         reason: Option<&str>,
     ) {
-        let row = self.store.capsule(id).await.ok().flatten();
         let mut metadata: std::collections::BTreeMap<String, String> =
             [("from", from.as_str()), ("to", to.as_str())]
                 .iter()
@@ -111,20 +132,13 @@ impl Emitter {
         if let Some(r) = reason {
             metadata.insert("reason".into(), r.into());
         }
-        self.emit(Event {
-            event: "capsule.state.changed".into(),
-            outcome: None,
-            resource: EventResource {
-                id: id.to_string(),
-                kind: "capsule".into(),
-            },
-            actor: EventActor::system("wrenn"),
+        self.about_capsule(
+            "capsule.state.changed".into(),
+            id,
+            EventActor::system("wrenn"),
+            None,
             metadata,
-            error: None,
-            team_id: row.as_ref().map(|r| r.team_id.clone()),
-            sandbox: row.map(|r| r.capsule),
-            timestamp: chrono::Utc::now(),
-        })
+        )
         .await;
     }
 
