@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Benchmark: exec round trip of `true` through the REST API vs calling envd directly.
 
-    sudo python3 bench/exec_roundtrip.py [--runs N]
+    sudo python3 -m bench.exec_roundtrip [--runs N] [--capsules C] [--seconds S]     (from the repository root)
 
 Starts its own `wrenn up`, creates one capsule, then interleaves N foreground execs of `true`
 through POST /v1/capsules/{id}/exec with N direct envd exec requests (same frame protocol the
@@ -16,51 +15,18 @@ trip is the guest forking `true`, which all sides pay alike.
 
 import argparse
 import json
-import os
 import shutil
-import signal
 import socket
 import statistics
-import struct
-import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import httpx  # noqa: E402
-from create_to_exec import start_platform  # noqa: E402
+import httpx
 
-
-def frame(obj):
-    body = json.dumps(obj).encode()
-    return struct.pack(">BI", 1, len(body)) + body
-
-
-def read_frame(sock):
-    head = b""
-    while len(head) < 5:
-        chunk = sock.recv(5 - len(head))
-        if not chunk:
-            raise EOFError
-        head += chunk
-    kind, n = struct.unpack(">BI", head)
-    body = b""
-    while len(body) < n:
-        body += sock.recv(n - len(body))
-    return kind, body
-
-
-def envd_exec(host_ip):
-    s = socket.create_connection((host_ip, 49983))
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    s.sendall(frame({"op": "exec", "cmd": "true", "timeout_ms": 30000}))
-    while True:
-        kind, body = read_frame(s)
-        if kind == 1 and json.loads(body).get("type") == "exit":
-            break
-    s.close()
+from tests.support.envd import envd_exec
+from tests.support.platform import start_bench_platform, stop_platform
+from tests.support.waits import wait_status
 
 
 class RawHttp:
@@ -96,26 +62,20 @@ def pct(xs, p):
 
 
 def wait_running(api, cid):
-    deadline = time.time() + 60
-    while True:
-        c = api.get(f"/v1/capsules/{cid}").json()
-        if c["status"] == "running":
-            return c
-        if c["status"] == "error" or time.time() > deadline:
-            raise SystemExit(f"capsule {cid} did not start: {c['status']}")
-        time.sleep(0.1)
+    return wait_status(api, cid, "running", timeout=60, interval=0.1, fail_on={"error"})
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="python3 -m bench.exec_roundtrip")
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--capsules", type=int, default=10)
     ap.add_argument("--seconds", type=float, default=10)
     args = ap.parse_args()
     data_dir = tempfile.mkdtemp(prefix="wrenn-bench-")
-    proc, base_url, key = start_platform(data_dir)
+    wrenn_up = start_bench_platform(data_dir)
+    base_url, key = wrenn_up.base_url, wrenn_up.api_key
     try:
-        api = httpx.Client(base_url=base_url, headers={"X-API-Key": key}, timeout=60)
+        api = wrenn_up.client(timeout=60)
         cap = wait_running(api, api.post("/v1/capsules", json={}).json()["id"])
         for _ in range(10):  # warm both paths
             api.post(f"/v1/capsules/{cap['id']}/exec", json={"cmd": "true", "args": []})
@@ -171,9 +131,10 @@ def main():
         for cid in ids:
             api.delete(f"/v1/capsules/{cid}")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
-        shutil.rmtree(data_dir, ignore_errors=True)
+        try:
+            stop_platform(wrenn_up, timeout=120)
+        finally:
+            shutil.rmtree(data_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

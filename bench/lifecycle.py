@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Benchmark: the capsule lifecycle against raw QEMU doing the same step, in one run.
 
-    sudo python3 bench/lifecycle.py [--runs N]
+    sudo python3 -m bench.lifecycle [--runs N]     (from the repository root)
 
 For each run, on the platform (its own `wrenn up`, temporary data dir, shared image cache):
 create → first exec answered; pause → `paused`; resume → first exec answered; the idle
@@ -18,62 +17,19 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from create_to_exec import (  # noqa: E402
-    EnvdProbe, RAW_NICE, RAW_NS, ROOT, qemu_cmdline, rewrite, setup_raw_netns, sh, start_platform, teardown_raw_netns,
+from tests.support.envd import EnvdProbe
+from tests.support.platform import images_dir, start_bench_platform, stop_platform
+from tests.support.qemu import (
+    RAW_NICE, RAW_NS, qemu_cmdline, rewrite, setup_raw_netns, sh, teardown_raw_netns, vmm_processes,
 )
-
-import httpx  # noqa: E402
-
-
-class Qmp:
-    def __init__(self, path, timeout=30):
-        deadline = time.time() + timeout
-        while True:
-            try:
-                self.s = socket.socket(socket.AF_UNIX)
-                self.s.connect(str(path))
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.005)
-        self.f = self.s.makefile("rw")
-        json.loads(self.f.readline())
-        self.cmd("qmp_capabilities")
-
-    def cmd(self, execute, **arguments):
-        msg = {"execute": execute}
-        if arguments:
-            msg["arguments"] = arguments
-        self.f.write(json.dumps(msg) + "\n")
-        self.f.flush()
-        while True:
-            m = json.loads(self.f.readline())
-            if "return" in m:
-                return m["return"]
-            if "error" in m:
-                raise RuntimeError(f"{execute}: {m['error']}")
-
-    def wait_migration(self):
-        while True:
-            st = self.cmd("query-migrate").get("status")
-            if st == "completed":
-                return
-            if st in ("failed", "cancelled"):
-                raise RuntimeError("migration " + st)
-            time.sleep(0.005)
-
-    def close(self):
-        self.s.close()
+from tests.support.qmp import Qmp
+from tests.support.waits import wait_status
 
 
 def spawn(args):
@@ -107,7 +63,7 @@ def raw_cycle(cmdline, snap_dir, work):
     out = {}
     # 1. restore from the template snapshot
     args = rewrite(cmdline, work, disk, f"memory-backend-file,id=mem,size={mem_mb}M,mem-path={snap_dir / 'ram'},share=off")
-    probe = EnvdProbe()
+    probe = EnvdProbe(RAW_NS)
     t0 = time.perf_counter()
     proc = spawn(args)
     q = Qmp(work / "raw.qmp")
@@ -134,7 +90,7 @@ def raw_cycle(cmdline, snap_dir, work):
     q.close()
     # 3. restore the save
     args = rewrite(cmdline, work, disk, f"memory-backend-ram,id=mem,size={mem_mb}M")
-    probe = EnvdProbe()
+    probe = EnvdProbe(RAW_NS)
     t0 = time.perf_counter()
     proc = spawn(args)
     q = Qmp(work / "raw.qmp")
@@ -148,16 +104,6 @@ def raw_cycle(cmdline, snap_dir, work):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return out
-
-
-def wait_status(api, cid, target):
-    while True:
-        s = api.get(f"/v1/capsules/{cid}").json()["status"]
-        if s == target:
-            return
-        if s == "error":
-            raise SystemExit(f"capsule {cid} failed")
-        time.sleep(0.01)
 
 
 def first_exec(api, cid):
@@ -179,12 +125,11 @@ def platform_cycle(api, snapshot):
     out["create"] = time.perf_counter() - t0
     cmdline = qemu_cmdline(cid)
     time.sleep(2)
-    pid = next(int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit()
-               and cid.encode() in (d / "cmdline").read_bytes() and b"qemu-system" in (d / "cmdline").read_bytes())
+    pid = vmm_processes(cid)[0]
     out["mem"] = memory_kib(pid)
     t0 = time.perf_counter()
     assert api.post(f"/v1/capsules/{cid}/pause").status_code == 202
-    wait_status(api, cid, "paused")
+    wait_status(api, cid, "paused", timeout=None, interval=0.01, fail_on={"error"})
     out["pause"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     assert api.post(f"/v1/capsules/{cid}/resume").status_code == 202
@@ -195,14 +140,14 @@ def platform_cycle(api, snapshot):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="python3 -m bench.lifecycle")
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
     data_dir = tempfile.mkdtemp(prefix="wrenn-bench-")
     work = Path(data_dir)
-    proc, base_url, key = start_platform(data_dir)
+    wrenn_up = start_bench_platform(data_dir)
     try:
-        api = httpx.Client(base_url=base_url, headers={"X-API-Key": key}, timeout=120)
+        api = wrenn_up.client(timeout=120)
         # The first create makes the template snapshot; it is not what is measured.
         warm = api.post("/v1/capsules", json={}).json()["id"]
         first_exec(api, warm)
@@ -214,7 +159,7 @@ def main():
         cid = api.post("/v1/capsules", json={"template": "bench-snapshot"}).json()["id"]
         first_exec(api, cid)
         api.delete(f"/v1/capsules/{cid}")
-        images = Path(os.environ.get("WRENN_IMAGES_DIR", str(ROOT / "target/wrenn-images")))
+        images = images_dir()
         setup_raw_netns()
         plat, raw = [], []
         for _ in range(args.runs):  # interleaved, so load drift hits both alike
@@ -238,9 +183,10 @@ def main():
             print(f"idle {k}  platform {pm/1024:6.1f} MiB raw {rm/1024:6.1f} MiB ratio {pm/rm:.3f}  (goal <= 1.2)")
     finally:
         teardown_raw_netns()
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-        shutil.rmtree(data_dir, ignore_errors=True)
+        try:
+            stop_platform(wrenn_up, timeout=60)
+        finally:
+            shutil.rmtree(data_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Benchmark: event fan-out to many SSE clients.
 
-    sudo python3 bench/sse_fanout.py [--clients N] [--cycles K]
+    sudo python3 -m bench.sse_fanout [--clients N] [--cycles K]     (from the repository root)
 
 Starts its own `wrenn up`, opens N concurrent `GET /v1/events/stream` connections (raw sockets,
 one asyncio loop), creates one capsule and pauses/resumes it K times. Every client must receive
@@ -17,10 +16,8 @@ The client side is one Python process on the same two cores: its own work is inc
 import argparse
 import asyncio
 import json
-import os
 import resource
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -28,9 +25,10 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import httpx  # noqa: E402
-from create_to_exec import start_platform  # noqa: E402
+import httpx
+
+from tests.support.platform import start_bench_platform, stop_platform
+from tests.support.waits import wait_status
 
 
 def rss_kib(pid):
@@ -105,16 +103,6 @@ class Client:
             self.seen += 1
 
 
-def wait_status(api, cid, want, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        s = api.get(f"/v1/capsules/{cid}").json()["status"]
-        if s == want:
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"{cid} never reached {want}")
-
-
 async def measure(base_url, key, n_clients, cycles, pid):
     api = httpx.Client(base_url=base_url, headers={"X-API-Key": key}, timeout=120)
     # Counted: the capsule's events published after `since` (the pause/resume cycles).
@@ -140,14 +128,14 @@ async def measure(base_url, key, n_clients, cycles, pid):
         r = api.post("/v1/capsules", json={"timeout_sec": 600})
         r.raise_for_status()
         cid = r.json()["id"]
-        wait_status(api, cid, "running")
+        wait_status(api, cid, "running", timeout=120, interval=0.05)
         time.sleep(0.5)
         current["id"], current["since"] = cid, time.time()
         for _ in range(cycles):
             api.post(f"/v1/capsules/{cid}/pause").raise_for_status()
-            wait_status(api, cid, "paused")
+            wait_status(api, cid, "paused", timeout=120, interval=0.05)
             api.post(f"/v1/capsules/{cid}/resume").raise_for_status()
-            wait_status(api, cid, "running")
+            wait_status(api, cid, "running", timeout=120, interval=0.05)
         time.sleep(2)
         current["id"] = None
         api.delete(f"/v1/capsules/{cid}")
@@ -174,7 +162,7 @@ async def measure(base_url, key, n_clients, cycles, pid):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="python3 -m bench.sse_fanout")
     ap.add_argument("--clients", type=int, default=1000)
     ap.add_argument("--cycles", type=int, default=5)
     args = ap.parse_args()
@@ -182,14 +170,15 @@ def main():
     want = max(soft, min(hard, 4 * args.clients + 1024))
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))  # the platform inherits it
     data_dir = tempfile.mkdtemp(prefix="wrenn-bench-sse-")
-    proc, base_url, key = start_platform(data_dir)
+    wrenn_up = start_bench_platform(data_dir)
     try:
-        base = asyncio.run(measure(base_url, key, 1, args.cycles, proc.pid))
-        many = asyncio.run(measure(base_url, key, args.clients, args.cycles, proc.pid))
+        base = asyncio.run(measure(wrenn_up.base_url, wrenn_up.api_key, 1, args.cycles, wrenn_up.proc.pid))
+        many = asyncio.run(measure(wrenn_up.base_url, wrenn_up.api_key, args.clients, args.cycles, wrenn_up.proc.pid))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
-        shutil.rmtree(data_dir, ignore_errors=True)
+        try:
+            stop_platform(wrenn_up, timeout=120)
+        finally:
+            shutil.rmtree(data_dir, ignore_errors=True)
     for name, r in (("1 client (baseline)", base), (f"{args.clients} clients", many)):
         print(f"{name}: {r['deliveries']} deliveries ({r['events_per_client_min']}-{r['events_per_client_max']} events per client), "
               f"fan-out p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, max {r['max_ms']:.1f} ms")

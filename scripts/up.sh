@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ $EUID -eq 0 ]] || { echo "run as root (network namespaces and VMs need it): sudo $0" >&2; exit 1; }
+source scripts/lib.sh
+ensure_cargo  # sudo hides the invoking user's rustup: find it (exported to the steps below)
 scripts/install-deps.sh
 scripts/build.sh
 exec target/release/wrenn up "$@"

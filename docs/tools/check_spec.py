@@ -2,6 +2,7 @@
 """Check docs/openapi.yaml against the collapsed seed spec it was expanded from.
 
 Usage: python3 docs/tools/check_spec.py [SEED_TXT] [OPENAPI_YAML]
+       (defaults: docs/spec/seed-openapi.txt, docs/openapi.yaml)
 
 Checks (all must pass, exit status 1 otherwise):
   1. openapi-spec-validator accepts the document (OpenAPI 3.1).
@@ -27,8 +28,9 @@ import sys
 import yaml
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_SEED = os.path.normpath(os.path.join(HERE, '..', '..', '..', 'shared', 'spec',
-                                             '000_7512e3e628ffec31.txt'))
+# The seed spec as it was given (one line: every newline and indentation run collapsed to a
+# single space), kept byte for byte.
+DEFAULT_SEED = os.path.normpath(os.path.join(HERE, '..', 'spec', 'seed-openapi.txt'))
 DEFAULT_YAML = os.path.normpath(os.path.join(HERE, '..', 'openapi.yaml'))
 METHODS = ('get', 'put', 'post', 'delete', 'patch', 'options', 'head', 'trace')
 

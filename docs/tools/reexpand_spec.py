@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Re-expand the seed OpenAPI spec whose line breaks were lost.
 
-Input : ../shared/spec/000_7512e3e628ffec31.txt  (one line; every newline and
+Input : docs/spec/seed-openapi.txt  (one line; every newline and
         indentation run collapsed to a single space)
 Output: docs/openapi.yaml
 
@@ -69,8 +69,7 @@ import textwrap
 import yaml
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_IN = os.path.normpath(os.path.join(HERE, '..', '..', '..', 'shared', 'spec',
-                                           '000_7512e3e628ffec31.txt'))
+DEFAULT_IN = os.path.normpath(os.path.join(HERE, '..', 'spec', 'seed-openapi.txt'))
 DEFAULT_OUT = os.path.normpath(os.path.join(HERE, '..', 'openapi.yaml'))
 
 # ---------------------------------------------------------------- types ----

@@ -10,7 +10,8 @@ import httpx
 import httpx_ws
 import pytest
 
-from conftest import Browser, admin_browser, new_user, wait_status
+from conftest import Browser, admin_browser, new_user
+from tests.support.waits import wait_status
 
 
 def err(r, status, code):

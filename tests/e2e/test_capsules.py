@@ -7,7 +7,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from conftest import slot_namespaces, vmm_processes, wait_status
+from tests.support.platform import slot_namespaces
+from tests.support.qemu import vmm_processes
+from tests.support.waits import wait_status
 
 CAPSULE_FIELDS = {
     "id", "status", "template", "vcpus", "memory_mb", "timeout_sec", "guest_ip", "host_ip",

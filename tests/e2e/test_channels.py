@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from conftest import admin_browser, new_user, wait_status
+from conftest import admin_browser, new_user
+from tests.support.waits import wait_status
 
 ALL_EVENTS = [
     "capsule.create",
@@ -34,7 +35,9 @@ def error_code(r):
 
 
 def verify(req, secret):
-    """The receiver's side of the webhook contract (REFERENCE.md)."""
+    """The receiver's side of the webhook contract: `X-Wrenn-Signature` is `sha256=` and the hex
+    HMAC-SHA256, under the channel's secret, of `X-Wrenn-Timestamp` (RFC 3339 UTC), "." and the
+    body; `X-Wrenn-Delivery` is a UUID; the body is the event's JSON."""
     h = req["headers"]
     ts = h["x-wrenn-timestamp"]
     want = "sha256=" + hmac.new(secret.encode(), ts.encode() + b"." + req["body"], hashlib.sha256).hexdigest()

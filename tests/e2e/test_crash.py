@@ -2,39 +2,21 @@
 create, pause, resume and snapshot: after a restart every capsule is in a truthful state, no
 user data is lost, and once everything is destroyed nothing is left behind."""
 
-import os
 import signal
 import time
 
 import httpx
 
-from conftest import start_platform, stop_platform, vmm_processes
+from tests.support.platform import slot_namespaces, start_platform, stop_platform
+from tests.support.qemu import vmm_processes
+from tests.support.waits import wait_status
 
 CRASH_SLOT_BASE = "10.201.110.0"
 
 
-def namespaces_in(slot_base, count=64):
-    a, b, c, d = (int(x) for x in slot_base.split("."))
-    first = (((a << 24) | (b << 16) | (c << 8) | d) >> 2) & 0xFFFFF
-    try:
-        names = os.listdir("/run/netns")
-    except FileNotFoundError:
-        return []
-    return [n for n in names if n.startswith("wrenn-s") and n[7:].isdigit() and 0 <= int(n[7:]) - first < count]
-
-
-def status(c, cid):
-    return c.get(f"/v1/capsules/{cid}").json()["status"]
-
-
 def wait_for(c, cid, targets, timeout=90):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        s = status(c, cid)
-        if s in targets:
-            return s
-        time.sleep(0.1)
-    raise AssertionError(f"{cid} stuck in {s}")
+    """The status of capsule `cid` once it is one of `targets`."""
+    return wait_status(c, cid, targets, timeout=timeout, interval=0.1)["status"]
 
 
 def exec_ok(c, cid, cmd):
@@ -115,4 +97,4 @@ def test_kill_9_during_create_pause_resume_and_snapshot():
         c.close()
     finally:
         stop_platform(p)
-    assert namespaces_in(CRASH_SLOT_BASE) == [], "network namespaces left behind"
+    assert slot_namespaces(CRASH_SLOT_BASE) == [], "network namespaces left behind"

@@ -14,7 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ROOT, Browser, admin_browser, free_port, wait_status
+from conftest import Browser, admin_browser
+from tests.support.platform import free_port, wait_serving, wrenn_bin
+from tests.support.waits import wait_status
 
 
 class Reader:
@@ -97,6 +99,8 @@ def test_capsule_events_reach_their_team_and_admins_only(platform, api):
     wait_status(api, cid, {"stopped"})
 
     mine.wait(lambda n, d: n == "capsule.destroy" and d["resource"]["id"] == cid)
+    # The state change is published right after the action: wait for it too.
+    mine.wait(lambda n, d: n == "capsule.state.changed" and d["resource"]["id"] == cid and d["metadata"]["to"] == "stopped")
     got = [(n, d) for n, d in mine.events() if about(cid)(n, d)]
     names = [n for n, _ in got]
     for want in ("capsule.create", "capsule.pause", "capsule.resume", "capsule.destroy"):
@@ -132,7 +136,7 @@ def test_capsule_events_reach_their_team_and_admins_only(platform, api):
 
 
 def wrenn():
-    return str(Path(os.environ.get("WRENN_BIN", ROOT / "target/debug/wrenn")))
+    return str(wrenn_bin())
 
 
 @pytest.fixture
@@ -175,15 +179,7 @@ def test_two_control_planes_share_events_through_redis(shared_database, receiver
             log = open(data_dir / "server.log", "w")
             procs.append(subprocess.Popen([wrenn(), "server"], env=env, stdout=log, stderr=subprocess.STDOUT))
             urls.append(f"http://127.0.0.1:{port}")
-            deadline = time.time() + 60
-            while True:
-                try:
-                    httpx.get(urls[-1] + "/openapi.yaml", timeout=1)
-                    break
-                except httpx.HTTPError:
-                    assert procs[-1].poll() is None, (data_dir / "server.log").read_text()[-3000:]
-                    assert time.time() < deadline
-                    time.sleep(0.2)
+            wait_serving(urls[-1], procs[-1], data_dir / "server.log", timeout=60, what="wrenn server")
         admins = []
         for u in urls:
             b = Browser(u)

@@ -172,7 +172,8 @@ def test_reconciler_destroys_vms_no_capsule_owns(platform, api):
     orphan: the periodic reconciler destroys it."""
     import sqlite3
 
-    from conftest import vmm_processes, wait_status
+    from tests.support.qemu import vmm_processes
+    from tests.support.waits import wait_status
 
     r = api.post("/v1/capsules", json={})
     cid = r.json()["id"]

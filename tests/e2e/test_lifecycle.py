@@ -8,7 +8,9 @@ import time
 import httpx_ws
 from wrenn import Capsule
 
-from conftest import slot_namespaces, vmm_processes, wait_status
+from tests.support.platform import slot_namespaces
+from tests.support.qemu import vmm_processes
+from tests.support.waits import wait_status
 from test_capsules import assert_error
 from test_pty import read_until
 

@@ -1,7 +1,8 @@
-"""User code cannot cut the platform off from its capsule (DESIGN.md §3, ARCHITECTURE.md).
+"""User code cannot cut the platform off from its capsule (ARCHITECTURE.md).
 
-The guest's platform interface is guarded by envd (put back within a second) and reachable over
-a serial lifeline that does not depend on the guest network at all.
+The host reaches envd over TCP on the guest network, which code in the guest can take down. So
+the guest's platform interface is guarded by envd (put back within a second) and reachable over
+a serial lifeline (a virtio-serial port) that does not depend on the guest network at all.
 """
 
 import hashlib

@@ -18,8 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ROOT, Browser, free_port, vmm_processes
-from test_crash import namespaces_in
+from conftest import Browser
+from tests.support.platform import envd_bin, free_port, images_dir, slot_namespaces, wait_serving, wrenn_bin
+from tests.support.qemu import vmm_processes
+from tests.support.waits import wait_status
 
 SLOTS = {"a": "10.201.130.0", "b": "10.201.140.0"}
 INTERVAL = "2"
@@ -29,15 +31,15 @@ def env_base(data_dir):
     return dict(
         os.environ,
         WRENN_DATA_DIR=str(data_dir),
-        WRENN_IMAGES_DIR=os.environ.get("WRENN_IMAGES_DIR", str(ROOT / "target/wrenn-images")),
-        WRENN_ENVD=os.environ.get("WRENN_ENVD", str(ROOT / "target/x86_64-unknown-linux-gnu/release/envd")),
+        WRENN_IMAGES_DIR=str(images_dir()),
+        WRENN_ENVD=str(envd_bin()),
         WRENN_HEARTBEAT_INTERVAL_SEC=INTERVAL,
         RUST_LOG=os.environ.get("RUST_LOG", "info"),
     )
 
 
 def wrenn():
-    return str(Path(os.environ.get("WRENN_BIN", ROOT / "target/debug/wrenn")))
+    return str(wrenn_bin())
 
 
 def wait_log(path, pattern, proc, timeout=600):
@@ -115,15 +117,7 @@ def cluster():
     def restart_cp():
         """Starts the control plane again on the same data dir and port (after a test stopped it)."""
         state["cp"] = subprocess.Popen([wrenn(), "server"], env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 60
-        while True:
-            try:
-                httpx.get(url + "/openapi.yaml", timeout=1)
-                return
-            except httpx.HTTPError:
-                assert state["cp"].poll() is None, log_path.read_text()[-3000:]
-                assert time.time() < deadline, "the control plane did not come back"
-                time.sleep(0.2)
+        wait_serving(url, state["cp"], log_path, timeout=60, what="the restarted control plane")
 
     state["restart_cp"] = restart_cp
     yield state
@@ -136,7 +130,7 @@ def cluster():
     for a in agents:
         assert vmm_processes(str(a.data_dir)) == [], f"VMs of agent {a.name} left running"
     for base in SLOTS.values():
-        assert namespaces_in(base, 16) == [], "network namespaces left behind"
+        assert slot_namespaces(base, 16) == [], "network namespaces left behind"
 
 
 def wait_host(admin, hid, status, timeout=60):
@@ -150,13 +144,7 @@ def wait_host(admin, hid, status, timeout=60):
 
 
 def wait_capsule(c, cid, targets, timeout=90):
-    deadline = time.time() + timeout
-    while True:
-        s = c.get(f"/v1/capsules/{cid}").json()["status"]
-        if s in targets:
-            return s
-        assert time.time() < deadline, f"capsule {cid} stayed {s}"
-        time.sleep(0.3)
+    return wait_status(c, cid, targets, timeout=timeout, interval=0.3)["status"]
 
 
 def test_two_agents_one_control_plane(cluster):
@@ -291,8 +279,8 @@ def test_two_agents_one_control_plane(cluster):
 
 
 def test_an_agent_pauses_its_capsules_while_the_control_plane_is_away(cluster):
-    """REFERENCE.md: after 3 heartbeats that cannot reach the control plane the agent pauses
-    every running capsule (nothing runs unobserved); when the control plane is back the
+    """After 3 consecutive heartbeats that cannot reach the control plane the agent pauses
+    every running capsule, so nothing runs unobserved; when the control plane is back the
     capsules are `paused`, and resume with everything they held."""
     url, admin = cluster["url"], cluster["admin"]
     c = httpx.Client(base_url=url, headers={"X-API-Key": cluster["key"]}, timeout=120)

@@ -10,8 +10,8 @@ import uuid
 
 import pytest
 
-from conftest import start_platform, stop_platform
-from test_crash import namespaces_in, wait_for, exec_ok
+from test_crash import exec_ok, wait_for
+from tests.support.platform import slot_namespaces, start_platform, stop_platform
 
 PG_SLOT_BASE = "10.201.120.0"
 ADMIN_URL = os.environ.get("WRENN_TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/postgres")
@@ -97,4 +97,4 @@ def test_platform_on_postgres(database):
     finally:
         if p.proc.poll() is None:
             stop_platform(p)
-    assert namespaces_in(PG_SLOT_BASE) == []
+    assert slot_namespaces(PG_SLOT_BASE) == []

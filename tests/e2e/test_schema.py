@@ -1,16 +1,23 @@
 """Schemathesis against the running server for the operations this version implements:
 no 5xx, and every response matches docs/openapi.yaml. Capsule operations run with an API key;
-account, team and admin operations with a browser session (cookie + CSRF header)."""
+account, team and admin operations with a browser session (cookie + CSRF header).
+
+Each run uses a platform of its own, not the session's: fuzzing leaves many capsules behind, and
+the admin operations delete every team and user they find (the bootstrap admin's team and API
+key included). Each platform is stopped and checked clean when its test ends, so these tests may
+run before, after or between any others, in any order."""
 
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from conftest import admin_browser, new_user
+from conftest import admin_browser, new_user, platform_env
+from tests.support.platform import ROOT, start_platform, stop_platform
 
-ROOT = Path(__file__).resolve().parents[2]
+# A slot range of their own (one platform at a time): not the session platform's (10.201.100.0,
+# 64 slots), nor another module's or the benchmarks' (see tests/support/platform.py).
+SLOT_BASE = "10.201.160.0"
 OPERATIONS = [
     "createCapsule", "listCapsules", "getCapsule", "destroyCapsule", "execCommand", "listProcesses", "killProcess",
     "execStream", "connectProcess", "ptySession", "listDir", "makeDir", "removePath", "downloadFile", "streamDownloadFile", "uploadFile",
@@ -57,11 +64,24 @@ def run(platform, operations, headers):
         args += ["-H", h]
     for op in operations:
         args += ["--include-operation-id", op]
-    r = subprocess.run(args, capture_output=True, text=True, timeout=1200)
+    # Schemathesis keeps its cache (.schemathesis, .hypothesis) in its working directory: under
+    # target/, not in the repository's tree.
+    cwd = ROOT / "target/schemathesis"
+    cwd.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(args, capture_output=True, text=True, timeout=1200, cwd=cwd)
     print(r.stdout[-6000:])
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
     # Every listed operation exists in the document (a typo would silently test nothing).
     assert "No operations" not in r.stdout
+
+
+@pytest.fixture
+def own_platform(mail_sink, github, receiver):
+    """A `wrenn up` of the test's own, set up as the session's; the capsules the run leaves die
+    with it, and it is checked clean (no VM, capsule directory or network namespace left)."""
+    p = start_platform(slot_base=SLOT_BASE, env_extra=platform_env(mail_sink, github, receiver))
+    yield p
+    stop_platform(p)
 
 
 def session_headers(b):
@@ -71,13 +91,15 @@ def session_headers(b):
     ]
 
 
-def test_schemathesis_api_key_operations(platform):
+def test_schemathesis_api_key_operations(own_platform):
+    platform = own_platform
     run(platform, OPERATIONS, [f"X-API-Key: {platform.api_key}"])
 
 
-def test_schemathesis_host_token_operations(platform):
+def test_schemathesis_host_token_operations(own_platform):
     import httpx
 
+    platform = own_platform
     admin = admin_browser(platform)
     token = admin.post("/v1/hosts", json={"type": "regular"}).json()["registration_token"]
     r = httpx.post(platform.base_url + "/v1/hosts/register", json={"token": token, "address": "127.0.0.1:7999"})
@@ -94,9 +116,10 @@ def test_operation_ids_exist():
     assert not missing, missing
 
 
-def test_schemathesis_session_operations(platform, mail_sink):
-    # Runs last: the admin operations delete whatever teams and users they find (the
-    # bootstrap admin's team and API key included).
+def test_schemathesis_session_operations(own_platform, mail_sink):
+    # On a platform of its own: the admin operations delete whatever teams and users they find
+    # (the bootstrap admin's team and API key included).
+    platform = own_platform
     b = new_user(platform, mail_sink)
     run(platform, SESSION_OPERATIONS, session_headers(b))
     run(platform, ADMIN_OPERATIONS, session_headers(admin_browser(platform)))

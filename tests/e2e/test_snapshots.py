@@ -4,7 +4,7 @@ import time
 
 from wrenn import Capsule
 
-from conftest import wait_status
+from tests.support.waits import wait_status
 from test_capsules import assert_error
 
 

@@ -6,7 +6,7 @@ import time
 
 from wrenn import WrennClient
 
-from conftest import wait_status
+from tests.support.waits import wait_status
 from test_capsules import assert_error
 
 SAMPLER_SEC = 10
