@@ -10,29 +10,31 @@ use envd_proto::lifeline::{LifelineOp, LifelineReply, LifelineRequest, MAX_LINE}
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use crate::error::{AgentError, Result};
+use crate::error::{EnvdError, Result};
 
 /// Bound on one lifeline call: envd naps up to 200 ms between checks when no host is
 /// connected, and a repair is a handful of ioctls.
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Sends one request and waits for its reply (skipping stale replies to earlier requests).
-pub async fn call(socket: &Path, op: LifelineOp) -> Result<LifelineReply> {
+pub(crate) async fn call(socket: &Path, op: LifelineOp) -> Result<LifelineReply> {
     tokio::time::timeout(CALL_TIMEOUT, call_inner(socket, op))
         .await
-        .map_err(|_| AgentError::Envd(format!("lifeline: no answer within {CALL_TIMEOUT:?}")))?
+        .map_err(|_| {
+            EnvdError::Unavailable(format!("lifeline: no answer within {CALL_TIMEOUT:?}"))
+        })?
 }
 
 async fn call_inner(socket: &Path, op: LifelineOp) -> Result<LifelineReply> {
     let stream = UnixStream::connect(socket)
         .await
-        .map_err(|e| AgentError::Envd(format!("lifeline {}: {e}", socket.display())))?;
+        .map_err(|e| EnvdError::Unavailable(format!("lifeline {}: {e}", socket.display())))?;
     let (rd, mut wr) = stream.into_split();
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     let mut line = serde_json::to_vec(&LifelineRequest { id, op })
-        .map_err(|e| AgentError::Envd(format!("lifeline: {e}")))?;
+        .map_err(|e| EnvdError::Unavailable(format!("lifeline: {e}")))?;
     line.push(b'\n');
     wr.write_all(&line).await?;
     let mut rd = BufReader::new(rd);
@@ -43,7 +45,9 @@ async fn call_inner(socket: &Path, op: LifelineOp) -> Result<LifelineReply> {
             .read_until(b'\n', &mut buf)
             .await?;
         if n == 0 {
-            return Err(AgentError::Envd("lifeline closed before answering".into()));
+            return Err(EnvdError::Unavailable(
+                "lifeline closed before answering".into(),
+            ));
         }
         match serde_json::from_slice::<LifelineReply>(&buf) {
             Ok(reply) if reply.id == id => return Ok(reply),

@@ -87,37 +87,7 @@ fn spawn(spec: PtySpec) -> Result<(String, Arc<Session>), Response> {
             format!("cwd {cwd} is not a directory"),
         ));
     }
-    let ws = libc::winsize {
-        ws_row: spec.rows.unwrap_or(24).max(1),
-        ws_col: spec.cols.unwrap_or(80).max(1),
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    let (mut master_fd, mut slave_fd) = (-1, -1);
-    // SAFETY: openpty writes two descriptors into the locals; the name buffer and termios are
-    // optional (null); the winsize pointer refers to a live local.
-    let rc = unsafe {
-        libc::openpty(
-            &mut master_fd,
-            &mut slave_fd,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            &ws,
-        )
-    };
-    if rc != 0 {
-        return Err(crate::error(
-            ErrorKind::Internal,
-            format!("openpty: {}", std::io::Error::last_os_error()),
-        ));
-    }
-    // SAFETY: openpty succeeded, so both descriptors are open and owned by nobody else.
-    let (master, slave) = unsafe {
-        (
-            OwnedFd::from_raw_fd(master_fd),
-            OwnedFd::from_raw_fd(slave_fd),
-        )
-    };
+    let (master, slave) = open_terminal(spec.rows, spec.cols)?;
     let cmd = spec.cmd.clone().unwrap_or_else(|| "/bin/bash".to_string());
     let mut c = std::process::Command::new(&cmd);
     c.args(&spec.args)
@@ -175,18 +145,7 @@ fn spawn(spec: PtySpec) -> Result<(String, Arc<Session>), Response> {
         replay: Mutex::new(VecDeque::new()),
         exit: exit_rx,
     });
-    let tag = {
-        let mut all = sessions();
-        all.retain(|_, s| s.exit.borrow().is_none());
-        let tag = loop {
-            let t = format!("pty-{:08x}", rand_u32());
-            if !all.contains_key(&t) {
-                break t;
-            }
-        };
-        all.insert(tag.clone(), session.clone());
-        tag
-    };
+    let tag = register(&session);
     let s = session.clone();
     std::thread::spawn(move || pump(reader, s));
     std::thread::spawn(move || {
@@ -194,6 +153,56 @@ fn spawn(spec: PtySpec) -> Result<(String, Arc<Session>), Response> {
         let _ = exit_tx.send(Some(code));
     });
     Ok((tag, session))
+}
+
+/// A new terminal of `rows` × `cols` (24 × 80 by default): its master and slave sides.
+fn open_terminal(rows: Option<u16>, cols: Option<u16>) -> Result<(OwnedFd, OwnedFd), Response> {
+    let ws = libc::winsize {
+        ws_row: rows.unwrap_or(24).max(1),
+        ws_col: cols.unwrap_or(80).max(1),
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let (mut master_fd, mut slave_fd) = (-1, -1);
+    // SAFETY: openpty writes two descriptors into the locals; the name buffer and termios are
+    // optional (null); the winsize pointer refers to a live local.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master_fd,
+            &mut slave_fd,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &ws,
+        )
+    };
+    if rc != 0 {
+        return Err(crate::error(
+            ErrorKind::Internal,
+            format!("openpty: {}", std::io::Error::last_os_error()),
+        ));
+    }
+    // SAFETY: openpty succeeded, so both descriptors are open and owned by nobody else.
+    let (master, slave) = unsafe {
+        (
+            OwnedFd::from_raw_fd(master_fd),
+            OwnedFd::from_raw_fd(slave_fd),
+        )
+    };
+    Ok((master, slave))
+}
+
+/// Keeps a session under a new tag (forgetting ended ones); its tag.
+fn register(session: &Arc<Session>) -> String {
+    let mut all = sessions();
+    all.retain(|_, s| s.exit.borrow().is_none());
+    let tag = loop {
+        let t = format!("pty-{:08x}", rand_u32());
+        if !all.contains_key(&t) {
+            break t;
+        }
+    };
+    all.insert(tag.clone(), session.clone());
+    tag
 }
 
 fn rand_u32() -> u32 {

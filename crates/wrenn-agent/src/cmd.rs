@@ -5,7 +5,7 @@ use std::process::Stdio;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
-use crate::error::{AgentError, Result};
+use crate::error::{HostError, Result};
 
 /// Runs `program args…`, failing with its stderr when it exits non-zero.
 pub async fn run(program: &str, args: &[&str]) -> Result<String> {
@@ -26,7 +26,7 @@ pub async fn run_with_input(program: &str, args: &[&str], input: Option<&str>) -
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| AgentError::Command {
+        .map_err(|e| HostError::Command {
             command: render(),
             detail: e.to_string(),
         })?;
@@ -35,7 +35,7 @@ pub async fn run_with_input(program: &str, args: &[&str], input: Option<&str>) -
     }
     let out = child.wait_with_output().await?;
     if !out.status.success() {
-        return Err(AgentError::Command {
+        return Err(HostError::Command {
             command: render(),
             detail: format!(
                 "{}: {}",

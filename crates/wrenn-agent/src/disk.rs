@@ -66,9 +66,9 @@ pub async fn virtual_size_mb(image: &Path) -> Result<u64> {
     )
     .await?;
     let info: serde_json::Value = serde_json::from_str(&out)
-        .map_err(|e| crate::error::AgentError::Image(format!("qemu-img info: {e}")))?;
+        .map_err(|e| crate::error::HostError::Image(format!("qemu-img info: {e}")))?;
     info.get("virtual-size")
         .and_then(|v| v.as_u64())
         .map(|b| b.div_ceil(1024 * 1024))
-        .ok_or_else(|| crate::error::AgentError::Image("qemu-img info: no virtual-size".into()))
+        .ok_or_else(|| crate::error::HostError::Image("qemu-img info: no virtual-size".into()))
 }

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use tracing::info;
 
 use crate::cmd;
-use crate::error::{AgentError, Result};
+use crate::error::{HostError, Result};
 
 /// Kernel modules the initramfs loads, in dependency order (no modules.dep in the initramfs).
 pub const GUEST_MODULES: &[&str] = &[
@@ -202,7 +202,7 @@ impl ImageStore {
             .filter_map(|l| l.trim().strip_prefix("Depends: "))
             .find(|p| p.starts_with("linux-image-") && p.ends_with("-cloud-amd64"))
             .ok_or_else(|| {
-                AgentError::Image(
+                HostError::Image(
                     "apt-cache finds no linux-image-*-cloud-amd64 (run apt-get update)".into(),
                 )
             })?
@@ -218,7 +218,7 @@ impl ImageStore {
             .output()
             .await?;
         if !out.status.success() {
-            return Err(AgentError::Image(format!(
+            return Err(HostError::Image(format!(
                 "apt-get download {package}: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
@@ -227,7 +227,7 @@ impl ImageStore {
             .filter_map(|e| e.ok())
             .map(|e| e.path())
             .find(|p| p.extension().is_some_and(|x| x == "deb"))
-            .ok_or_else(|| AgentError::Image("apt-get download produced no .deb".into()))?;
+            .ok_or_else(|| HostError::Image("apt-get download produced no .deb".into()))?;
         let x = work.join("x");
         cmd::run("dpkg-deb", &["-x", path_str(&deb)?, path_str(&x)?]).await?;
         bar.set_message("extracting vmlinux and modules");
@@ -239,7 +239,7 @@ impl ImageStore {
         let kernel_tree = x.join("lib/modules").join(&version).join("kernel");
         for m in GUEST_MODULES {
             let found = find_file(&kernel_tree, &format!("{m}.ko"))
-                .ok_or_else(|| AgentError::Image(format!("module {m}.ko not in {package}")))?;
+                .ok_or_else(|| HostError::Image(format!("module {m}.ko not in {package}")))?;
             std::fs::copy(found, modules.join(format!("{m}.ko")))?;
         }
         std::fs::remove_dir_all(&x)?;
@@ -259,11 +259,11 @@ impl ImageStore {
     /// The initramfs for this kernel and envd binary (rebuilt when either changes).
     pub async fn ensure_initramfs(&self, kernel: &Kernel, envd: &Path) -> Result<PathBuf> {
         let envd_bytes = std::fs::read(envd).map_err(|e| {
-            AgentError::Image(format!("cannot read envd at {}: {e}", envd.display()))
+            HostError::Image(format!("cannot read envd at {}: {e}", envd.display()))
         })?;
         let busybox = Path::new("/bin/busybox");
         let busybox_bytes = std::fs::read(busybox).map_err(|e| {
-            AgentError::Image(format!(
+            HostError::Image(format!(
                 "cannot read /bin/busybox (install busybox-static): {e}"
             ))
         })?;
@@ -315,7 +315,7 @@ impl ImageStore {
     /// The ext4 image of a template, bootstrapping it with debootstrap when missing.
     pub async fn ensure_rootfs(&self, template: &str) -> Result<PathBuf> {
         let r = recipe(template)
-            .ok_or_else(|| AgentError::InvalidRequest(format!("unknown template {template:?}")))?;
+            .ok_or_else(|| HostError::InvalidRequest(format!("unknown template {template:?}")))?;
         if let Some(p) = self.rootfs_path(template) {
             return Ok(p);
         }
@@ -341,7 +341,7 @@ impl ImageStore {
             ],
         )
         .await
-        .map_err(|e| AgentError::Image(format!("debootstrap failed: {e}")))?;
+        .map_err(|e| HostError::Image(format!("debootstrap failed: {e}")))?;
         bar.set_message(format!("configuring the {} guest image", r.name));
         cmd::run(
             "chroot",
@@ -409,7 +409,7 @@ impl DirLock {
             }
         })
         .await
-        .map_err(|e| AgentError::Image(format!("lock task: {e}")))??;
+        .map_err(|e| HostError::Image(format!("lock task: {e}")))??;
         Ok(Self { _file: file })
     }
 }
@@ -434,7 +434,7 @@ async fn extract_vmlinux(bz: &[u8]) -> Result<Vec<u8>> {
             }
         }
     }
-    Err(AgentError::Image(
+    Err(HostError::Image(
         "no decompressible ELF payload found in the kernel image".into(),
     ))
 }
@@ -493,7 +493,7 @@ fn set_mode(p: &Path, mode: u32) -> Result<()> {
 
 pub(crate) fn path_str(p: &Path) -> Result<&str> {
     p.to_str()
-        .ok_or_else(|| AgentError::Image(format!("path is not UTF-8: {}", p.display())))
+        .ok_or_else(|| HostError::Image(format!("path is not UTF-8: {}", p.display())))
 }
 
 pub(crate) fn sh_quote(s: &str) -> String {

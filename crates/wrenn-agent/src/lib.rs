@@ -1,34 +1,30 @@
 //! The Wrenn host agent: owns the VMs of one host.
 //!
-//! [`CapsuleManager`] is the entry point: it turns a [`wrenn_api::CapsuleSpec`] into a running VM
-//! (image → disk overlay → network slot → VMM → envd ready) and tears every piece down again.
-//! Each piece lives in its own module with one job:
+//! [`CapsuleManager`] is the entry point and this host's side of the [`wrenn_host::Host`]
+//! boundary: it turns a [`wrenn_api::CapsuleSpec`] into a running VM (image → disk overlay →
+//! network slot → VMM → envd ready) and tears every piece down again. Each piece lives in its
+//! own module with one job:
 //!
-//! - [`images`]: kernel, initramfs and template root filesystems, built once and cached by recipe.
-//! - [`disk`]: per-capsule copy-on-write overlays.
+//! - `images`: kernel, initramfs and template root filesystems, built once and cached by recipe.
+//! - `disk`: per-capsule copy-on-write overlays.
 //! - [`net`]: network slots (netns + TAP + veth + NAT) and the host's firewall table.
 //! - [`vmm`]: the VMM trait and its QEMU `microvm` driver, the KVM probe, QMP.
-//! - [`envd_client`]: the host side of the envd protocol; [`lifeline`]: the serial fallback.
-//! - [`rpc`]: the control plane ↔ agent service (gRPC over mutual TLS), both ends.
+//! - `metrics`: the per-capsule sample rings.
+//! - [`uplink`]: registration with a control plane, credentials, heartbeats.
+//!
+//! Guest operations (exec, files, terminals) go through the `envd-client` crate; the control
+//! plane ↔ agent transport is in `wrenn-host`.
 
-pub mod cmd;
-pub mod config;
-pub mod disk;
-pub mod envd_client;
-pub mod envd_conn;
-pub mod error;
-pub mod images;
-pub mod lifeline;
-pub mod manager;
-pub mod metrics;
+mod cmd;
+mod config;
+mod disk;
+mod error;
+mod images;
+mod manager;
+mod metrics;
 pub mod net;
-pub mod rpc;
+pub mod uplink;
 pub mod vmm;
 
-pub use config::AgentConfig;
-pub use envd_client::{EnvdClient, FileReader, FileWriter, PtyEvent, PtySession};
-pub use error::AgentError;
-pub use manager::{
-    CapsuleInfo, CapsuleManager, ExecEvent, ExecOutput, ExecStream, HostCapacity, Phase,
-    SnapshotMeta, StartedProcess, UserSnapshot,
-};
+pub use config::{AccelChoice, AgentConfig};
+pub use manager::{CapsuleManager, AGENT_VERSION};

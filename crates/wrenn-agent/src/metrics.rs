@@ -1,4 +1,4 @@
-//! Per-capsule resource metrics: a sample every 500 ms, kept in three rings (REFERENCE.md):
+//! Per-capsule resource metrics: a sample every 500 ms, kept in three rings:
 //! 10 min of raw samples, 2 h of 30 s averages, 24 h of 5 min averages.
 //!
 //! `cpu_pct` is the VMM process's CPU time over the interval, normalised to the capsule's
@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use wrenn_api::{MetricPoint, MetricsRange};
 
 pub const SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 const RAW_KEEP: usize = 1200;
@@ -17,14 +18,6 @@ const MID_EVERY: usize = 60; // 30 s of raw samples
 const MID_KEEP: usize = 240;
 const LONG_EVERY: usize = 10; // 5 min of 30 s averages
 const LONG_KEEP: usize = 288;
-
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct MetricPoint {
-    pub timestamp_unix: i64,
-    pub cpu_pct: f64,
-    pub mem_bytes: i64,
-    pub disk_bytes: i64,
-}
 
 /// The resolution a query reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,18 +31,13 @@ pub enum Tier {
 }
 
 impl Tier {
-    /// The tier and window (seconds) of an API `range`; `None` for an unknown range.
-    pub fn for_range(range: &str) -> Option<(Tier, i64)> {
-        Some(match range {
-            "5m" => (Tier::Raw, 300),
-            "10m" => (Tier::Raw, 600),
-            "1h" => (Tier::Mid, 3600),
-            "2h" => (Tier::Mid, 7200),
-            "6h" => (Tier::Long, 6 * 3600),
-            "12h" => (Tier::Long, 12 * 3600),
-            "24h" => (Tier::Long, 24 * 3600),
-            _ => return None,
-        })
+    /// The tier that holds an API range's points.
+    pub fn for_range(range: MetricsRange) -> Tier {
+        match range {
+            MetricsRange::FiveMinutes | MetricsRange::TenMinutes => Tier::Raw,
+            MetricsRange::OneHour | MetricsRange::TwoHours => Tier::Mid,
+            MetricsRange::SixHours | MetricsRange::TwelveHours | MetricsRange::OneDay => Tier::Long,
+        }
     }
 }
 
@@ -203,10 +191,13 @@ mod tests {
 
     #[test]
     fn ranges() {
-        assert_eq!(Tier::for_range("5m"), Some((Tier::Raw, 300)));
-        assert_eq!(Tier::for_range("2h"), Some((Tier::Mid, 7200)));
-        assert_eq!(Tier::for_range("24h"), Some((Tier::Long, 86400)));
-        assert_eq!(Tier::for_range("3d"), None);
+        let at = |r: &str| {
+            let r = MetricsRange::parse(r).unwrap();
+            (Tier::for_range(r), r.seconds())
+        };
+        assert_eq!(at("5m"), (Tier::Raw, 300));
+        assert_eq!(at("2h"), (Tier::Mid, 7200));
+        assert_eq!(at("24h"), (Tier::Long, 86400));
     }
 
     #[test]

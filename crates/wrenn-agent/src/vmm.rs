@@ -108,4 +108,14 @@ pub trait Vmm: Send + Sync {
         -> Result<VmProcess>;
     /// Asks the VMM to exit cleanly (disk images closed); kills it if it will not.
     async fn shutdown(&self, vm: &VmProcess) -> Result<()>;
+    /// One line about a VM's state for an error message (run state, where the vCPU is).
+    async fn diagnose(&self, vm: &VmProcess) -> String;
+    /// Live VMs of this VMM whose command line mentions `marker` (e.g. an agent's capsules
+    /// directory), as (pid, VM name): what crash recovery checks against its records.
+    fn find_vms(&self, marker: &str) -> Vec<(u32, String)>;
+    /// Live VMs whose name is `name`.
+    fn find_named(&self, name: &str) -> Vec<u32>;
+    /// Kills a VM process found by [`Vmm::find_vms`] or [`Vmm::find_named`] and waits (up to
+    /// 5 s) until it is gone, so the files it held are free.
+    async fn kill(&self, pid: u32);
 }

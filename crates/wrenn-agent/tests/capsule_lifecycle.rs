@@ -2,9 +2,11 @@
 
 use std::path::PathBuf;
 
+use envd_client::ExecOutput;
 use envd_proto::{CommandSpec, ExecSpec};
-use wrenn_agent::{AgentConfig, CapsuleManager, Phase};
+use wrenn_agent::{AgentConfig, CapsuleManager};
 use wrenn_api::CreateCapsuleRequest;
+use wrenn_host::{Host, HostError, Phase};
 
 fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -26,6 +28,11 @@ fn config(name: &str) -> AgentConfig {
     cfg
 }
 
+/// A foreground command in capsule `id`, through the host boundary's guest connection.
+async fn exec(mgr: &CapsuleManager, id: &str, spec: ExecSpec) -> Result<ExecOutput, HostError> {
+    Ok(mgr.envd(id).await?.exec(spec).await?)
+}
+
 fn sh(cmd: &str) -> ExecSpec {
     ExecSpec {
         command: CommandSpec {
@@ -43,15 +50,14 @@ async fn create_exec_destroy_leaves_nothing_behind() {
     let mgr = CapsuleManager::start(cfg).await.expect("agent starts");
     let spec = CreateCapsuleRequest::default().validate().unwrap();
     let info = mgr
-        .create("cl-agenttest0000000000000000001", &spec, None)
+        .create("cl-agenttest0000000000000000001".into(), spec.clone(), None)
         .await
         .expect("capsule boots");
     assert_eq!(info.guest_ip, "10.200.0.2");
     assert_eq!(info.metadata["agent_version"], env!("CARGO_PKG_VERSION"));
     assert!(info.metadata["kernel_version"].contains("cloud-amd64"));
 
-    let out = mgr
-        .exec(&info.id, sh("echo hello; echo err >&2; exit 3"))
+    let out = exec(&mgr, &info.id, sh("echo hello; echo err >&2; exit 3"))
         .await
         .unwrap();
     assert_eq!(out.stdout, b"hello\n");
@@ -59,34 +65,34 @@ async fn create_exec_destroy_leaves_nothing_behind() {
     assert_eq!(out.exit_code, 3);
     assert!(!out.timed_out);
 
-    let out = mgr
-        .exec(
-            &info.id,
-            ExecSpec {
-                command: CommandSpec {
-                    cmd: "/bin/sh".into(),
-                    args: vec!["-c".into(), "echo $FOO; pwd".into()],
-                    envs: [("FOO".to_string(), "bar".to_string())].into(),
-                    cwd: Some("/tmp".into()),
-                },
-                timeout_ms: 10_000,
+    let out = exec(
+        &mgr,
+        &info.id,
+        ExecSpec {
+            command: CommandSpec {
+                cmd: "/bin/sh".into(),
+                args: vec!["-c".into(), "echo $FOO; pwd".into()],
+                envs: [("FOO".to_string(), "bar".to_string())].into(),
+                cwd: Some("/tmp".into()),
             },
-        )
-        .await
-        .unwrap();
+            timeout_ms: 10_000,
+        },
+    )
+    .await
+    .unwrap();
     assert_eq!(out.stdout, b"bar\n/tmp\n");
 
     let t = std::time::Instant::now();
-    let out = mgr
-        .exec(
-            &info.id,
-            ExecSpec {
-                timeout_ms: 1_000,
-                ..sh("echo start; sleep 30")
-            },
-        )
-        .await
-        .unwrap();
+    let out = exec(
+        &mgr,
+        &info.id,
+        ExecSpec {
+            timeout_ms: 1_000,
+            ..sh("echo start; sleep 30")
+        },
+    )
+    .await
+    .unwrap();
     assert!(out.timed_out);
     assert_eq!(out.stdout, b"start\n");
     assert!(t.elapsed() < std::time::Duration::from_secs(8));
@@ -96,14 +102,14 @@ async fn create_exec_destroy_leaves_nothing_behind() {
         wrenn_agent::net::Slot::new(std::net::Ipv4Addr::new(10, 201, 200, 0), 0).netns
     );
     assert!(std::path::Path::new(&netns).exists());
-    assert!(mgr.destroy(&info.id).await.unwrap());
+    assert!(mgr.destroy(info.id.clone()).await.unwrap());
     assert!(
-        !mgr.destroy(&info.id).await.unwrap(),
+        !mgr.destroy(info.id.clone()).await.unwrap(),
         "second destroy is a no-op"
     );
     assert!(!std::path::Path::new(&netns).exists(), "netns removed");
     assert!(!capsules_dir.join(&info.id).exists(), "capsule dir removed");
-    assert!(mgr.list().await.is_empty());
+    assert!(mgr.list().await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -123,14 +129,14 @@ async fn envd_that_never_answers_fails_the_create_and_leaves_nothing() {
     let mgr = CapsuleManager::start(cfg).await.expect("agent starts");
     let spec = CreateCapsuleRequest::default().validate().unwrap();
     let id = "cl-agenttest0000000000000000002";
-    let err = mgr.create(id, &spec, None).await.unwrap_err();
+    let err = mgr.create(id.into(), spec.clone(), None).await.unwrap_err();
     assert!(err.to_string().contains("envd did not answer"), "{err}");
     assert!(!std::path::Path::new("/run/netns")
         .join(&slot.netns)
         .exists());
     assert!(!capsules_dir.join(id).exists());
     assert!(!qemu_running(id));
-    assert!(mgr.list().await.is_empty());
+    assert!(mgr.list().await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,8 +152,12 @@ async fn a_restarted_agent_readopts_live_vms_and_cleans_up_dead_ones() {
         let mgr = CapsuleManager::start(cfg.clone())
             .await
             .expect("agent starts");
-        mgr.create(live, &spec, None).await.expect("boots");
-        mgr.create(dead, &spec, None).await.expect("boots");
+        mgr.create(live.into(), spec.clone(), None)
+            .await
+            .expect("boots");
+        mgr.create(dead.into(), spec.clone(), None)
+            .await
+            .expect("boots");
         // The agent goes away without destroying anything (a crash or an upgrade).
     }
     // While it is down, one VM dies.
@@ -155,9 +165,15 @@ async fn a_restarted_agent_readopts_live_vms_and_cleans_up_dead_ones() {
     let mgr = CapsuleManager::start(cfg.clone())
         .await
         .expect("agent restarts");
-    let ids: Vec<String> = mgr.list().await.into_iter().map(|c| c.id).collect();
+    let ids: Vec<String> = mgr
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
     assert_eq!(ids, vec![live.to_string()]);
-    let out = mgr.exec(live, sh("echo still here")).await.unwrap();
+    let out = exec(&mgr, live, sh("echo still here")).await.unwrap();
     assert_eq!(out.stdout, b"still here\n");
     assert!(
         !cfg.capsules_dir().join(dead).exists(),
@@ -166,7 +182,7 @@ async fn a_restarted_agent_readopts_live_vms_and_cleans_up_dead_ones() {
     let before = qemu_pids(live);
     let state = std::fs::read_to_string(cfg.capsules_dir().join(live).join("state.json"))
         .unwrap_or_default();
-    assert!(mgr.destroy(live).await.unwrap());
+    assert!(mgr.destroy(live.into()).await.unwrap());
     let after = qemu_pids(live);
     if !after.is_empty() {
         kill_qemu(live);
@@ -200,16 +216,18 @@ async fn paused_capsules_and_interrupted_transitions_survive_an_agent_restart() 
             .await
             .expect("agent starts");
         for id in [paused, mid_pause, mid_resume] {
-            mgr.create(id, &spec, None).await.expect("boots");
-            mgr.exec(id, sh("echo kept > /root/mark")).await.unwrap();
+            mgr.create(id.into(), spec.clone(), None)
+                .await
+                .expect("boots");
+            exec(&mgr, id, sh("echo kept > /root/mark")).await.unwrap();
         }
-        mgr.pause(paused).await.expect("pauses");
+        mgr.pause(paused.into()).await.expect("pauses");
         assert!(!qemu_running(paused), "a paused capsule has no VM");
         assert!(
-            mgr.exec(paused, sh("true")).await.is_err(),
+            exec(&mgr, paused, sh("true")).await.is_err(),
             "no exec while paused"
         );
-        mgr.pause(mid_resume).await.expect("pauses");
+        mgr.pause(mid_resume.into()).await.expect("pauses");
         // Crashes: one after recording "pausing" but before saving anything, one after
         // recording "resuming" but before its VM started.
         set_phase(mid_pause, "pausing");
@@ -221,6 +239,7 @@ async fn paused_capsules_and_interrupted_transitions_survive_an_agent_restart() 
     let mut phases: Vec<(String, Phase)> = mgr
         .list()
         .await
+        .unwrap()
         .into_iter()
         .map(|c| (c.id, c.phase))
         .collect();
@@ -233,11 +252,13 @@ async fn paused_capsules_and_interrupted_transitions_survive_an_agent_restart() 
             (mid_resume.to_string(), Phase::Paused),
         ]
     );
-    let out = mgr.exec(mid_pause, sh("cat /root/mark")).await.unwrap();
+    let out = exec(&mgr, mid_pause, sh("cat /root/mark")).await.unwrap();
     assert_eq!(out.stdout, b"kept\n");
     for id in [paused, mid_resume] {
-        mgr.resume(id).await.expect("resumes after the restart");
-        let out = mgr.exec(id, sh("cat /root/mark")).await.unwrap();
+        mgr.resume(id.into())
+            .await
+            .expect("resumes after the restart");
+        let out = exec(&mgr, id, sh("cat /root/mark")).await.unwrap();
         assert_eq!(out.stdout, b"kept\n");
     }
     mgr.destroy_all().await;

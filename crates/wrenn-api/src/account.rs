@@ -3,6 +3,66 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+/// A member's standing in a team, in increasing order of rights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Member,
+    Admin,
+    Owner,
+}
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::Member, Role::Admin, Role::Owner];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Member => "member",
+            Role::Admin => "admin",
+            Role::Owner => "owner",
+        }
+    }
+}
+
+/// Where an account stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UserStatus {
+    /// Signed up, not activated yet.
+    Inactive,
+    Active,
+    /// Deactivated by a platform admin.
+    Disabled,
+    /// Deleted by its owner; purged later.
+    Deleted,
+}
+
+impl UserStatus {
+    pub const ALL: [UserStatus; 4] = [
+        UserStatus::Inactive,
+        UserStatus::Active,
+        UserStatus::Disabled,
+        UserStatus::Deleted,
+    ];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UserStatus::Inactive => "inactive",
+            UserStatus::Active => "active",
+            UserStatus::Disabled => "disabled",
+            UserStatus::Deleted => "deleted",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SignupRequest {
     pub email: String,
@@ -34,7 +94,7 @@ pub struct SessionResponse {
     pub team_id: String,
     pub email: String,
     pub name: String,
-    pub role: String,
+    pub role: Role,
     pub is_admin: bool,
 }
 
@@ -143,7 +203,7 @@ pub struct Team {
 pub struct TeamWithRole {
     #[serde(flatten)]
     pub team: Team,
-    pub role: String,
+    pub role: Role,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -151,7 +211,7 @@ pub struct TeamMember {
     pub user_id: String,
     pub email: String,
     pub name: String,
-    pub role: String,
+    pub role: Role,
     pub joined_at: DateTime<Utc>,
 }
 
@@ -177,7 +237,7 @@ pub struct AdminUser {
     pub id: String,
     pub email: String,
     pub name: String,
-    pub status: String,
+    pub status: UserStatus,
     pub is_admin: bool,
     pub created_at: DateTime<Utc>,
     pub teams: i64,
@@ -206,4 +266,29 @@ pub struct ActiveFlag {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ByocFlag {
     pub byoc: bool,
+}
+
+#[cfg(test)]
+mod enum_tests {
+    use super::*;
+
+    #[test]
+    fn roles_and_statuses_keep_their_wire_names_and_order() {
+        for r in Role::ALL {
+            assert_eq!(Role::parse(r.as_str()), Some(r));
+            assert_eq!(
+                serde_json::to_string(&r).unwrap(),
+                format!("\"{}\"", r.as_str())
+            );
+        }
+        assert!(Role::Member < Role::Admin && Role::Admin < Role::Owner);
+        assert_eq!(Role::parse("root"), None);
+        for s in UserStatus::ALL {
+            assert_eq!(UserStatus::parse(s.as_str()), Some(s));
+            assert_eq!(
+                serde_json::to_string(&s).unwrap(),
+                format!("\"{}\"", s.as_str())
+            );
+        }
+    }
 }

@@ -292,3 +292,20 @@ mod tests {
         assert!(CapsuleStatus::parse("bogus").is_none());
     }
 }
+
+/// What starts a terminal session: the `{"type":"start", …}` message of
+/// `GET /v1/capsules/{id}/pty`, every field optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TerminalStart {
+    /// Default `/bin/bash`.
+    pub cmd: Option<String>,
+    #[serde(default)]
+    pub args: Vec<String>,
+    pub cols: Option<u16>,
+    pub rows: Option<u16>,
+    #[serde(default)]
+    pub envs: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    /// Run as this guest user (default root).
+    pub user: Option<String>,
+}

@@ -5,18 +5,6 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-/// Events a channel may subscribe to (the spec's list).
-pub const CHANNEL_EVENTS: &[&str] = &[
-    "capsule.create",
-    "capsule.pause",
-    "capsule.resume",
-    "capsule.destroy",
-    "template.snapshot.create",
-    "template.snapshot.delete",
-    "host.up",
-    "host.down",
-];
-
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CreateChannelRequest {
     pub name: String,

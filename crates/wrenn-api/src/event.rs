@@ -7,6 +7,74 @@ use serde::{Deserialize, Serialize};
 
 use crate::Capsule;
 
+/// What happened (the spec's `SSEEvent.event`, less the stream's own `connected`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EventKind {
+    #[serde(rename = "capsule.create")]
+    CapsuleCreate,
+    #[serde(rename = "capsule.pause")]
+    CapsulePause,
+    #[serde(rename = "capsule.resume")]
+    CapsuleResume,
+    #[serde(rename = "capsule.destroy")]
+    CapsuleDestroy,
+    #[serde(rename = "capsule.state.changed")]
+    CapsuleStateChanged,
+    #[serde(rename = "template.snapshot.create")]
+    SnapshotCreate,
+    #[serde(rename = "template.snapshot.delete")]
+    SnapshotDelete,
+    #[serde(rename = "host.up")]
+    HostUp,
+    #[serde(rename = "host.down")]
+    HostDown,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 9] = [
+        EventKind::CapsuleCreate,
+        EventKind::CapsulePause,
+        EventKind::CapsuleResume,
+        EventKind::CapsuleDestroy,
+        EventKind::CapsuleStateChanged,
+        EventKind::SnapshotCreate,
+        EventKind::SnapshotDelete,
+        EventKind::HostUp,
+        EventKind::HostDown,
+    ];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::CapsuleCreate => "capsule.create",
+            EventKind::CapsulePause => "capsule.pause",
+            EventKind::CapsuleResume => "capsule.resume",
+            EventKind::CapsuleDestroy => "capsule.destroy",
+            EventKind::CapsuleStateChanged => "capsule.state.changed",
+            EventKind::SnapshotCreate => "template.snapshot.create",
+            EventKind::SnapshotDelete => "template.snapshot.delete",
+            EventKind::HostUp => "host.up",
+            EventKind::HostDown => "host.down",
+        }
+    }
+
+    /// Events a notification channel may subscribe to: all but state changes.
+    pub fn for_channels() -> impl Iterator<Item = EventKind> {
+        Self::ALL
+            .into_iter()
+            .filter(|k| *k != EventKind::CapsuleStateChanged)
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct EventResource {
     pub id: String,
@@ -35,7 +103,7 @@ impl EventActor {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Event {
-    pub event: String,
+    pub event: EventKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<String>,
     pub resource: EventResource,
@@ -51,4 +119,19 @@ pub struct Event {
     #[serde(default)]
     pub team_id: Option<String>,
     pub timestamp: DateTime<Utc>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_kinds_keep_their_wire_names() {
+        for k in EventKind::ALL {
+            assert_eq!(EventKind::parse(k.as_str()), Some(k));
+            assert_eq!(serde_json::to_string(&k).unwrap(), format!("\"{k}\""));
+        }
+        assert_eq!(EventKind::for_channels().count(), 8);
+        assert!(EventKind::for_channels().all(|k| k != EventKind::CapsuleStateChanged));
+    }
 }

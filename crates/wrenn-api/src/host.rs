@@ -3,6 +3,49 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+/// Where a host stands (the spec's `Host.status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostStatus {
+    /// Created; waiting for its agent to register.
+    Pending,
+    Online,
+    Offline,
+    /// Takes no new capsules; keeps its own.
+    Draining,
+    /// Missed three heartbeats.
+    Unreachable,
+}
+
+impl HostStatus {
+    pub const ALL: [HostStatus; 5] = [
+        HostStatus::Pending,
+        HostStatus::Online,
+        HostStatus::Offline,
+        HostStatus::Draining,
+        HostStatus::Unreachable,
+    ];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|h| h.as_str() == s)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostStatus::Pending => "pending",
+            HostStatus::Online => "online",
+            HostStatus::Offline => "offline",
+            HostStatus::Draining => "draining",
+            HostStatus::Unreachable => "unreachable",
+        }
+    }
+
+    /// Whether its capsules can be reached (an online or draining host).
+    pub fn serves(self) -> bool {
+        matches!(self, HostStatus::Online | HostStatus::Draining)
+    }
+}
+
 /// The spec's `Host` schema.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Host {
@@ -17,7 +60,7 @@ pub struct Host {
     pub memory_mb: Option<i64>,
     pub disk_gb: Option<i64>,
     pub address: Option<String>,
-    pub status: String,
+    pub status: HostStatus,
     pub last_heartbeat_at: Option<DateTime<Utc>>,
     pub created_by: String,
     pub created_at: DateTime<Utc>,
@@ -58,7 +101,7 @@ pub struct RegisterHostRequest {
 
 /// What an agent needs to serve the control plane over mutual TLS (extension): its
 /// certificate and key, and the CA that signs the control plane's client certificate.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct HostTls {
     pub ca_cert: String,
     pub cert: String,
@@ -108,4 +151,20 @@ pub struct SandboxEvent {
     /// Why (extension): e.g. the VM's last console lines for `sandbox.error`.
     #[serde(default)]
     pub reason: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_statuses_keep_their_wire_names() {
+        for h in HostStatus::ALL {
+            assert_eq!(HostStatus::parse(h.as_str()), Some(h));
+            assert_eq!(
+                serde_json::to_string(&h).unwrap(),
+                format!("\"{}\"", h.as_str())
+            );
+        }
+    }
 }

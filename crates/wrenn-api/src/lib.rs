@@ -11,6 +11,7 @@ pub mod error;
 pub mod event;
 pub mod host;
 pub mod id;
+pub mod metrics;
 pub mod stats;
 pub mod template;
 
@@ -21,5 +22,6 @@ pub use channel::*;
 pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use event::*;
 pub use host::*;
+pub use metrics::{MetricPoint, MetricsRange};
 pub use stats::*;
 pub use template::*;

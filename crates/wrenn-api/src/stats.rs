@@ -5,7 +5,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
 /// A `range` of `GET /v1/capsules/stats`: how far back the series goes and how wide each of its
-/// buckets is (REFERENCE.md).
+/// buckets is (5m → 3 s, 1h → 30 s, 6h → 3 min, 24h → 12 min, 30d → 6 h).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StatsRange {
     FiveMinutes,

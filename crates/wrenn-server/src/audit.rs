@@ -13,7 +13,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use wrenn_api::id::new_id;
-use wrenn_api::{ApiError, AuditCursor, AuditLogEntry, AuditLogPage, Event, EventActor};
+use wrenn_api::{ApiError, AuditCursor, AuditLogEntry, AuditLogPage, Event, EventActor, EventKind};
 
 use crate::store::{AuditQuery, Store};
 
@@ -90,28 +90,22 @@ impl Record {
 /// included), snapshot templates, hosts marked down and up. State changes are not entries of
 /// their own: the action or host event that caused them is.
 pub fn from_event(ev: &Event) -> Option<Record> {
-    let (resource, action, scope) = match ev.event.as_str() {
-        "capsule.create" => ("capsule", "create", Scope::Team),
-        "capsule.pause" => ("capsule", "pause", Scope::Team),
-        "capsule.resume" => ("capsule", "resume", Scope::Team),
-        "capsule.destroy" => ("capsule", "destroy", Scope::Team),
-        "template.snapshot.create" => ("snapshot", "create", Scope::Team),
-        "template.snapshot.delete" => ("snapshot", "delete", Scope::Team),
-        // A team's own (BYOC) host concerns its members; a platform host its operators.
-        "host.down" | "host.up" => (
-            "host",
-            if ev.event == "host.down" {
-                "marked_down"
-            } else {
-                "marked_up"
-            },
-            if ev.team_id.is_some() {
-                Scope::Team
-            } else {
-                Scope::Admin
-            },
-        ),
-        _ => return None,
+    // A team's own (BYOC) host concerns its members; a platform host its operators.
+    let host_scope = if ev.team_id.is_some() {
+        Scope::Team
+    } else {
+        Scope::Admin
+    };
+    let (resource, action, scope) = match ev.event {
+        EventKind::CapsuleCreate => ("capsule", "create", Scope::Team),
+        EventKind::CapsulePause => ("capsule", "pause", Scope::Team),
+        EventKind::CapsuleResume => ("capsule", "resume", Scope::Team),
+        EventKind::CapsuleDestroy => ("capsule", "destroy", Scope::Team),
+        EventKind::SnapshotCreate => ("snapshot", "create", Scope::Team),
+        EventKind::SnapshotDelete => ("snapshot", "delete", Scope::Team),
+        EventKind::HostDown => ("host", "marked_down", host_scope),
+        EventKind::HostUp => ("host", "marked_up", host_scope),
+        EventKind::CapsuleStateChanged => return None,
     };
     let mut r =
         Record::new(&ev.actor, resource, &ev.resource.id, action).team(ev.team_id.as_deref());
@@ -303,7 +297,7 @@ mod tests {
     #[test]
     fn events_map_to_entries() {
         let ev = Event {
-            event: "capsule.pause".into(),
+            event: EventKind::CapsulePause,
             outcome: Some("error".into()),
             resource: wrenn_api::EventResource {
                 id: "cl-1".into(),
@@ -325,9 +319,9 @@ mod tests {
         assert_eq!(r.metadata["reason"], "ttl_expired");
         assert_eq!(r.metadata["error"], "boom");
         let mut ev = ev;
-        ev.event = "capsule.state.changed".into();
+        ev.event = EventKind::CapsuleStateChanged;
         assert!(from_event(&ev).is_none());
-        ev.event = "host.down".into();
+        ev.event = EventKind::HostDown;
         assert_eq!(from_event(&ev).unwrap().scope, Scope::Team);
         ev.team_id = None;
         assert_eq!(from_event(&ev).unwrap().scope, Scope::Admin);

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use wrenn_api::id::{new_id, prefix};
 
 use crate::accounts::team_slug;
-use crate::auth::{hash_api_key, key_prefix, new_api_key};
+use crate::accounts::{hash_api_key, key_prefix, new_api_key};
 use crate::store::{NewTeam, Store, StoreError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -38,20 +38,25 @@ impl From<crate::store::StoreError> for ApiError {
     }
 }
 
-/// Maps the host agent's errors to API errors.
-pub fn from_agent(e: wrenn_agent::AgentError) -> ApiError {
-    use wrenn_agent::AgentError as A;
+/// Maps a host's errors to API errors.
+pub fn from_host(e: wrenn_host::HostError) -> ApiError {
+    use wrenn_host::HostError as H;
     match e {
-        A::InvalidRequest(m) => ApiError::invalid(m),
-        A::NotFound(m) => ApiError::not_found(m),
-        A::InvalidState(m) => ApiError::invalid_state(m),
-        A::Conflict(m) => ApiError::new(ErrorCode::Conflict, m),
-        A::AlreadyExists(m) => ApiError::new(ErrorCode::AlreadyExists, m),
-        A::CannotRun { message, .. } => ApiError::invalid(message),
-        A::Unreachable(m) => ApiError::new(
+        H::InvalidRequest(m) => ApiError::invalid(m),
+        H::NotFound(m) => ApiError::not_found(m),
+        H::InvalidState(m) => ApiError::invalid_state(m),
+        H::Conflict(m) => ApiError::new(ErrorCode::Conflict, m),
+        H::AlreadyExists(m) => ApiError::new(ErrorCode::AlreadyExists, m),
+        H::CannotRun { message, .. } => ApiError::invalid(message),
+        H::Unreachable(m) => ApiError::new(
             ErrorCode::HostUnavailable,
             format!("the capsule's host cannot be reached: {m}"),
         ),
         other => ApiError::new(ErrorCode::AgentError, other.to_string()),
     }
+}
+
+/// Maps a guest agent's errors to API errors (the same way as the host's).
+pub fn from_envd(e: envd_client::EnvdError) -> ApiError {
+    from_host(e.into())
 }

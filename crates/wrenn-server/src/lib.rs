@@ -1,44 +1,44 @@
 //! The Wrenn control plane: the public HTTP API in front of one or more host agents.
 //!
-//! Layers, each with its own error type converted with `From`:
-//! - [`http`]: axum handlers — parse, call a service, map errors to `{"error":{code,message}}`.
-//! - [`service`]: what the API means (validation, state transitions, calls to hosts).
-//! - [`store`]: persistence behind one type, so PostgreSQL can join SQLite without touching
-//!   handlers or services.
-//! - [`stats`]: team statistics (sampler, stats and usage reads).
-//! - [`accounts`]: users, sessions, teams, API keys, OAuth, admin.
-//! - [`hosts`]: host records, registration, host tokens and mTLS material, liveness.
-//! - [`host`]: how the control plane reaches a host agent ([`host::HostClient`]).
-//! - [`events`]: the event bus (SSE listeners, work queues); [`audit`]: the audit log;
-//!   [`channels`]: notification channels and their delivery.
+//! [`control_plane::ControlPlane`] starts and stops it. Layers, each with its own error type
+//! converted with `From`:
+//! - `http`: axum handlers — parse, call a service, map errors to `{"error":{code,message}}`.
+//! - services: `capsules` (what the capsule API means), [`accounts`] (users, sessions, teams,
+//!   API keys, OAuth, admin), `hosts` (host records, registration, liveness, and the pool of
+//!   connected hosts with placement), `stats`, `channels` (notification channels), `audit`.
+//! - `events`: the event bus (SSE listeners, work queues).
+//! - [`store`]: persistence behind one type (SQLite or PostgreSQL).
+//!
+//! Dependencies between modules go one way: `http` → services → `store`; `capsules` →
+//! `hosts` (it implements the hosts' [`hosts::HostEvents`]) and `accounts` (it implements
+//! [`accounts::TeamCapsules`]); `hosts` → `accounts` (rights); nothing depends on `http`.
 
 pub mod accounts;
-pub mod activity;
-pub mod audit;
-pub mod auth;
-pub mod bootstrap;
-pub mod channels;
-pub mod error;
-pub mod events;
-pub mod host;
-pub mod hosts;
-pub mod http;
-pub mod pool;
-pub mod service;
-pub mod stats;
+mod audit;
+mod bootstrap;
+mod capsules;
+mod channels;
+pub mod clock;
+pub mod control_plane;
+mod error;
+mod events;
+pub(crate) mod hosts;
+mod http;
+mod stats;
 pub mod store;
 
 use std::sync::Arc;
 
-pub use error::HttpError;
+pub use control_plane::{Config, ControlPlane, EmbeddedHost, GithubApp, StartError};
+pub use hosts::pool::Overcommit;
 
 /// Shared state of every request.
 #[derive(Clone)]
-pub struct AppState {
+pub(crate) struct AppState {
     pub store: store::Store,
-    pub capsules: Arc<service::CapsuleService>,
+    pub capsules: Arc<capsules::CapsuleService>,
     pub stats: Arc<stats::StatsService>,
-    pub key_usage: Arc<auth::KeyUsage>,
+    pub key_usage: Arc<http::auth::KeyUsage>,
     pub accounts: Arc<accounts::AccountService>,
     pub hosts: Arc<hosts::HostService>,
     pub events: Arc<events::EventBus>,

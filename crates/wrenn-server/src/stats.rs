@@ -21,9 +21,6 @@ use crate::store::{Store, TeamLoad};
 
 type Result<T> = std::result::Result<T, ApiError>;
 
-/// How often the sampler runs by default (REFERENCE.md).
-pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
-/// How long samples are kept.
 const KEEP_SAMPLES_DAYS: i64 = 60;
 /// Peaks look this far back.
 const PEAK_DAYS: i64 = 30;

@@ -9,9 +9,9 @@ use wrenn_api::*;
 use wrenn_server::accounts::limits::AuthLimits;
 use wrenn_server::accounts::mail::Mailer;
 use wrenn_server::accounts::{
-    AccountConfig, AccountService, ClientMeta, IssuedSession, ManualClock, SessionUser,
-    TeamCapsules,
+    AccountConfig, AccountService, ClientMeta, IssuedSession, SessionUser, TeamCapsules,
 };
+use wrenn_server::clock::ManualClock;
 use wrenn_server::store::Store;
 
 #[macro_use]
@@ -223,7 +223,7 @@ async fn signup_activation_and_login_follow_the_rules(store: Store) {
     // Activation: session, default team with the user as owner, first active user is admin.
     let (resp, issued) = e.svc.activate(&token, &m).await.unwrap();
     assert_eq!(resp.email, "ada@x.io");
-    assert_eq!(resp.role, "owner");
+    assert_eq!(resp.role, Role::Owner);
     assert!(resp.is_admin, "the first active user is platform admin");
     assert_eq!(issued.secret.len(), 64);
     assert_eq!(
@@ -530,7 +530,7 @@ async fn teams_members_and_roles(store: Store) {
     // Rights: members read; admins rename and manage members; only the owner deletes.
     let detail = e.svc.get_team(&member, &team).await.unwrap();
     assert_eq!(detail.members.len(), 3);
-    assert_eq!(detail.members[0].role, "owner");
+    assert_eq!(detail.members[0].role, Role::Owner);
     assert_eq!(
         code(e.svc.rename_team(&member, &team, "Mine").await),
         "forbidden"
@@ -621,7 +621,7 @@ async fn api_keys_belong_to_the_session_team(store: Store) {
     assert_eq!(k.key_prefix, plain[..10]);
     let owner = e
         .store
-        .api_key_by_hash(&wrenn_server::auth::hash_api_key(&plain))
+        .api_key_by_hash(&wrenn_server::accounts::hash_api_key(&plain))
         .await
         .unwrap()
         .unwrap();
@@ -651,7 +651,7 @@ async fn api_keys_belong_to_the_session_team(store: Store) {
     e.svc.delete_api_key(&a, &k.id).await.unwrap();
     assert!(e
         .store
-        .api_key_by_hash(&wrenn_server::auth::hash_api_key(&plain))
+        .api_key_by_hash(&wrenn_server::accounts::hash_api_key(&plain))
         .await
         .unwrap()
         .is_none());
@@ -708,7 +708,7 @@ async fn admins_govern_users_and_teams(store: Store) {
     assert!(e.svc.authenticate(&user_i.secret).await.unwrap().is_none());
     assert!(e
         .store
-        .api_key_by_hash(&wrenn_server::auth::hash_api_key(&key))
+        .api_key_by_hash(&wrenn_server::accounts::hash_api_key(&key))
         .await
         .unwrap()
         .is_none());
@@ -788,7 +788,7 @@ async fn deleted_accounts_free_their_email_and_are_purged(store: Store) {
     );
     assert!(e.destroyed.0.lock().unwrap().contains(&a_r.team_id));
     let row = e.store.user_by_id(&a_r.user_id).await.unwrap().unwrap();
-    assert_eq!(row.status, "deleted");
+    assert_eq!(row.status, UserStatus::Deleted);
     // The email can sign up again.
     e.user("del@x.io", "password2").await;
     // Purged after 15 days.

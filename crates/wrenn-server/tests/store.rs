@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use chrono::{Duration, NaiveDate, TimeZone, Utc};
 use wrenn_api::{CapsuleStatus, CreateCapsuleRequest};
+use wrenn_api::{HostStatus, UserStatus};
 use wrenn_server::store::{NewTeam, NewTemplate, Store, TeamLoad};
 
 #[macro_use]
@@ -220,7 +221,7 @@ async fn audit_pages_follow_their_cursor_and_filters(store: Store) {
             "gone@x.io",
             "Gone",
             None,
-            "active",
+            UserStatus::Active,
             t0 - Duration::days(30)
         )
         .await
@@ -364,7 +365,7 @@ async fn host_tokens_are_single_use_and_secrets_stable(store: Store) {
         memory_mb: None,
         disk_gb: None,
         address: None,
-        status: "pending".into(),
+        status: HostStatus::Pending,
         last_heartbeat_at: None,
         created_by: "usr-1".into(),
         created_at: now,
@@ -432,15 +433,25 @@ async fn host_tokens_are_single_use_and_secrets_stable(store: Store) {
         .is_none());
     // Status moves only from the states named.
     assert!(!store
-        .set_host_status("host-1", "unreachable", &["online"], now)
+        .set_host_status(
+            "host-1",
+            HostStatus::Unreachable,
+            &[HostStatus::Online],
+            now
+        )
         .await
         .unwrap());
     assert!(store
-        .set_host_status("host-1", "online", &[], now)
+        .set_host_status("host-1", HostStatus::Online, &[], now)
         .await
         .unwrap());
     assert!(store
-        .set_host_status("host-1", "unreachable", &["online"], now)
+        .set_host_status(
+            "host-1",
+            HostStatus::Unreachable,
+            &[HostStatus::Online],
+            now
+        )
         .await
         .unwrap());
     // Tags and deletion.

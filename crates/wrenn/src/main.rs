@@ -14,8 +14,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use tracing::info;
-use wrenn_agent::config::AccelChoice;
-use wrenn_agent::AgentConfig;
+use wrenn_agent::{AccelChoice, AgentConfig};
 
 #[derive(Parser)]
 #[command(
@@ -138,7 +137,7 @@ fn main() -> Result<()> {
         Command::Up(args) => rt.block_on(up(*args)),
         Command::Server(args) => rt.block_on(async move {
             let dir = data_dir(&args.data_dir)?;
-            control_plane::run(args.cp, dir, None).await.map(|_| ())
+            control_plane::run(args.cp, dir, None).await
         }),
         Command::Agent(args) => rt.block_on(agent::run(*args)),
     }
@@ -151,16 +150,23 @@ async fn up(args: UpArgs) -> Result<()> {
     let manager = wrenn_agent::CapsuleManager::start(cfg)
         .await
         .context("host agent failed to start")?;
-    let manager = control_plane::run(args.cp, dir, Some(manager)).await?;
-    if let Some(manager) = manager {
-        if args.host.destroy_on_exit {
-            info!("destroying every capsule before exit");
-            manager.destroy_all().await;
-        } else {
-            info!("capsules keep running; the next `wrenn up` re-adopts them");
-        }
+    let embedded = wrenn_server::EmbeddedHost {
+        host: manager.clone(),
+        capacity: manager.capacity(),
+    };
+    let about = format!(
+        "vmm: {}, accelerator: {}",
+        manager.vmm_version(),
+        manager.accel()
+    );
+    let served = control_plane::run(args.cp, dir, Some((embedded, about))).await;
+    if args.host.destroy_on_exit {
+        info!("destroying every capsule before exit");
+        manager.destroy_all().await;
+    } else {
+        info!("capsules keep running; the next `wrenn up` re-adopts them");
     }
-    Ok(())
+    served
 }
 
 pub(crate) async fn shutdown_signal() {

@@ -8,7 +8,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 
-use crate::error::{AgentError, Result};
+use crate::error::{HostError, Result};
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -22,7 +22,7 @@ impl Qmp {
     pub async fn connect(path: &Path) -> Result<Self> {
         let stream = UnixStream::connect(path)
             .await
-            .map_err(|e| AgentError::Vmm(format!("qmp connect {}: {e}", path.display())))?;
+            .map_err(|e| HostError::Vmm(format!("qmp connect {}: {e}", path.display())))?;
         let (r, w) = stream.into_split();
         let mut qmp = Self {
             reader: BufReader::new(r),
@@ -30,7 +30,7 @@ impl Qmp {
         };
         let greeting = qmp.read_message().await?;
         if greeting.get("QMP").is_none() {
-            return Err(AgentError::Vmm(format!(
+            return Err(HostError::Vmm(format!(
                 "unexpected qmp greeting: {greeting}"
             )));
         }
@@ -38,7 +38,7 @@ impl Qmp {
         Ok(qmp)
     }
 
-    /// Runs one command and returns its `return` value; QMP errors become `AgentError::Vmm`.
+    /// Runs one command and returns its `return` value; QMP errors become `HostError::Vmm`.
     pub async fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value> {
         let mut msg = json!({ "execute": command });
         if let Some(a) = arguments {
@@ -53,7 +53,7 @@ impl Qmp {
                 return Ok(r.clone());
             }
             if let Some(e) = m.get("error") {
-                return Err(AgentError::Vmm(format!("qmp {command}: {e}")));
+                return Err(HostError::Vmm(format!("qmp {command}: {e}")));
             }
             // Asynchronous events interleave with answers; they are not ours to handle here.
         }
@@ -63,10 +63,10 @@ impl Qmp {
         let mut line = String::new();
         let n = tokio::time::timeout(QMP_TIMEOUT, self.reader.read_line(&mut line))
             .await
-            .map_err(|_| AgentError::Vmm("qmp: no answer".into()))??;
+            .map_err(|_| HostError::Vmm("qmp: no answer".into()))??;
         if n == 0 {
-            return Err(AgentError::Vmm("qmp: connection closed".into()));
+            return Err(HostError::Vmm("qmp: connection closed".into()));
         }
-        serde_json::from_str(&line).map_err(|e| AgentError::Vmm(format!("qmp: bad message: {e}")))
+        serde_json::from_str(&line).map_err(|e| HostError::Vmm(format!("qmp: bad message: {e}")))
     }
 }

@@ -10,7 +10,7 @@
 use chrono::Duration;
 use serde::Deserialize;
 use wrenn_api::id::{new_id, prefix};
-use wrenn_api::{ApiError, ErrorCode, SessionResponse};
+use wrenn_api::{ApiError, ErrorCode, SessionResponse, UserStatus};
 
 use super::secrets::{random_hex, sha256_hex};
 use super::{team_slug, AccountService, ClientMeta, IssuedSession, SessionUser};
@@ -338,7 +338,7 @@ impl AccountService {
                 if let Some(user_id) = linked {
                     let user = self.store.user_by_id(&user_id).await?;
                     return match user {
-                        Some(u) if u.status == "active" => {
+                        Some(u) if u.status == UserStatus::Active => {
                             let team = self.default_team(&u.id).await?;
                             Ok(Finished::Session(Box::new(
                                 self.open_session(&u.id, &team, meta).await?,

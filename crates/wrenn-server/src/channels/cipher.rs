@@ -1,5 +1,5 @@
 //! Channel config values at rest: AES-256-GCM, each value sealed on its own as
-//! base64(12-byte random nonce ‖ ciphertext and tag) (REFERENCE.md).
+//! base64(12-byte random nonce ‖ ciphertext and tag), the reference platform's format.
 //!
 //! The key is `WRENN_ENCRYPTION_KEY` (64 hex) or, when that is not set, one generated on first
 //! start and kept in `<data>/encryption.key` (0600). Replicas of one platform must share it.

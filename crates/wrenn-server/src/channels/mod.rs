@@ -20,10 +20,10 @@ use chrono::Utc;
 use wrenn_api::id::new_id;
 use wrenn_api::{
     ApiError, ChannelDelivery, ChannelResponse, CreateChannelRequest, ErrorCode, Event, EventActor,
-    RotateConfigRequest, TestChannelRequest, UpdateChannelRequest, CHANNEL_EVENTS,
+    EventKind, Role, RotateConfigRequest, TestChannelRequest, UpdateChannelRequest,
 };
 
-use crate::accounts::{Role, SessionUser};
+use crate::accounts::SessionUser;
 use crate::audit::{AuditLog, Record};
 use crate::events::{Work, WorkQueue};
 use crate::store::{ChannelRow, Store};
@@ -45,7 +45,7 @@ type Result<T> = std::result::Result<T, ApiError>;
 pub struct ChannelConfig {
     /// Telegram's bot API base URL (`https://api.telegram.org`).
     pub telegram_api_url: String,
-    /// Waits before each retry after a failed attempt (REFERENCE.md: 10 s, then 30 s).
+    /// Waits before each retry after a failed attempt (by default 10 s, then 30 s, as the reference platform).
     pub retry_delays: Vec<Duration>,
     /// Let users' URLs reach loopback and private addresses (off: public addresses only).
     pub allow_private_targets: bool,
@@ -88,10 +88,11 @@ pub fn normalize_name(n: &str) -> Result<String> {
 fn check_events(events: &[String]) -> Result<Vec<String>> {
     let mut out: Vec<String> = Vec::new();
     for e in events {
-        if !CHANNEL_EVENTS.contains(&e.as_str()) {
+        if !EventKind::for_channels().any(|k| k.as_str() == e) {
+            let names: Vec<&str> = EventKind::for_channels().map(EventKind::as_str).collect();
             return Err(ApiError::invalid(format!(
                 "unknown event {e:?}: choose from {}",
-                CHANNEL_EVENTS.join(", ")
+                names.join(", ")
             )));
         }
         if !out.contains(e) {
@@ -133,7 +134,7 @@ fn taken(name: &str) -> ApiError {
 }
 
 fn member(u: &SessionUser) -> Result<Role> {
-    u.role.as_deref().and_then(Role::parse).ok_or_else(|| {
+    u.role.ok_or_else(|| {
         ApiError::forbidden("you are no longer a member of this session's team: switch team")
     })
 }
@@ -372,11 +373,14 @@ impl ChannelService {
     /// Delivers one event to every channel subscribed to it. `Err` only when the channels
     /// could not be read (nothing was sent); a delivery's own failure is recorded with it.
     pub async fn dispatch(&self, ev: &Event, key: Option<&str>) -> crate::store::Result<()> {
-        if !CHANNEL_EVENTS.contains(&ev.event.as_str()) {
+        if ev.event == EventKind::CapsuleStateChanged {
             return Ok(());
         }
         let teams = self.audience(ev).await?;
-        let channels = self.store.subscribed_channels(&teams, &ev.event).await?;
+        let channels = self
+            .store
+            .subscribed_channels(&teams, ev.event.as_str())
+            .await?;
         let jobs = channels.iter().map(|ch| {
             // A redelivered stream entry gets the same delivery ids: what was delivered is
             // not sent again.

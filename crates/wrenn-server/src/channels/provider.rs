@@ -20,7 +20,7 @@ use hmac::{Hmac, Mac};
 use serde::Serialize;
 use serde_json::json;
 use sha2::Sha256;
-use wrenn_api::{ApiError, Event};
+use wrenn_api::{ApiError, Event, EventKind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Provider {
@@ -35,7 +35,7 @@ pub enum Provider {
 
 pub const PROVIDERS: &str = "discord, slack, teams, googlechat, telegram, matrix, webhook";
 
-/// How long one attempt may take (REFERENCE.md).
+/// How long one attempt may take (as the reference platform: 10 s).
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Provider {
@@ -169,8 +169,8 @@ fn check_url(field: &str, v: &str) -> Result<(), ApiError> {
     }
 }
 
-/// What a channel receives about an event (REFERENCE.md: event, timestamp, team, actor,
-/// resource), plus the outcome of actions that can fail.
+/// What a channel receives about an event (the reference platform's payload: event,
+/// timestamp, team, actor, resource), plus the outcome of actions that can fail.
 #[derive(Debug, Clone, Serialize)]
 pub struct Notification {
     pub event: String,
@@ -189,7 +189,7 @@ pub struct Notification {
 impl Notification {
     pub fn of(ev: &Event, team_id: Option<&str>) -> Self {
         Self {
-            event: ev.event.clone(),
+            event: ev.event.to_string(),
             timestamp: ev.timestamp,
             team_id: team_id.map(Into::into).or_else(|| ev.team_id.clone()),
             actor: ev.actor.clone(),
@@ -225,16 +225,16 @@ impl Notification {
                 self.actor.name
             );
         }
-        let what = match self.event.as_str() {
-            "capsule.create" => "created",
-            "capsule.pause" => "paused",
-            "capsule.resume" => "resumed",
-            "capsule.destroy" => "destroyed",
-            "template.snapshot.create" => "snapshot created",
-            "template.snapshot.delete" => "snapshot deleted",
-            "host.up" => "is back up",
-            "host.down" => "is down",
-            other => other,
+        let what = match EventKind::parse(&self.event) {
+            Some(EventKind::CapsuleCreate) => "created",
+            Some(EventKind::CapsulePause) => "paused",
+            Some(EventKind::CapsuleResume) => "resumed",
+            Some(EventKind::CapsuleDestroy) => "destroyed",
+            Some(EventKind::SnapshotCreate) => "snapshot created",
+            Some(EventKind::SnapshotDelete) => "snapshot deleted",
+            Some(EventKind::HostUp) => "is back up",
+            Some(EventKind::HostDown) => "is down",
+            Some(EventKind::CapsuleStateChanged) | None => &self.event,
         };
         let mut s = format!("[Wrenn] {} {} {what}", self.resource.kind, self.resource.id);
         if self.actor.kind != "system" || !self.event.starts_with("host.") {

@@ -11,6 +11,7 @@
 //!   back `online` and reconciles them against what the agent really runs.
 
 pub mod pki;
+pub mod pool;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,8 +21,9 @@ use wrenn_api::id::{new_id, prefix};
 use wrenn_api::*;
 
 use crate::accounts::secrets::{random_hex, sha256_hex};
-use crate::accounts::{Clock, Role, SessionUser};
+use crate::accounts::SessionUser;
 use crate::audit::{AuditLog, Record};
+use crate::clock::Clock;
 use crate::store::{HostSpecs, Store};
 use pki::Pki;
 
@@ -57,7 +59,7 @@ impl HostConfig {
 }
 
 /// What happens to hosts' capsules and connections as hosts come and go; implemented by the
-/// capsule side ([`crate::service::CapsuleService`]).
+/// capsule side (the capsule service).
 #[async_trait::async_trait]
 pub trait HostEvents: Send + Sync {
     /// A host registered, refreshed its credentials or came back: (re)connect to it.
@@ -132,25 +134,12 @@ impl HostService {
         }
     }
 
-    pub fn pki(&self) -> &Arc<Pki> {
-        &self.pki
-    }
-
-    pub fn config(&self) -> &HostConfig {
-        &self.config
-    }
-
     fn now(&self) -> DateTime<Utc> {
         self.clock.now()
     }
 
     async fn role(&self, u: &SessionUser, team_id: &str) -> Result<Option<Role>> {
-        Ok(self
-            .store
-            .role_in_team(team_id, &u.user_id)
-            .await?
-            .as_deref()
-            .and_then(Role::parse))
+        Ok(self.store.role_in_team(team_id, &u.user_id).await?)
     }
 
     /// The host if `u` may see it (admins: all; others: BYOC hosts of their teams). Others'
@@ -255,7 +244,7 @@ impl HostService {
             memory_mb: None,
             disk_gb: None,
             address: None,
-            status: "pending".into(),
+            status: HostStatus::Pending,
             last_heartbeat_at: None,
             created_by: u.user_id.clone(),
             created_at: now,
@@ -358,10 +347,10 @@ impl HostService {
 
     pub async fn regenerate_token(&self, u: &SessionUser, id: &str) -> Result<CreateHostResponse> {
         let host = self.manageable(u, id).await?;
-        if host.status != "pending" {
+        if host.status != HostStatus::Pending {
             return Err(ApiError::invalid_state(format!(
                 "host {id} is {}: registration tokens are only for pending hosts",
-                host.status
+                host.status.as_str()
             )));
         }
         let registration_token = self.new_registration_token(id).await?;
@@ -524,7 +513,12 @@ impl HostService {
         self.store.record_heartbeat(&host.id, now).await?;
         if self
             .store
-            .set_host_status(&host.id, "online", &["unreachable", "offline"], now)
+            .set_host_status(
+                &host.id,
+                HostStatus::Online,
+                &[HostStatus::Unreachable, HostStatus::Offline],
+                now,
+            )
             .await?
         {
             tracing::info!(host_id = %host.id, "host is back");
@@ -558,13 +552,18 @@ impl HostService {
         let now = self.now();
         let limit = now - self.config.unreachable_after();
         for h in self.store.hosts(None).await? {
-            if h.status != "online" && h.status != "draining" || skip.contains(&h.id) {
+            if !h.status.serves() || skip.contains(&h.id) {
                 continue;
             }
             if h.last_heartbeat_at.is_none_or(|t| t < limit)
                 && self
                     .store
-                    .set_host_status(&h.id, "unreachable", &["online", "draining"], now)
+                    .set_host_status(
+                        &h.id,
+                        HostStatus::Unreachable,
+                        &[HostStatus::Online, HostStatus::Draining],
+                        now,
+                    )
                     .await?
             {
                 tracing::warn!(host_id = %h.id, last_heartbeat = ?h.last_heartbeat_at, "host unreachable (host.down)");
@@ -599,7 +598,7 @@ impl From<crate::store::StoreError> for DeleteError {
 pub async fn ensure_embedded_host(
     store: &Store,
     data_dir: &std::path::Path,
-    capacity: &wrenn_agent::HostCapacity,
+    capacity: &wrenn_host::HostCapacity,
 ) -> std::result::Result<String, crate::store::StoreError> {
     let file = data_dir.join("embedded-host-id");
     let id = match std::fs::read_to_string(&file) {
@@ -635,7 +634,7 @@ pub async fn ensure_embedded_host(
                 memory_mb: None,
                 disk_gb: None,
                 address: None,
-                status: "online".into(),
+                status: HostStatus::Online,
                 last_heartbeat_at: Some(now),
                 created_by: "system".into(),
                 created_at: now,

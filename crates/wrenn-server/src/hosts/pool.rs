@@ -10,12 +10,33 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use wrenn_agent::rpc::client::RemoteAgent;
-use wrenn_agent::rpc::TlsMaterial;
-use wrenn_api::{ApiError, CapsuleSpec, ErrorCode, Host};
+use wrenn_api::{ApiError, CapsuleSpec, ErrorCode, Host as HostRecord, HostStatus};
+use wrenn_host::{Host, RemoteHost, TlsMaterial};
 
-use crate::host::{HostClient, RemoteHost};
 use crate::store::{CapsuleRow, Store};
+
+/// A connected host: its id, and the [`Host`] that reaches it (dereferences to it).
+#[derive(Clone)]
+pub struct HostHandle {
+    id: Arc<str>,
+    /// Where a remote agent listens (`None` for the agent in this process).
+    address: Option<Arc<str>>,
+    host: Arc<dyn Host>,
+}
+
+impl HostHandle {
+    pub fn host_id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl std::ops::Deref for HostHandle {
+    type Target = dyn Host;
+
+    fn deref(&self) -> &(dyn Host + 'static) {
+        self.host.as_ref()
+    }
+}
 
 /// How far reservations may exceed a host's cores and memory. Guests share their template's
 /// memory copy-on-write and idle ones use a fraction of a core, so reserving exactly what
@@ -40,7 +61,7 @@ pub struct HostPool {
     /// The control plane's client certificate for agents (`None`: no remote hosts, `wrenn up`
     /// before the CA exists).
     tls: Option<TlsMaterial>,
-    clients: RwLock<HashMap<String, Arc<dyn HostClient>>>,
+    clients: RwLock<HashMap<String, HostHandle>>,
     overcommit: Overcommit,
     /// Whether each host was up, and when that was read.
     status: Mutex<HashMap<String, (bool, Instant)>>,
@@ -67,34 +88,43 @@ impl HostPool {
         }
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<dyn HostClient>>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, HostHandle>> {
         self.clients.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<dyn HostClient>>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, HostHandle>> {
         self.clients.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Adds a host reached another way (the agent embedded in this process).
-    pub fn add(&self, client: Arc<dyn HostClient>) {
-        self.write().insert(client.host_id().to_string(), client);
+    pub fn add(&self, id: &str, host: Arc<dyn Host>) {
+        let handle = HostHandle {
+            id: id.into(),
+            address: None,
+            host,
+        };
+        self.write().insert(id.to_string(), handle);
     }
 
     /// A client for a registered remote host (replaced if its address changed).
-    pub fn connect(&self, host: &Host) {
+    pub fn connect(&self, host: &HostRecord) {
         let (Some(address), Some(tls)) = (host.address.as_deref(), &self.tls) else {
             return;
         };
         if let Some(existing) = self.read().get(&host.id) {
-            if existing.address() == Some(address) || existing.address().is_none() {
+            if existing.address.as_deref().is_none_or(|a| a == address) {
                 return;
             }
         }
-        match RemoteAgent::new(address, tls) {
-            Ok(agent) => {
+        match RemoteHost::new(address, tls) {
+            Ok(remote) => {
                 tracing::info!(host_id = %host.id, address, "connected to host agent");
-                self.write()
-                    .insert(host.id.clone(), Arc::new(RemoteHost::new(&host.id, agent)));
+                let handle = HostHandle {
+                    id: host.id.as_str().into(),
+                    address: Some(address.into()),
+                    host: Arc::new(remote),
+                };
+                self.write().insert(host.id.clone(), handle);
             }
             Err(e) => {
                 tracing::warn!(host_id = %host.id, address, error = %e, "cannot connect to host agent")
@@ -102,21 +132,16 @@ impl HostPool {
         }
     }
 
-    pub fn remove(&self, host_id: &str) {
-        self.write().remove(host_id);
-        self.status_changed(host_id);
-    }
-
-    pub fn get(&self, host_id: &str) -> Option<Arc<dyn HostClient>> {
+    pub fn get(&self, host_id: &str) -> Option<HostHandle> {
         self.read().get(host_id).cloned()
     }
 
-    pub fn all(&self) -> Vec<Arc<dyn HostClient>> {
+    pub fn all(&self) -> Vec<HostHandle> {
         self.read().values().cloned().collect()
     }
 
     /// The host of a capsule, if it is online and connected.
-    pub async fn client_for(&self, row: &CapsuleRow) -> Result<Arc<dyn HostClient>, ApiError> {
+    pub async fn client_for(&self, row: &CapsuleRow) -> Result<HostHandle, ApiError> {
         let id = row.host_id.as_deref().unwrap_or_default();
         self.online(id).await
     }
@@ -124,7 +149,7 @@ impl HostPool {
     /// Host `id`, if online (or draining) and connected. The status is read from the
     /// database at most once per [`STATUS_TTL`] per host, so the request path of an exec costs
     /// no extra query while liveness changes (made by any replica) still show within a second.
-    pub async fn online(&self, id: &str) -> Result<Arc<dyn HostClient>, ApiError> {
+    pub async fn online(&self, id: &str) -> Result<HostHandle, ApiError> {
         let client = self.get(id).ok_or_else(|| unavailable(id))?;
         let cached = self
             .status
@@ -136,10 +161,11 @@ impl HostPool {
         let up = match cached {
             Some(up) => up,
             None => {
-                let up = matches!(
-                    self.store.host(id).await?.map(|h| h.status).as_deref(),
-                    Some("online" | "draining")
-                );
+                let up = self
+                    .store
+                    .host(id)
+                    .await?
+                    .is_some_and(|h| h.status.serves());
                 self.status
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -163,10 +189,10 @@ impl HostPool {
     }
 
     /// Any online host (to ask what every host has: the platform templates).
-    pub async fn any(&self) -> Result<Arc<dyn HostClient>, ApiError> {
+    pub async fn any(&self) -> Result<HostHandle, ApiError> {
         let mut hosts = self.store.hosts(None).await?;
         hosts.sort_by_key(|h| h.team_id.is_some());
-        for h in hosts.iter().filter(|h| h.status == "online") {
+        for h in hosts.iter().filter(|h| h.status == HostStatus::Online) {
             if let Some(c) = self.get(&h.id) {
                 return Ok(c);
             }
@@ -175,12 +201,8 @@ impl HostPool {
     }
 
     /// The host a new capsule of `team_id` with `spec` goes to.
-    pub async fn place(
-        &self,
-        team_id: &str,
-        spec: &CapsuleSpec,
-    ) -> Result<Arc<dyn HostClient>, ApiError> {
-        let hosts: Vec<Host> = self
+    pub async fn place(&self, team_id: &str, spec: &CapsuleSpec) -> Result<HostHandle, ApiError> {
+        let hosts: Vec<HostRecord> = self
             .store
             .hosts(None)
             .await?
@@ -199,24 +221,27 @@ impl HostPool {
 /// loaded afterwards. A BYOC team with hosts of its own uses only those; everyone else the
 /// shared (regular) hosts. `reserved` is (vCPUs, MiB) per host.
 pub fn choose(
-    hosts: &[Host],
+    hosts: &[HostRecord],
     reserved: &HashMap<String, (i64, i64)>,
     team_id: &str,
     team_byoc: bool,
     spec: &CapsuleSpec,
     overcommit: Overcommit,
 ) -> Option<String> {
-    let own: Vec<&Host> = hosts
+    let own: Vec<&HostRecord> = hosts
         .iter()
         .filter(|h| h.team_id.as_deref() == Some(team_id))
         .collect();
-    let candidates: Vec<&Host> = if team_byoc && !own.is_empty() {
+    let candidates: Vec<&HostRecord> = if team_byoc && !own.is_empty() {
         own
     } else {
         hosts.iter().filter(|h| h.team_id.is_none()).collect()
     };
-    let mut best: Option<(f64, &Host)> = None;
-    for h in candidates.into_iter().filter(|h| h.status == "online") {
+    let mut best: Option<(f64, &HostRecord)> = None;
+    for h in candidates
+        .into_iter()
+        .filter(|h| h.status == HostStatus::Online)
+    {
         let (cpus, mem) = reserved.get(&h.id).copied().unwrap_or((0, 0));
         let cap_cpu = h.cpu_cores.unwrap_or(1).max(1) as f64 * overcommit.cpu;
         let cap_mem = h.memory_mb.unwrap_or(0).max(0) as f64 * overcommit.memory;
@@ -244,9 +269,9 @@ fn no_hosts() -> ApiError {
 mod tests {
     use super::*;
 
-    fn host(id: &str, team: Option<&str>, status: &str, cores: i64, mem: i64) -> Host {
+    fn host(id: &str, team: Option<&str>, status: &str, cores: i64, mem: i64) -> HostRecord {
         let now = chrono::Utc::now();
-        Host {
+        HostRecord {
             id: id.into(),
             kind: if team.is_some() { "byoc" } else { "regular" }.into(),
             team_id: team.map(Into::into),
@@ -257,7 +282,7 @@ mod tests {
             memory_mb: Some(mem),
             disk_gb: None,
             address: None,
-            status: status.into(),
+            status: HostStatus::parse(status).unwrap(),
             last_heartbeat_at: None,
             created_by: "t".into(),
             created_at: now,

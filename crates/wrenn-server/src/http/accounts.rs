@@ -14,8 +14,8 @@ use wrenn_api::*;
 use super::ApiJson;
 use crate::accounts::oauth::{Finished, STATE_TTL};
 use crate::accounts::{ClientMeta, IssuedSession};
-use crate::auth::{cookie, SessionAuth, CSRF_COOKIE, SESSION_COOKIE};
 use crate::error::HttpError;
+use crate::http::auth::{cookie, SessionAuth, CSRF_COOKIE, SESSION_COOKIE};
 use crate::AppState;
 
 type Result<T> = std::result::Result<T, HttpError>;

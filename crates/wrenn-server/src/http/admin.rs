@@ -9,8 +9,8 @@ use axum::Json;
 use wrenn_api::*;
 
 use super::ApiJson;
-use crate::auth::{Actor, AdminAuth, TeamAuth};
 use crate::error::HttpError;
+use crate::http::auth::{Actor, AdminAuth, TeamAuth};
 use crate::AppState;
 
 type Result<T> = std::result::Result<T, HttpError>;

@@ -4,11 +4,11 @@ use axum::extract::{RawQuery, State};
 use axum::Json;
 use wrenn_api::{ApiError, AuditLogPage};
 
-use crate::accounts::Role;
 use crate::audit::{PageParams, Reader};
-use crate::auth::{AdminAuth, SessionAuth};
 use crate::error::HttpError;
+use crate::http::auth::{AdminAuth, SessionAuth};
 use crate::AppState;
+use wrenn_api::Role;
 
 pub async fn team(
     State(s): State<AppState>,
@@ -16,7 +16,7 @@ pub async fn team(
     RawQuery(q): RawQuery,
 ) -> Result<Json<AuditLogPage>, HttpError> {
     let params = PageParams::parse(q.as_deref())?;
-    let role = u.role.as_deref().and_then(Role::parse).ok_or_else(|| {
+    let role = u.role.ok_or_else(|| {
         ApiError::forbidden("you are no longer a member of this session's team: switch team")
     })?;
     let reader = Reader::Team {

@@ -13,33 +13,15 @@ use std::time::{Duration, Instant};
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::Method;
-use sha2::{Digest, Sha256};
 use wrenn_api::{ApiError, ErrorCode};
 
+use crate::accounts::hash_api_key;
 use crate::accounts::secrets::constant_time_eq;
 use crate::accounts::SessionUser;
 use crate::error::HttpError;
 use crate::AppState;
 
 pub const API_KEY_HEADER: &str = "X-API-Key";
-
-/// SHA-256 hex of an API key: the only form in which keys are stored.
-pub fn hash_api_key(key: &str) -> String {
-    hex::encode(Sha256::digest(key.as_bytes()))
-}
-
-/// A new API key: `wrn_` + 32 hex characters (128 random bits).
-pub fn new_api_key() -> String {
-    use rand::RngCore;
-    let mut bytes = [0u8; 16];
-    rand::thread_rng().fill_bytes(&mut bytes);
-    format!("wrn_{}", hex::encode(bytes))
-}
-
-/// What lists show of a key: its first 10 characters.
-pub fn key_prefix(key: &str) -> String {
-    key.chars().take(10).collect()
-}
 
 /// How stale an API key's `last_used` may be: it is written at most once per this period.
 const LAST_USED_RESOLUTION: Duration = Duration::from_secs(60);
@@ -252,16 +234,6 @@ impl FromRequestParts<AppState> for TeamAuth {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn keys_have_the_documented_shape() {
-        let k = new_api_key();
-        assert!(k.starts_with("wrn_") && k.len() == 36, "{k}");
-        assert!(k[4..].bytes().all(|b| b.is_ascii_hexdigit()));
-        assert_eq!(key_prefix(&k).len(), 10);
-        assert_eq!(hash_api_key(&k).len(), 64);
-        assert_ne!(hash_api_key(&k), hash_api_key(&new_api_key()));
-    }
 
     #[test]
     fn last_used_is_written_once_per_period_per_key() {

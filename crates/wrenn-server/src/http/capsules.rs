@@ -1,4 +1,4 @@
-//! `/v1/capsules*` handlers: parse, call [`crate::service::CapsuleService`], answer.
+//! `/v1/capsules*` handlers: parse, call the capsule service, answer.
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -7,9 +7,9 @@ use axum::Json;
 use wrenn_api::{CreateCapsuleRequest, ExecRequest};
 
 use super::ApiJson;
-use crate::auth::TeamAuth;
+use crate::capsules::ExecOutcome;
 use crate::error::HttpError;
-use crate::service::ExecOutcome;
+use crate::http::auth::TeamAuth;
 use crate::AppState;
 
 pub async fn create(

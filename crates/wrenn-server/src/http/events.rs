@@ -11,7 +11,7 @@ use futures_util::stream::{self, Stream, StreamExt};
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 
-use crate::auth::{AdminAuth, TeamAuth};
+use crate::http::auth::{AdminAuth, TeamAuth};
 use crate::AppState;
 
 const KEEPALIVE: Duration = Duration::from_secs(30);
@@ -32,7 +32,7 @@ fn stream_for(
             std::future::ready(match r {
                 Ok(ev) if team.is_none() || ev.team_id == team => serde_json::to_string(&*ev)
                     .ok()
-                    .map(|data| Ok(SseEvent::default().event(ev.event.clone()).data(data))),
+                    .map(|data| Ok(SseEvent::default().event(ev.event.as_str()).data(data))),
                 _ => None,
             })
         });

@@ -10,15 +10,15 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use envd_client::FileReader;
 use serde::Deserialize;
 use serde_json::json;
-use wrenn_agent::FileReader;
 use wrenn_api::{ApiError, ErrorCode};
 
 use super::ApiJson;
-use crate::activity::Busy;
-use crate::auth::TeamAuth;
-use crate::error::{from_agent, HttpError};
+use crate::capsules::Busy;
+use crate::error::{from_envd, HttpError};
+use crate::http::auth::TeamAuth;
 use crate::AppState;
 
 /// Largest upload through the non-streaming `files/write` (the reference platform's cap).
@@ -63,7 +63,7 @@ pub async fn list(
     let entries = envd
         .list_dir(&body.path, depth as u32)
         .await
-        .map_err(from_agent)?;
+        .map_err(from_envd)?;
     Ok(Json(json!({ "entries": entries })))
 }
 
@@ -75,7 +75,7 @@ pub async fn mkdir(
 ) -> Result<impl IntoResponse, HttpError> {
     absolute(&body.path)?;
     let envd = s.capsules.files(&auth.team_id, &id).await?;
-    let entry = envd.make_dir(&body.path).await.map_err(from_agent)?;
+    let entry = envd.make_dir(&body.path).await.map_err(from_envd)?;
     Ok(Json(json!({ "entry": entry })))
 }
 
@@ -87,7 +87,7 @@ pub async fn remove(
 ) -> Result<impl IntoResponse, HttpError> {
     absolute(&body.path)?;
     let envd = s.capsules.files(&auth.team_id, &id).await?;
-    envd.remove(&body.path).await.map_err(from_agent)?;
+    envd.remove(&body.path).await.map_err(from_envd)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -101,7 +101,7 @@ pub async fn read(
     absolute(&body.path)?;
     let envd = s.capsules.files(&auth.team_id, &id).await?;
     // Opening first means "not found" and friends are still JSON errors, before any byte.
-    let reader = envd.read_file(&body.path).await.map_err(from_agent)?;
+    let reader = envd.read_file(&body.path).await.map_err(from_envd)?;
     // The capsule is in use until the last byte has left (or the client went away).
     let busy = s.capsules.hold(&id);
     let chunks = futures_util::stream::unfold(
@@ -163,7 +163,7 @@ async fn upload(
                     return Err(ApiError::invalid("send the path part before the file part").into());
                 };
                 absolute(&path)?;
-                let mut writer = envd.write_file(&path).await.map_err(from_agent)?;
+                let mut writer = envd.write_file(&path).await.map_err(from_envd)?;
                 let mut total = 0u64;
                 while let Some(chunk) = field.chunk().await.map_err(|e| bad(&e))? {
                     total += chunk.len() as u64;
@@ -178,9 +178,9 @@ async fn upload(
                         )
                         .into());
                     }
-                    writer.send(&chunk).await.map_err(from_agent)?;
+                    writer.send(&chunk).await.map_err(from_envd)?;
                 }
-                writer.finish().await.map_err(from_agent)?;
+                writer.finish().await.map_err(from_envd)?;
                 return Ok(StatusCode::NO_CONTENT);
             }
             _ => {} // other parts are ignored

@@ -4,6 +4,7 @@
 mod accounts;
 mod admin;
 mod audit;
+pub(crate) mod auth;
 mod capsules;
 mod channels;
 mod events;
@@ -83,12 +84,28 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(admin_capsules(&state))
         .route("/openapi.yaml", get(openapi))
+        .merge(capsule_routes())
+        .merge(guest_routes())
+        .merge(account_routes())
+        .merge(team_routes())
+        .merge(host_routes())
+        .fallback(fallback)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY))
+        .layer(TraceLayer::new_for_http().on_response(
+            tower_http::trace::DefaultOnResponse::new().latency_unit(LatencyUnit::Micros),
+        ))
+        .with_state(state)
+}
+
+/// Capsules, their lifecycle, metrics and snapshot templates.
+fn capsule_routes() -> Router<AppState> {
+    Router::new()
         .route("/v1/capsules", post(capsules::create).get(capsules::list))
         .route(
             "/v1/capsules/{id}",
             get(capsules::get).delete(capsules::destroy),
         )
-        .route("/v1/capsules/{id}/exec", post(capsules::exec))
         .route("/v1/capsules/{id}/pause", post(capsules::pause))
         .route("/v1/capsules/{id}/resume", post(capsules::resume))
         .route("/v1/capsules/{id}/ping", post(capsules::ping))
@@ -101,6 +118,12 @@ pub fn router(state: AppState) -> Router {
             post(snapshots::create).get(snapshots::list),
         )
         .route("/v1/snapshots/{name}", delete(snapshots::delete))
+}
+
+/// What happens inside a running capsule: exec, processes, terminals, files.
+fn guest_routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/capsules/{id}/exec", post(capsules::exec))
         .route("/v1/capsules/{id}/exec/stream", get(stream::exec_stream))
         .route("/v1/capsules/{id}/pty", get(pty::pty))
         .route("/v1/capsules/{id}/files/list", post(files::list))
@@ -126,6 +149,11 @@ pub fn router(state: AppState) -> Router {
             "/v1/capsules/{id}/processes/{selector}",
             delete(capsules::kill_process),
         )
+}
+
+/// Signup, sessions, the signed-in user, OAuth.
+fn account_routes() -> Router<AppState> {
+    Router::new()
         .route("/v1/auth/signup", post(accounts::signup))
         .route("/v1/auth/activate", post(accounts::activate))
         .route("/v1/auth/login", post(accounts::login))
@@ -159,6 +187,12 @@ pub fn router(state: AppState) -> Router {
             "/auth/oauth/{provider}/callback",
             get(accounts::oauth_callback),
         )
+}
+
+/// Teams, members, API keys, events, audit, channels, and the platform admin's users and
+/// teams.
+fn team_routes() -> Router<AppState> {
+    Router::new()
         .route(
             "/v1/api-keys",
             post(teams::create_key).get(teams::list_keys),
@@ -180,6 +214,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/teams/{id}/leave", post(teams::leave))
         .route("/v1/events/stream", get(events::team_stream))
+        .route("/v1/admin/events/stream", get(events::admin_stream))
         .route("/v1/audit-logs", get(audit::team))
         .route("/v1/admin/audit-logs", get(audit::admin))
         .route("/v1/channels", post(channels::create).get(channels::list))
@@ -192,7 +227,17 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/channels/{id}/config", put(channels::rotate))
         .route("/v1/channels/{id}/deliveries", get(channels::deliveries))
-        .route("/v1/admin/events/stream", get(events::admin_stream))
+        .route("/v1/admin/users", get(admin::users))
+        .route("/v1/admin/users/{id}/active", put(admin::set_active))
+        .route("/v1/admin/users/{id}/admin", put(admin::set_admin))
+        .route("/v1/admin/teams", get(admin::teams))
+        .route("/v1/admin/teams/{id}", delete(admin::delete_team))
+        .route("/v1/admin/teams/{id}/byoc", put(admin::set_byoc))
+}
+
+/// Host records and the agents' own calls.
+fn host_routes() -> Router<AppState> {
+    Router::new()
         .route("/v1/hosts", post(hosts::create).get(hosts::list))
         .route("/v1/hosts/register", post(hosts::register))
         .route("/v1/hosts/auth/refresh", post(hosts::refresh))
@@ -203,19 +248,6 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/hosts/{id}/heartbeat", post(hosts::heartbeat))
         .route("/v1/hosts/{id}/tags", get(hosts::tags).post(hosts::add_tag))
         .route("/v1/hosts/{id}/tags/{tag}", delete(hosts::remove_tag))
-        .route("/v1/admin/users", get(admin::users))
-        .route("/v1/admin/users/{id}/active", put(admin::set_active))
-        .route("/v1/admin/users/{id}/admin", put(admin::set_admin))
-        .route("/v1/admin/teams", get(admin::teams))
-        .route("/v1/admin/teams/{id}", delete(admin::delete_team))
-        .route("/v1/admin/teams/{id}/byoc", put(admin::set_byoc))
-        .fallback(fallback)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY))
-        .layer(TraceLayer::new_for_http().on_response(
-            tower_http::trace::DefaultOnResponse::new().latency_unit(LatencyUnit::Micros),
-        ))
-        .with_state(state)
 }
 
 async fn openapi() -> impl IntoResponse {

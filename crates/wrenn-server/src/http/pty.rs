@@ -18,13 +18,13 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap};
 use axum::response::Response;
 use base64::Engine;
+use envd_client::{PtyEvent, PtySession};
 use serde::Deserialize;
 use serde_json::json;
-use wrenn_agent::{PtyEvent, PtySession};
 use wrenn_api::ApiError;
 
-use crate::auth::TeamAuth;
 use crate::error::HttpError;
+use crate::http::auth::TeamAuth;
 use crate::AppState;
 
 const PING_EVERY: Duration = Duration::from_secs(30);
@@ -32,18 +32,10 @@ const PING_EVERY: Duration = Duration::from_secs(30);
 #[derive(Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 enum ClientMessage {
-    /// Same fields as the guest agent's spec; all optional.
-    Start(envd_proto::PtySpec),
-    Connect {
-        tag: String,
-    },
-    Input {
-        data: String,
-    },
-    Resize {
-        cols: u16,
-        rows: u16,
-    },
+    Start(wrenn_api::TerminalStart),
+    Connect { tag: String },
+    Input { data: String },
+    Resize { cols: u16, rows: u16 },
     Kill,
     Pong,
     Ping,
@@ -76,7 +68,7 @@ async fn run(mut socket: WebSocket, s: AppState, auth: TeamAuth, id: String, jso
         Err(e) => return fatal(socket, &e.message).await,
     };
     let session = match serde_json::from_str::<ClientMessage>(&text) {
-        Ok(ClientMessage::Start(spec)) => envd.pty_start(spec).await,
+        Ok(ClientMessage::Start(start)) => envd.pty_start(crate::capsules::pty_spec(start)).await,
         Ok(ClientMessage::Connect { tag }) => envd.pty_connect(&tag).await,
         Ok(_) => return fatal(socket, "the first message must be start or connect").await,
         Err(e) => return fatal(socket, &format!("bad first message: {e}")).await,
@@ -86,7 +78,7 @@ async fn run(mut socket: WebSocket, s: AppState, auth: TeamAuth, id: String, jso
             let _busy = s.capsules.hold(&id);
             relay(socket, session, json_output).await
         }
-        Err(e) => fatal(socket, &crate::error::from_agent(e).message).await,
+        Err(e) => fatal(socket, &crate::error::from_envd(e).message).await,
     }
 }
 

@@ -7,8 +7,8 @@ use axum::Json;
 use wrenn_api::{ApiError, CreateSnapshotRequest};
 
 use super::ApiJson;
-use crate::auth::TeamAuth;
 use crate::error::HttpError;
+use crate::http::auth::TeamAuth;
 use crate::AppState;
 
 #[derive(serde::Deserialize)]

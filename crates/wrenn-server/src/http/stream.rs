@@ -16,13 +16,13 @@ use std::time::Duration;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
 use axum::response::Response;
+use envd_client::ExecEvent;
 use serde::Deserialize;
 use serde_json::json;
-use wrenn_agent::ExecEvent;
 use wrenn_api::{ApiError, ExecRequest};
 
-use crate::auth::TeamAuth;
 use crate::error::HttpError;
+use crate::http::auth::TeamAuth;
 use crate::AppState;
 
 /// How long a client may wait before sending `start`.
@@ -112,7 +112,7 @@ pub async fn process_stream(
 /// Relays a process's events to the WebSocket until its exit. With `stoppable`, a client
 /// `stop` kills the process; a client that leaves drops the stream (for an exec: kills it; for
 /// an attach: detaches).
-async fn forward(mut socket: WebSocket, mut stream: wrenn_agent::ExecStream, stoppable: bool) {
+async fn forward(mut socket: WebSocket, mut stream: envd_client::ExecStream, stoppable: bool) {
     if send(&mut socket, json!({"type": "start", "pid": stream.pid}))
         .await
         .is_err()

@@ -8,8 +8,8 @@ use serde::Deserialize;
 use wrenn_api::*;
 
 use super::ApiJson;
-use crate::auth::SessionAuth;
 use crate::error::HttpError;
+use crate::http::auth::SessionAuth;
 use crate::AppState;
 
 type Result<T> = std::result::Result<T, HttpError>;

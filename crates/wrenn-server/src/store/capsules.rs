@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use sqlx::any::AnyRow;
 use sqlx::Row;
 use wrenn_api::{Capsule, CapsuleSpec, CapsuleStatus};
@@ -176,6 +176,33 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// `running` → `pausing` for the inactivity timeout, only if nothing recorded activity on
+    /// the capsule after `idle_since` (a ping that lands between the reaper's read and this
+    /// write keeps the capsule running); returns whether it moved.
+    pub async fn begin_auto_pause(&self, id: &str, idle_since: DateTime<Utc>) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE capsules SET status = 'pausing', pause_reason = 'ttl_expired', last_updated = $1 \
+             WHERE id = $2 AND status = 'running' AND (last_active_at IS NULL OR last_active_at <= $3)",
+        )
+        .bind(ts(Utc::now()))
+        .bind(id)
+        .bind(ts(idle_since))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Sets a capsule's last activity to `at`, even back in time (tests of the TTL reaper).
+    #[cfg(test)]
+    pub(crate) async fn backdate_activity(&self, id: &str, at: DateTime<Utc>) -> Result<()> {
+        sqlx::query("UPDATE capsules SET last_active_at = $1 WHERE id = $2")
+            .bind(ts(at))
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// `starting` → `running` with what the host reported; false if the capsule left `starting`.

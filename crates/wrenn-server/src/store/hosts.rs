@@ -3,7 +3,9 @@
 use chrono::{DateTime, Utc};
 use sqlx::any::AnyRow;
 use sqlx::Row;
-use wrenn_api::Host;
+use wrenn_api::{Host, HostStatus};
+
+use super::StoreError;
 
 use super::{parse_ts, ts, Result, Store};
 
@@ -27,7 +29,11 @@ fn host_row(r: &AnyRow) -> Result<Host> {
         memory_mb: r.try_get("memory_mb")?,
         disk_gb: r.try_get("disk_gb")?,
         address: r.try_get("address")?,
-        status: r.try_get("status")?,
+        status: {
+            let s: String = r.try_get("status")?;
+            HostStatus::parse(&s)
+                .ok_or_else(|| StoreError::Corrupt(format!("host status {s:?}")))?
+        },
         last_heartbeat_at: opt_ts("last_heartbeat_at")?,
         created_by: r.try_get("created_by")?,
         created_at: parse_ts(&r.try_get::<String, _>("created_at")?)?,
@@ -60,7 +66,7 @@ impl Store {
         .bind(h.memory_mb)
         .bind(h.disk_gb)
         .bind(&h.address)
-        .bind(&h.status)
+        .bind(h.status.as_str())
         .bind(h.last_heartbeat_at.map(ts))
         .bind(&h.created_by)
         .bind(ts(h.created_at))
@@ -123,8 +129,8 @@ impl Store {
     pub async fn set_host_status(
         &self,
         id: &str,
-        status: &str,
-        from: &[&str],
+        status: HostStatus,
+        from: &[HostStatus],
         now: DateTime<Utc>,
     ) -> Result<bool> {
         let cond = if from.is_empty() {
@@ -133,7 +139,7 @@ impl Store {
             format!(
                 " AND status IN ({})",
                 from.iter()
-                    .map(|s| format!("'{s}'"))
+                    .map(|s| format!("'{}'", s.as_str()))
                     .collect::<Vec<_>>()
                     .join(", ")
             )
@@ -141,7 +147,7 @@ impl Store {
         let done = sqlx::query(&format!(
             "UPDATE hosts SET status = $1, updated_at = $2 WHERE id = $3 AND status <> $1{cond}"
         ))
-        .bind(status)
+        .bind(status.as_str())
         .bind(ts(now))
         .bind(id)
         .execute(&self.pool)

@@ -5,31 +5,37 @@
 //! accept (`$n` placeholders, `ON CONFLICT`, timestamps as RFC 3339 text), and one set of
 //! migrations (`migrations/`) builds both schemas. `tests/store.rs` runs against both.
 
+mod api_keys;
 mod audit;
 mod capsules;
 mod channels;
 mod hosts;
-mod identity;
+mod oauth;
+mod sessions;
 mod stats;
+mod teams;
 mod templates;
+mod users;
 
 use std::path::Path;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use sqlx::any::AnyPoolOptions;
+use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::AnyPool;
 use sqlx::Executor;
+use sqlx::Row;
 
+pub use api_keys::{ApiKeyOwner, ApiKeyRow};
 pub use audit::{audit_ts, AuditQuery};
 pub use capsules::CapsuleRow;
 pub use channels::ChannelRow;
 pub use hosts::HostSpecs;
-pub use identity::{
-    ApiKeyOwner, ApiKeyRow, MemberRow, NewSession, NewTeam, OAuthUser, OwnedTeam, SessionContext,
-    SessionRow, TeamRow, TeamSummary, UserRow,
-};
+pub use oauth::OAuthUser;
+pub use sessions::{NewSession, SessionContext, SessionRow};
 pub use stats::TeamLoad;
+pub use teams::{MemberRow, NewTeam, OwnedTeam, TeamRow, TeamSummary};
 pub use templates::{NewTemplate, TemplateRow};
+pub use users::UserRow;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -174,6 +180,21 @@ impl Store {
 /// Timestamps are stored as RFC 3339 UTC text with millisecond precision.
 pub fn ts(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// A transaction on the store's pool.
+type Tx<'c> = sqlx::Transaction<'c, sqlx::Any>;
+
+/// A role column.
+fn role_of(s: String) -> Result<wrenn_api::Role> {
+    wrenn_api::Role::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("role {s:?}")))
+}
+
+/// A nullable timestamp column.
+fn opt_ts(r: &AnyRow, col: &str) -> Result<Option<DateTime<Utc>>> {
+    r.try_get::<Option<String>, _>(col)?
+        .map(|s| parse_ts(&s))
+        .transpose()
 }
 
 pub fn parse_ts(s: &str) -> Result<DateTime<Utc>> {

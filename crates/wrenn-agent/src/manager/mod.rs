@@ -1,0 +1,383 @@
+//! [`CapsuleManager`]: the lifecycle of every capsule on this host, and this host's side of
+//! the [`Host`] boundary.
+//!
+//! Split by concern: [`create`](self) (boot or restore a new capsule, template snapshots),
+//! `lifecycle` (destroy, pause, resume), `snapshot` (user snapshots), `recover` (re-adopting
+//! VMs after an agent restart, reaping dead ones), `sampling` (metrics).
+//!
+//! Invariants:
+//! - A capsule's pieces (directory with disk overlay and logs, network slot, VMM process) exist
+//!   only while its entry is in the manager; a failed create removes every piece it made.
+//! - `<capsules>/<id>/state.json` is written before the VM starts and describes every piece, so
+//!   after an agent restart [`CapsuleManager::start`] either re-adopts a live VM or removes what a
+//!   dead one left behind. Nothing is leaked across crashes.
+//! - Operations on one capsule are serialised by its entry's lock; different capsules never wait
+//!   on each other. Guest operations hold the lock only to read where envd is.
+
+mod create;
+mod lifecycle;
+mod recover;
+mod sampling;
+mod snapshot;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use envd_client::EnvdClient;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+use wrenn_api::{CapsuleSpec, MetricPoint, MetricsRange};
+use wrenn_host::{
+    BaseTemplate, CapsuleInfo, DeadCapsule, Host, HostCapacity, HostError, Phase, SnapshotMeta,
+    UserSnapshot,
+};
+
+use crate::config::AgentConfig;
+use crate::error::Result;
+use crate::images::{BootImages, ImageStore};
+use crate::net::{self, Slot};
+use crate::vmm::qemu::QemuVmm;
+use crate::vmm::{VmProcess, Vmm};
+use sampling::Sampler;
+
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// A paused capsule's saved VM state (devices and RAM), in its directory.
+const SAVED_STATE: &str = "saved.state";
+
+/// Free space (MiB) of the filesystem holding `path`.
+fn free_mb(path: &std::path::Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return 0;
+    };
+    // SAFETY: `statvfs` is plain old data; all zeroes is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs reads a NUL-terminated path and writes one struct we own.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return 0;
+    }
+    (st.f_bavail as u64).saturating_mul(st.f_frsize as u64) / (1024 * 1024)
+}
+
+/// Everything persisted about one capsule (its `state.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CapsuleRecord {
+    id: String,
+    template: String,
+    vcpus: u32,
+    memory_mb: u32,
+    disk_size_mb: u32,
+    slot: Slot,
+    vm: Option<VmProcess>,
+    envd_version: Option<String>,
+    kernel_version: Option<String>,
+    #[serde(default)]
+    phase: Phase,
+    /// The disk the VM writes to, when not `disk.qcow2` (a live snapshot moves it onto a new
+    /// overlay).
+    #[serde(default)]
+    disk: Option<PathBuf>,
+    /// The user snapshot this capsule was created from (its disk sits on that snapshot's).
+    #[serde(default)]
+    snapshot: Option<String>,
+    /// Cancelled when this VM stops: fails every open connection to its envd at once.
+    #[serde(skip)]
+    vm_gone: CancellationToken,
+}
+
+struct Entry {
+    /// `None` until the VM is up, and again once it has been destroyed.
+    state: tokio::sync::Mutex<Option<CapsuleRecord>>,
+}
+
+pub struct CapsuleManager {
+    cfg: AgentConfig,
+    images: ImageStore,
+    boot: BootImages,
+    vmm: Arc<dyn Vmm>,
+    capsules: Mutex<HashMap<String, Arc<Entry>>>,
+    slots: Mutex<BTreeSet<u32>>,
+    metrics: Mutex<HashMap<String, Sampler>>,
+}
+
+impl CapsuleManager {
+    /// Builds missing images, prepares the host network, picks the accelerator and re-adopts (or
+    /// cleans up after) the capsules a previous run of the agent left.
+    pub async fn start(cfg: AgentConfig) -> Result<Arc<Self>> {
+        std::fs::create_dir_all(cfg.capsules_dir())?;
+        std::fs::create_dir_all(cfg.images_dir())?;
+        std::fs::create_dir_all(cfg.run_dir())?;
+        let images = ImageStore::new(cfg.images_dir(), cfg.debian_mirror.clone());
+        let boot = images.ensure_all(&cfg.envd_path, &["minimal"]).await?;
+        net::prepare_host(cfg.slot_base, cfg.max_slots).await?;
+        let vmm = QemuVmm::new(
+            &cfg.qemu_binary,
+            cfg.accel,
+            &boot.kernel.vmlinux,
+            &boot.initramfs,
+            &cfg.images_dir(),
+        )
+        .await?;
+        let mgr = Arc::new(Self {
+            cfg,
+            images,
+            boot,
+            vmm: Arc::new(vmm),
+            capsules: Mutex::new(HashMap::new()),
+            slots: Mutex::new(BTreeSet::new()),
+            metrics: Mutex::new(HashMap::new()),
+        });
+        mgr.recover().await;
+        let weak = Arc::downgrade(&mgr);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(crate::metrics::SAMPLE_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tick.tick().await;
+                let Some(mgr) = weak.upgrade() else { return };
+                mgr.sample_metrics();
+            }
+        });
+        Ok(mgr)
+    }
+
+    pub fn vmm_version(&self) -> &str {
+        self.vmm.version()
+    }
+
+    pub fn accel(&self) -> &'static str {
+        self.vmm.accel().as_str()
+    }
+
+    /// Templates this host can boot.
+    fn template_names(&self) -> Vec<String> {
+        crate::images::TEMPLATES
+            .iter()
+            .filter(|r| self.images.rootfs_path(r.name).is_some())
+            .map(|r| r.name.to_string())
+            .collect()
+    }
+
+    /// Templates this host can boot: name, size of the root filesystem image, when it was built.
+    fn base_template_list(&self) -> Vec<BaseTemplate> {
+        crate::images::TEMPLATES
+            .iter()
+            .filter_map(|r| {
+                let meta = std::fs::metadata(self.images.rootfs_path(r.name)?).ok()?;
+                let built = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+                Some(BaseTemplate {
+                    name: r.name.to_string(),
+                    size_bytes: meta.len(),
+                    built_at: built.into(),
+                })
+            })
+            .collect()
+    }
+
+    /// What one capsule on this host can have at most: the host's CPUs, its memory less a
+    /// reserve for the host itself, and the free space where capsule disks live.
+    pub fn capacity(&self) -> HostCapacity {
+        const HOST_RESERVE_MB: u64 = 512;
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
+        let mem_total_mb = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map(|kib| kib / 1024)
+            .unwrap_or(0);
+        HostCapacity {
+            cpus,
+            memory_mb: mem_total_mb.saturating_sub(HOST_RESERVE_MB),
+            disk_free_mb: free_mb(&self.cfg.capsules_dir()),
+        }
+    }
+
+    fn entry(&self, id: &str) -> Result<Arc<Entry>> {
+        lock(&self.capsules)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| HostError::NotFound(format!("capsule {id} not found on this host")))
+    }
+
+    /// The envd of a running capsule; the capsule's lock is held only while looking it up.
+    async fn envd_of(&self, id: &str) -> Result<EnvdClient> {
+        let entry = lock(&self.capsules)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| HostError::NotFound(format!("capsule {id} not found on this host")))?;
+        let state = entry.state.lock().await;
+        let record = state
+            .as_ref()
+            .filter(|r| r.phase == Phase::Running)
+            .ok_or_else(|| HostError::InvalidState(format!("capsule {id} is not running")))?;
+        Ok(self.envd(record))
+    }
+
+    /// Every capsule this host holds (one in the middle of an operation is skipped).
+    async fn list_capsules(&self) -> Vec<CapsuleInfo> {
+        let entries: Vec<_> = lock(&self.capsules).values().cloned().collect();
+        let mut out = Vec::new();
+        for e in entries {
+            if let Ok(state) = e.state.try_lock() {
+                if let Some(r) = state.as_ref() {
+                    out.push(self.info(r));
+                }
+            }
+        }
+        out
+    }
+
+    /// Destroys every capsule (used by tests and by an operator's clean shutdown).
+    pub async fn destroy_all(&self) {
+        let ids: Vec<String> = lock(&self.capsules).keys().cloned().collect();
+        for id in ids {
+            if let Err(e) = self.destroy_capsule(&id).await {
+                warn!(capsule_id = %id, error = %e, "destroy failed");
+            }
+        }
+    }
+
+    fn info(&self, r: &CapsuleRecord) -> CapsuleInfo {
+        let mut metadata = BTreeMap::new();
+        let unknown = || "unknown".to_string();
+        metadata.insert(
+            "kernel_version".into(),
+            r.kernel_version.clone().unwrap_or_else(unknown),
+        );
+        metadata.insert(
+            "envd_version".into(),
+            r.envd_version.clone().unwrap_or_else(unknown),
+        );
+        metadata.insert("vmm_version".into(), self.vmm.version().to_string());
+        metadata.insert("agent_version".into(), AGENT_VERSION.to_string());
+        metadata.insert("accelerator".into(), self.vmm.accel().as_str().to_string());
+        CapsuleInfo {
+            id: r.id.clone(),
+            phase: match r.phase {
+                Phase::Running | Phase::Pausing => Phase::Running,
+                Phase::Paused | Phase::Resuming => Phase::Paused,
+            },
+            template: r.template.clone(),
+            guest_ip: net::GUEST_IP.to_string(),
+            host_ip: r.slot.reach_ip.to_string(),
+            metadata,
+        }
+    }
+
+    fn envd(&self, r: &CapsuleRecord) -> EnvdClient {
+        EnvdClient::new(SocketAddr::new(
+            r.slot.reach_ip.into(),
+            envd_proto::ENVD_PORT,
+        ))
+        .with_lifeline(r.vm.as_ref().and_then(|vm| vm.lifeline_socket.as_deref()))
+        .with_cancellation(r.vm_gone.clone())
+    }
+
+    /// Removes every piece of a capsule. Best effort on each piece; never fails half-way.
+    async fn teardown(&self, r: &CapsuleRecord) {
+        r.vm_gone.cancel();
+        if let Some(vm) = &r.vm {
+            if let Err(e) = self.vmm.stop(vm).await {
+                warn!(capsule_id = %r.id, error = %e, "stopping the VM failed");
+            }
+        }
+        net::destroy(&r.slot).await;
+        let _ = tokio::fs::remove_dir_all(self.capsule_dir(&r.id)).await;
+        let _ = tokio::fs::remove_file(self.cfg.run_dir().join(format!("{}.qmp", r.id))).await;
+        let _ = tokio::fs::remove_file(self.cfg.run_dir().join(format!("{}.life", r.id))).await;
+        lock(&self.slots).remove(&r.slot.index);
+    }
+
+    fn allocate_slot(&self) -> Option<Slot> {
+        let mut used = lock(&self.slots);
+        let index = (0..self.cfg.max_slots).find(|i| !used.contains(i))?;
+        used.insert(index);
+        Some(Slot::new(self.cfg.slot_base, index))
+    }
+
+    fn capsule_dir(&self, id: &str) -> PathBuf {
+        self.cfg.capsules_dir().join(id)
+    }
+
+    fn persist(&self, r: &CapsuleRecord) -> Result<()> {
+        let dir = self.capsule_dir(&r.id);
+        let tmp = dir.join("state.json.tmp");
+        let json = serde_json::to_vec_pretty(r).map_err(|e| HostError::Io(e.into()))?;
+        std::fs::write(&tmp, json)?;
+        std::fs::rename(tmp, dir.join("state.json"))?;
+        Ok(())
+    }
+}
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these short critical sections cannot leave the maps
+    // inconsistent (each is a single insert/remove), so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The last lines of a console log, for error messages.
+pub(super) fn tail(path: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(8).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}
+
+/// This host's side of the boundary: each operation is one of the manager's own methods.
+#[async_trait::async_trait]
+impl Host for CapsuleManager {
+    async fn templates(&self) -> Result<Vec<String>> {
+        Ok(self.template_names())
+    }
+    async fn base_templates(&self) -> Result<Vec<BaseTemplate>> {
+        Ok(self.base_template_list())
+    }
+    async fn capacity(&self) -> Result<HostCapacity> {
+        Ok(CapsuleManager::capacity(self))
+    }
+    async fn list(&self) -> Result<Vec<CapsuleInfo>> {
+        Ok(self.list_capsules().await)
+    }
+    async fn reap_dead(&self) -> Result<Vec<DeadCapsule>> {
+        Ok(self.reap_dead_vms().await)
+    }
+    async fn create(
+        &self,
+        id: String,
+        spec: CapsuleSpec,
+        from: Option<UserSnapshot>,
+    ) -> Result<CapsuleInfo> {
+        self.create_capsule(&id, &spec, from.as_ref()).await
+    }
+    async fn destroy(&self, id: String) -> Result<bool> {
+        self.destroy_capsule(&id).await
+    }
+    async fn pause(&self, id: String) -> Result<()> {
+        self.pause_capsule(&id).await
+    }
+    async fn resume(&self, id: String) -> Result<CapsuleInfo> {
+        self.resume_capsule(&id).await
+    }
+    async fn snapshot(&self, id: String, snapshot_id: String) -> Result<SnapshotMeta> {
+        self.take_snapshot(&id, &snapshot_id).await
+    }
+    async fn delete_snapshot(&self, snapshot_id: String) -> Result<()> {
+        self.remove_snapshot(&snapshot_id).await
+    }
+    async fn metrics(&self, id: String, range: MetricsRange) -> Result<Vec<MetricPoint>> {
+        self.metric_points(&id, range)
+    }
+    async fn envd(&self, id: &str) -> Result<EnvdClient> {
+        self.envd_of(id).await
+    }
+}

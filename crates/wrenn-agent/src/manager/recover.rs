@@ -1,0 +1,246 @@
+//! What a previous run of the agent left (re-adopted or removed), and VMs that died under
+//! their capsules.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use tracing::{info, warn};
+use wrenn_host::{DeadCapsule, Phase};
+
+use super::sampling::Sampler;
+use super::{lock, tail, CapsuleManager, CapsuleRecord, Entry, SAVED_STATE};
+use crate::net::{self, Slot};
+
+impl CapsuleManager {
+    /// Removes what interrupted snapshot builds left: half-written user snapshots, and
+    /// template snapshot builds nobody holds the lock of any more (with their VM).
+    pub(super) async fn remove_interrupted_snapshots(&self) {
+        if let Ok(rd) = std::fs::read_dir(self.cfg.data_dir.join("snapshots")) {
+            for p in rd.flatten().map(|e| e.path()) {
+                if p.extension().is_some_and(|x| x == "tmp") {
+                    warn!(dir = %p.display(), "removing an interrupted snapshot");
+                    let _ = tokio::fs::remove_dir_all(&p).await;
+                }
+            }
+        }
+        let root = self.cfg.images_dir().join("snapshots");
+        let Ok(rd) = std::fs::read_dir(&root) else {
+            return;
+        };
+        for p in rd.flatten().map(|e| e.path()) {
+            if p.extension().is_none_or(|x| x != "tmp") {
+                continue;
+            }
+            let Some(key) = p.file_stem().map(|s| s.to_string_lossy().to_string()) else {
+                continue;
+            };
+            let Some(_lock) =
+                crate::images::DirLock::try_acquire(&root.join(format!("{key}.lock")))
+            else {
+                continue; // another agent is building it right now
+            };
+            for pid in self.vmm.find_named(&format!("tpl-{key}")) {
+                self.vmm.kill(pid).await;
+            }
+            warn!(dir = %p.display(), "removing an interrupted template snapshot build");
+            let _ = tokio::fs::remove_dir_all(&p).await;
+        }
+    }
+
+    /// Re-adopts live VMs from a previous agent run and removes whatever dead ones left.
+    pub(super) async fn recover(&self) {
+        self.remove_interrupted_snapshots().await;
+        let Ok(rd) = std::fs::read_dir(self.cfg.capsules_dir()) else {
+            return;
+        };
+        for dir in rd.flatten().map(|e| e.path()) {
+            let record: Option<CapsuleRecord> = std::fs::read(dir.join("state.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            let Some(record) = record else {
+                warn!(dir = %dir.display(), "capsule directory without state; removing");
+                let _ = tokio::fs::remove_dir_all(&dir).await;
+                continue;
+            };
+            lock(&self.slots).insert(record.slot.index);
+            match self.recover_one(record.clone(), &dir).await {
+                Some(r) => {
+                    info!(capsule_id = %r.id, phase = ?r.phase, "re-adopted capsule");
+                    if let Some(rings) =
+                        crate::metrics::Rings::load(&self.capsule_dir(&r.id).join("metrics.json"))
+                    {
+                        lock(&self.metrics).insert(
+                            r.id.clone(),
+                            Sampler {
+                                rings,
+                                last_cpu: None,
+                            },
+                        );
+                    }
+                    let entry = Arc::new(Entry {
+                        state: tokio::sync::Mutex::new(Some(r.clone())),
+                    });
+                    lock(&self.capsules).insert(r.id.clone(), entry);
+                }
+                None => {
+                    warn!(capsule_id = %record.id, phase = ?record.phase, "capsule did not survive; cleaning up");
+                    self.teardown(&record).await;
+                }
+            }
+        }
+        // VMs no record accounts for: started by a create or resume the crash cut short before
+        // it could record them. Each holds its capsule's disk; none may outlive this moment.
+        let adopted: HashMap<String, u32> = {
+            let entries: Vec<_> = lock(&self.capsules)
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let mut m = HashMap::new();
+            for (id, e) in entries {
+                if let Some(pid) = e
+                    .state
+                    .lock()
+                    .await
+                    .as_ref()
+                    .and_then(|r| r.vm.as_ref())
+                    .map(|v| v.pid)
+                {
+                    m.insert(id, pid);
+                }
+            }
+            m
+        };
+        let capsules_dir = self.cfg.capsules_dir().to_string_lossy().to_string();
+        for (pid, name) in self.vmm.find_vms(&capsules_dir) {
+            if adopted.get(&name) != Some(&pid) {
+                warn!(capsule_id = %name, pid, "killing a VM no capsule record accounts for");
+                // Its disk lock goes with it: `kill` waits, so a resume right after start
+                // finds the disk free.
+                self.vmm.kill(pid).await;
+            }
+        }
+        // Namespaces no capsule owns are leftovers of a crash between slot creation and persist.
+        let owned: BTreeSet<u32> = lock(&self.slots).clone();
+        for index in net::existing_slots(self.cfg.slot_base, self.cfg.max_slots) {
+            if !owned.contains(&index) {
+                net::destroy(&Slot::new(self.cfg.slot_base, index)).await;
+            }
+        }
+    }
+
+    /// Decides what one capsule found at start-up is now: running, paused, or lost (`None`).
+    /// A crash in the middle of a pause or resume lands on whichever side is whole.
+    pub(super) async fn recover_one(
+        &self,
+        mut record: CapsuleRecord,
+        dir: &std::path::Path,
+    ) -> Option<CapsuleRecord> {
+        let saved = dir.join(SAVED_STATE);
+        let alive = record.vm.as_ref().is_some_and(|vm| self.vmm.is_alive(vm));
+        let healthy = |r: &CapsuleRecord| {
+            let client = self.envd(r);
+            async move { client.health().await.is_ok() }
+        };
+        let to_paused = |mut r: CapsuleRecord| async move {
+            if let Some(vm) = r.vm.take() {
+                let _ = self.vmm.stop(&vm).await;
+            }
+            net::destroy(&r.slot).await;
+            r.phase = Phase::Paused;
+            self.persist(&r).ok()?;
+            Some(r)
+        };
+        match record.phase {
+            Phase::Running => {
+                if !alive || record.envd_version.is_none() {
+                    return None;
+                }
+                if !healthy(&record).await {
+                    // Frozen by a live snapshot the crash interrupted: it runs on.
+                    let vm = record.vm.clone()?;
+                    self.vmm.thaw(&vm).await.ok()?;
+                    if !healthy(&record).await {
+                        return None;
+                    }
+                }
+                // A saved state left by a crash right after a resume is stale.
+                let _ = std::fs::remove_file(&saved);
+                Some(record)
+            }
+            Phase::Pausing if saved.exists() => to_paused(record).await,
+            Phase::Pausing => {
+                // Crashed while saving: the frozen VM, if it lives, simply runs on.
+                let vm = record.vm.clone().filter(|_| alive)?;
+                self.vmm.thaw(&vm).await.ok()?;
+                record.phase = Phase::Running;
+                if !healthy(&record).await {
+                    return None;
+                }
+                self.persist(&record).ok()?;
+                Some(record)
+            }
+            Phase::Paused if saved.exists() => to_paused(record).await,
+            Phase::Paused => None,
+            Phase::Resuming => {
+                if alive && healthy(&record).await {
+                    record.phase = Phase::Running;
+                    self.persist(&record).ok()?;
+                    let _ = self.envd(&record).restored().await;
+                    let _ = std::fs::remove_file(&saved);
+                    return Some(record);
+                }
+                if saved.exists() {
+                    return to_paused(record).await;
+                }
+                None
+            }
+        }
+    }
+
+    /// Finds running capsules whose VM died under them (killed, crashed, out of memory),
+    /// removes what is left of each, and reports them with the reason.
+    pub(crate) async fn reap_dead_vms(&self) -> Vec<DeadCapsule> {
+        let entries: Vec<(String, Arc<Entry>)> = lock(&self.capsules)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut dead = Vec::new();
+        for (id, entry) in entries {
+            // A capsule mid-operation is that operation's to judge.
+            let Ok(mut state) = entry.state.try_lock() else {
+                continue;
+            };
+            let gone = state.as_ref().is_some_and(|r| {
+                r.phase == Phase::Running && r.vm.as_ref().is_some_and(|vm| !self.vmm.is_alive(vm))
+            });
+            if !gone {
+                continue;
+            }
+            let Some(record) = state.take() else { continue };
+            let vm = record.vm.as_ref();
+            let console = vm.map(|v| tail(&v.console_log)).unwrap_or_default();
+            let qemu = vm
+                .map(|v| tail(&v.console_log.with_file_name("qemu.log")))
+                .unwrap_or_default();
+            let reason = format!(
+                "the VM exited unexpectedly (qemu: {}; console: {})",
+                if qemu.is_empty() { "no message" } else { &qemu },
+                if console.is_empty() {
+                    "empty"
+                } else {
+                    &console
+                }
+            );
+            warn!(capsule_id = %id, %reason, "VM died");
+            self.teardown(&record).await;
+            lock(&self.capsules).remove(&id);
+            lock(&self.metrics).remove(&id);
+            drop(state);
+            if let Some(snap) = &record.snapshot {
+                self.collect_snapshot(snap).await;
+            }
+            dead.push(DeadCapsule { id, reason });
+        }
+        dead
+    }
+}

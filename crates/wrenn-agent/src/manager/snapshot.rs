@@ -1,0 +1,163 @@
+//! User snapshots: live snapshots of running capsules, self-contained on this host, and
+//! capsules restored from them.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use tracing::info;
+use wrenn_host::{HostError, SnapshotMeta};
+
+use super::{lock, CapsuleManager, CapsuleRecord, Phase};
+use crate::error::Result;
+use crate::net;
+
+/// Snapshot ids become directory names: letters, digits and dashes only.
+fn valid_snapshot_id(id: &str) -> Result<()> {
+    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
+        return Err(HostError::InvalidRequest(format!("bad snapshot id {id:?}")));
+    }
+    Ok(())
+}
+
+impl CapsuleManager {
+    pub(super) async fn restore_from_user_snapshot(
+        &self,
+        record: &mut CapsuleRecord,
+        meta: &SnapshotMeta,
+    ) -> Result<()> {
+        std::fs::create_dir_all(self.capsule_dir(&record.id))?;
+        self.persist(record)?;
+        let dir = self.snapshot_dir(&meta.id);
+        let cfg = self.vm_config(record);
+        crate::disk::create_overlay_on_snapshot(&dir.join("disk.qcow2"), &cfg.disk, meta.disk_mb)
+            .await?;
+        net::create(&record.slot).await?;
+        let vm = self.vmm.restore(&cfg, &dir.join("state"), false).await?;
+        self.adopt_restored(record, vm).await
+    }
+
+    pub(super) fn snapshot_dir(&self, id: &str) -> PathBuf {
+        self.cfg.data_dir.join("snapshots").join(id)
+    }
+
+    pub(super) fn snapshot_meta(&self, id: &str) -> Result<SnapshotMeta> {
+        valid_snapshot_id(id)?;
+        let bytes = std::fs::read(self.snapshot_dir(id).join("meta.json"))
+            .map_err(|e| HostError::NotFound(format!("snapshot {id} is not on this host ({e})")))?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| HostError::Vmm(format!("snapshot {id}: unreadable metadata: {e}")))
+    }
+
+    /// A live snapshot of a running capsule: the guest freezes for as long as saving its
+    /// memory takes (its disk moves onto a new overlay meanwhile) and runs on; then the frozen
+    /// disk layers are flattened into the snapshot, which depends on nothing afterwards.
+    pub(crate) async fn take_snapshot(&self, id: &str, snapshot_id: &str) -> Result<SnapshotMeta> {
+        valid_snapshot_id(snapshot_id)?;
+        let final_dir = self.snapshot_dir(snapshot_id);
+        if final_dir.exists() {
+            return Err(HostError::AlreadyExists(format!(
+                "snapshot {snapshot_id} exists"
+            )));
+        }
+        let tmp = final_dir.with_extension("tmp");
+        let _ = tokio::fs::remove_dir_all(&tmp).await;
+        std::fs::create_dir_all(&tmp)?;
+        let started = Instant::now();
+        let frozen = {
+            let entry = self.entry(id)?;
+            let mut state = entry.state.lock().await;
+            let record = state
+                .as_mut()
+                .filter(|r| r.phase == Phase::Running)
+                .ok_or_else(|| HostError::InvalidState(format!("capsule {id} is not running")))?;
+            let vm = record
+                .vm
+                .clone()
+                .ok_or_else(|| HostError::InvalidState(format!("capsule {id} has no VM")))?;
+            let frozen = self.vm_config(record).disk;
+            let next = self
+                .capsule_dir(id)
+                .join(format!("disk-{:08x}.qcow2", rand::random::<u32>()));
+            let result = self.vmm.snapshot(&vm, &next, &tmp.join("state")).await;
+            if next.exists() {
+                record.disk = Some(next);
+                self.persist(record)?;
+            }
+            if let Err(e) = result {
+                let _ = tokio::fs::remove_dir_all(&tmp).await;
+                return Err(e);
+            }
+            let meta = SnapshotMeta {
+                id: snapshot_id.to_string(),
+                vcpus: record.vcpus,
+                memory_mb: record.memory_mb,
+                disk_mb: 0,
+                size_bytes: 0,
+            };
+            (frozen, meta)
+        };
+        let frozen_ms = started.elapsed().as_millis() as u64;
+        let (frozen_disk, mut meta) = frozen;
+        // The frozen layers never change again while the capsule lives; if it is destroyed
+        // meanwhile the copy fails and so does the snapshot.
+        let flattened = async {
+            crate::disk::flatten(&frozen_disk, &tmp.join("disk.qcow2")).await?;
+            meta.disk_mb = crate::disk::virtual_size_mb(&tmp.join("disk.qcow2")).await?;
+            meta.size_bytes = ["state", "disk.qcow2"]
+                .iter()
+                .map(|f| std::fs::metadata(tmp.join(f)).map(|m| m.len()).unwrap_or(0))
+                .sum();
+            let json = serde_json::to_vec_pretty(&meta).map_err(|e| HostError::Io(e.into()))?;
+            std::fs::write(tmp.join("meta.json"), json)?;
+            std::fs::rename(&tmp, &final_dir)?;
+            Ok::<_, HostError>(())
+        }
+        .await;
+        if let Err(e) = flattened {
+            let _ = tokio::fs::remove_dir_all(&tmp).await;
+            return Err(e);
+        }
+        info!(
+            capsule_id = id,
+            snapshot_id,
+            frozen_ms,
+            ms = started.elapsed().as_millis() as u64,
+            size_bytes = meta.size_bytes,
+            "snapshot taken"
+        );
+        Ok(meta)
+    }
+
+    /// Deletes a user snapshot's files, or, while capsules created from it still exist, marks
+    /// it so that the last of them removes the files when it goes.
+    pub(crate) async fn remove_snapshot(&self, snapshot_id: &str) -> Result<()> {
+        valid_snapshot_id(snapshot_id)?;
+        let dir = self.snapshot_dir(snapshot_id);
+        if !dir.exists() {
+            return Ok(());
+        }
+        std::fs::write(dir.join("deleted"), b"")?;
+        self.collect_snapshot(snapshot_id).await;
+        Ok(())
+    }
+
+    /// Removes a deleted snapshot's files once no capsule on this host uses them.
+    pub(super) async fn collect_snapshot(&self, snapshot_id: &str) {
+        let dir = self.snapshot_dir(snapshot_id);
+        if !dir.join("deleted").exists() {
+            return;
+        }
+        let entries: Vec<_> = lock(&self.capsules).values().cloned().collect();
+        for e in entries {
+            // A capsule being created or changed right now: decide next time.
+            let Ok(state) = e.state.try_lock() else {
+                return;
+            };
+            if state.as_ref().and_then(|r| r.snapshot.as_deref()) == Some(snapshot_id) {
+                return;
+            }
+        }
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+    }
+}

@@ -1,0 +1,151 @@
+//! The host operations, written once.
+//!
+//! [`host_operations!`] takes the list of operations and generates from it:
+//! - the [`Host`] trait (each operation as an async method, plus [`Host::envd`]);
+//! - [`Call`], one operation with its arguments as it crosses the wire (JSON, tagged `op`);
+//! - [`Call::run`], which performs a call on any `Host` (the gRPC server's whole dispatch);
+//! - `impl Host` for the hosts that answer `Call`s as such: [`RemoteHost`], which sends each
+//!   to a remote agent (the gRPC client), and the test double `testing::FakeHost`.
+//!
+//! So a new host operation is one line in the list below plus its implementation in the
+//! agent's `CapsuleManager`; the transport and the test double need nothing.
+
+use envd_client::EnvdClient;
+use serde::{Deserialize, Serialize};
+use wrenn_api::{CapsuleSpec, MetricPoint, MetricsRange};
+
+use crate::error::HostError;
+use crate::rpc::RemoteHost;
+use crate::types::*;
+
+macro_rules! host_operations {
+    ($(
+        $(#[$doc:meta])*
+        fn $name:ident($($arg:ident : $ty:ty),* $(,)?) -> $ret:ty;
+    )*) => {
+        /// A host of capsules: the agent's `CapsuleManager` on its own machine, or a
+        /// [`RemoteHost`] reached over gRPC. Every operation is idempotent or says why not.
+        #[async_trait::async_trait]
+        pub trait Host: Send + Sync {
+            $(
+                $(#[$doc])*
+                async fn $name(&self, $($arg: $ty),*) -> Result<$ret, HostError>;
+            )*
+
+            /// A client for the guest agent of running capsule `id` (exec, processes,
+            /// terminals, files): TCP through the capsule's network slot on its own host, a
+            /// tunnel through the agent from anywhere else.
+            async fn envd(&self, id: &str) -> Result<EnvdClient, HostError>;
+        }
+
+        /// One host operation with its arguments, as it crosses the wire.
+        #[derive(Debug, Serialize, Deserialize)]
+        #[serde(tag = "op", rename_all = "snake_case")]
+        #[allow(non_camel_case_types)]
+        pub enum Call {
+            $( $name { $($arg: $ty),* }, )*
+        }
+
+        impl Call {
+            /// The operation's name (for logs).
+            pub fn name(&self) -> &'static str {
+                match self {
+                    $( Call::$name { .. } => stringify!($name), )*
+                }
+            }
+
+            /// Performs the call on `host`; its answer as JSON.
+            pub async fn run(self, host: &dyn Host) -> Result<serde_json::Value, HostError> {
+                match self {
+                    $( Call::$name { $($arg),* } => answer(host.$name($($arg),*).await?), )*
+                }
+            }
+        }
+
+        /// Hosts that answer [`Call`]s ([`RemoteHost`] sends them to an agent; the test
+        /// double answers them in memory) are `Host`s without a line per operation.
+        macro_rules! host_by_dispatch {
+            ($t:ty) => {
+                #[async_trait::async_trait]
+                impl Host for $t {
+                    $(
+                        async fn $name(&self, $($arg: $ty),*) -> Result<$ret, HostError> {
+                            decode(self.dispatch(Call::$name { $($arg),* }).await?)
+                        }
+                    )*
+
+                    async fn envd(&self, id: &str) -> Result<EnvdClient, HostError> {
+                        self.dial_envd(id)
+                    }
+                }
+            };
+        }
+
+        host_by_dispatch!(RemoteHost);
+        #[cfg(feature = "testing")]
+        host_by_dispatch!(crate::testing::FakeHost);
+    };
+}
+
+host_operations! {
+    /// Templates this host can boot (their names).
+    fn templates() -> Vec<String>;
+    /// Templates this host can boot, with the size of their root filesystem image and when it
+    /// was built.
+    fn base_templates() -> Vec<BaseTemplate>;
+    /// The most one capsule can have on this host.
+    fn capacity() -> HostCapacity;
+    /// Every capsule this host holds, running or paused.
+    fn list() -> Vec<CapsuleInfo>;
+    /// Running capsules whose VM died since the last call, with the reason (each already
+    /// cleaned up on the host).
+    fn reap_dead() -> Vec<DeadCapsule>;
+    /// Boots a capsule from a template, or restores it from a user snapshot (`from`), and
+    /// returns once its envd answers. On failure nothing is left behind.
+    fn create(id: String, spec: CapsuleSpec, from: Option<UserSnapshot>) -> CapsuleInfo;
+    /// Destroys a capsule and everything it holds; `false` when it did not exist.
+    fn destroy(id: String) -> bool;
+    /// Saves a running capsule to files and frees its VM. On error it runs on, or was
+    /// destroyed (see [`Host::list`]).
+    fn pause(id: String) -> ();
+    /// Restores a paused capsule; on error it stays paused.
+    fn resume(id: String) -> CapsuleInfo;
+    /// A live snapshot of a running capsule, stored on this host as `snapshot_id`.
+    fn snapshot(id: String, snapshot_id: String) -> SnapshotMeta;
+    /// Deletes a user snapshot (idempotent); files in use by capsules stay until those are
+    /// gone.
+    fn delete_snapshot(snapshot_id: String) -> ();
+    /// Metric points of a capsule (running ones live, paused ones as saved at pause).
+    fn metrics(id: String, range: MetricsRange) -> Vec<MetricPoint>;
+}
+
+fn answer<T: Serialize>(t: T) -> Result<serde_json::Value, HostError> {
+    serde_json::to_value(t).map_err(|e| HostError::Vmm(format!("unencodable answer: {e}")))
+}
+
+fn decode<T: serde::de::DeserializeOwned>(answer: serde_json::Value) -> Result<T, HostError> {
+    serde_json::from_value(answer)
+        .map_err(|e| HostError::Unreachable(format!("unreadable answer from the host: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_are_tagged_by_operation_name() {
+        let c = Call::metrics {
+            id: "cl-1".into(),
+            range: MetricsRange::OneHour,
+        };
+        assert_eq!(c.name(), "metrics");
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"op": "metrics", "id": "cl-1", "range": "1h"})
+        );
+        let back: Call = serde_json::from_value(json).unwrap();
+        assert!(matches!(back, Call::metrics { .. }));
+        assert!(serde_json::from_value::<Call>(serde_json::json!({"op": "format_disk"})).is_err());
+    }
+}

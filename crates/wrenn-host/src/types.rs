@@ -1,0 +1,76 @@
+//! What a host reports and keeps: the messages of the host operations.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Where a capsule stands on its host.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// The VM runs.
+    #[default]
+    Running,
+    /// Being saved; the VM may still exist (frozen). Only seen on the host after a crash.
+    Pausing,
+    /// Only files remain: disk overlay and saved state. The slot's number stays reserved.
+    Paused,
+    /// Being restored from its saved state. Only seen on the host after a crash.
+    Resuming,
+}
+
+/// What the control plane learns about a capsule on its host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CapsuleInfo {
+    pub id: String,
+    /// `Running` or `Paused` (transitions in progress are reported as where they started).
+    pub phase: Phase,
+    pub template: String,
+    pub guest_ip: String,
+    pub host_ip: String,
+    /// kernel_version, vmm_version, agent_version, envd_version, accelerator.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// The most one capsule can have on a host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostCapacity {
+    pub cpus: u32,
+    pub memory_mb: u64,
+    pub disk_free_mb: u64,
+}
+
+/// A base template a host can boot: its root filesystem image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseTemplate {
+    pub name: String,
+    pub size_bytes: u64,
+    pub built_at: DateTime<Utc>,
+}
+
+/// A capsule whose VM died under it, and why (already cleaned up on its host).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadCapsule {
+    pub id: String,
+    pub reason: String,
+}
+
+/// A user snapshot as the control plane names it on its host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserSnapshot {
+    pub id: String,
+}
+
+/// What a user snapshot holds (also its `meta.json` on the host).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SnapshotMeta {
+    pub id: String,
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    /// Virtual size of the disk.
+    pub disk_mb: u64,
+    pub size_bytes: u64,
+}

@@ -1,0 +1,423 @@
+//! Create, destroy, pause and resume: the database row moves first, the host works in the
+//! background, and the outcome is recorded, published and audited.
+
+use std::time::Duration;
+
+use tracing::{info, warn};
+use wrenn_api::id::{new_id, prefix};
+use wrenn_api::{
+    ApiError, Capsule, CapsuleSpec, CapsuleStatus, CreateCapsuleRequest, EventActor, EventKind,
+};
+use wrenn_host::{Host, HostCapacity, Phase, UserSnapshot};
+
+use super::{CapsuleService, Emitter, OrLog, PauseReason, Result};
+use crate::error::from_host;
+use crate::hosts::pool::HostHandle;
+use crate::store::Store;
+
+/// How long DELETE waits for the host to finish before answering 202 anyway.
+const DESTROY_WAIT: Duration = Duration::from_secs(5);
+
+impl CapsuleService {
+    /// Records the capsule as `starting` and boots it in the background.
+    pub async fn create(
+        &self,
+        team_id: &str,
+        req: CreateCapsuleRequest,
+        actor: &EventActor,
+    ) -> Result<Capsule> {
+        let mut spec = req.validate().map_err(ApiError::invalid)?;
+        let (from, pinned) = self.resolve_template(team_id, &mut spec).await?;
+        let host = match &pinned {
+            Some(h) => self.pool.online(h).await?,
+            None => self.pool.place(team_id, &spec).await?,
+        };
+        fits(&spec, &host.capacity().await.map_err(from_host)?)?;
+        let id = new_id(prefix::CAPSULE);
+        let row = self
+            .store
+            .insert_capsule(&id, team_id, host.host_id(), &spec)
+            .await?;
+        info!(capsule_id = %id, team_id, host_id = host.host_id(), template = %spec.template, "capsule create accepted");
+        let boot = Boot {
+            store: self.store.clone(),
+            events: self.events.clone(),
+            actor: actor.clone(),
+            host,
+            id,
+        };
+        tokio::spawn(boot.run(spec, from));
+        Ok(row.capsule)
+    }
+
+    /// A platform template as it is, or one of the team's snapshots (whose machine it
+    /// restores, on the host that holds it): the snapshot and its host, if any.
+    pub(super) async fn resolve_template(
+        &self,
+        team_id: &str,
+        spec: &mut CapsuleSpec,
+    ) -> Result<(Option<UserSnapshot>, Option<String>)> {
+        let templates = self
+            .pool
+            .any()
+            .await?
+            .templates()
+            .await
+            .map_err(from_host)?;
+        if templates.contains(&spec.template) {
+            return Ok((None, None));
+        }
+        let Some(t) = self.store.template(team_id, &spec.template).await? else {
+            return Err(ApiError::invalid(format!(
+                "unknown template {:?} (platform templates: {}; see GET /v1/snapshots for the team's)",
+                spec.template,
+                templates.join(", ")
+            )));
+        };
+        spec.vcpus = t.template.vcpus.unwrap_or(spec.vcpus);
+        spec.memory_mb = t.template.memory_mb.unwrap_or(spec.memory_mb);
+        spec.disk_size_mb = t.disk_size_mb;
+        Ok((Some(UserSnapshot { id: t.snapshot_id }), Some(t.host_id)))
+    }
+
+    /// Starts destruction and waits briefly for it; repeating it is harmless.
+    pub async fn destroy(&self, team_id: &str, id: &str, actor: &EventActor) -> Result<Capsule> {
+        let row = self.owned(team_id, id).await?;
+        if row.capsule.status.is_terminal() {
+            return Ok(row.capsule);
+        }
+        let host = self.pool.client_for(&row).await?;
+        use CapsuleStatus::*;
+        self.store
+            .transition(
+                id,
+                &[
+                    Pending,
+                    Starting,
+                    Running,
+                    Pausing,
+                    Paused,
+                    Resuming,
+                    Snapshotting,
+                    Missing,
+                    Stopping,
+                ],
+                Stopping,
+            )
+            .await?;
+        let (store, id_owned) = (self.store.clone(), id.to_string());
+        let (events, actor, was) = (self.events.clone(), actor.clone(), row.capsule.status);
+        let task = tokio::spawn(async move {
+            match host.destroy(id_owned.clone()).await {
+                Ok(_) => {
+                    store
+                        .transition(&id_owned, &[Stopping], Stopped)
+                        .await
+                        .or_log("recording a destroy", &id_owned, host.host_id());
+                    info!(capsule_id = %id_owned, "capsule destroyed");
+                    events
+                        .action(EventKind::CapsuleDestroy, &id_owned, &actor, Ok(()), &[])
+                        .await;
+                    events.changed(&id_owned, was, Stopped, None).await;
+                }
+                Err(e) => {
+                    warn!(capsule_id = %id_owned, error = %e, "destroy failed");
+                    store
+                        .mark_error(&id_owned, &format!("destroy failed: {e}"))
+                        .await
+                        .or_log("recording a failed destroy", &id_owned, host.host_id());
+                    events
+                        .action(
+                            EventKind::CapsuleDestroy,
+                            &id_owned,
+                            &actor,
+                            Err(e.to_string()),
+                            &[],
+                        )
+                        .await;
+                }
+            }
+        });
+        let _ = tokio::time::timeout(DESTROY_WAIT, task).await;
+        Ok(self.owned(team_id, id).await?.capsule)
+    }
+
+    /// `running` → `pausing`, and the host saves the capsule in the background → `paused`.
+    /// A failed pause goes back to `running` if the host still runs it, `error` otherwise.
+    pub async fn pause(&self, team_id: &str, id: &str, actor: &EventActor) -> Result<Capsule> {
+        let row = self.owned(team_id, id).await?;
+        let host = self.pool.client_for(&row).await?;
+        self.begin_pause(
+            id,
+            row.capsule.status,
+            PauseReason::User,
+            host,
+            actor.clone(),
+        )
+        .await?;
+        Ok(self.owned(team_id, id).await?.capsule)
+    }
+
+    /// `running` → `pausing`, then the host's pause in the background.
+    pub(super) async fn begin_pause(
+        &self,
+        id: &str,
+        status: CapsuleStatus,
+        reason: PauseReason,
+        host: HostHandle,
+        actor: EventActor,
+    ) -> Result<()> {
+        use CapsuleStatus::*;
+        if !self.store.transition(id, &[Running], Pausing).await? {
+            return Err(ApiError::invalid_state(format!(
+                "capsule {id} is {}, not running",
+                status.as_str()
+            )));
+        }
+        self.store.set_pause_reason(id, reason.as_str()).await?;
+        self.pause_on_host(id, reason, host, actor);
+        Ok(())
+    }
+
+    /// The host's pause of a capsule already `pausing`, in the background → `paused`. A failed
+    /// pause goes back to `running` if the host still runs it, `error` otherwise.
+    pub(super) fn pause_on_host(
+        &self,
+        id: &str,
+        reason: PauseReason,
+        host: HostHandle,
+        actor: EventActor,
+    ) {
+        use CapsuleStatus::*;
+        info!(capsule_id = %id, reason = reason.as_str(), "capsule pause accepted");
+        let (store, id_owned) = (self.store.clone(), id.to_string());
+        let activity = self.activity.clone();
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let id = id_owned;
+            let meta: &[(&str, &str)] = match reason {
+                PauseReason::TtlExpired => &[("reason", "ttl_expired")],
+                PauseReason::User => &[],
+            };
+            match host.pause(id.clone()).await {
+                Ok(()) => {
+                    store.transition(&id, &[Pausing], Paused).await.or_log(
+                        "recording a pause",
+                        &id,
+                        host.host_id(),
+                    );
+                    events
+                        .action(EventKind::CapsulePause, &id, &actor, Ok(()), meta)
+                        .await;
+                    events
+                        .changed(&id, Running, Paused, meta.first().map(|m| m.1))
+                        .await;
+                }
+                Err(e) => {
+                    let runs_on = host_phase(&*host, &id).await == Some(Phase::Running);
+                    warn!(capsule_id = %id, error = %e, runs_on, "pause failed");
+                    events
+                        .action(
+                            EventKind::CapsulePause,
+                            &id,
+                            &actor,
+                            Err(e.to_string()),
+                            meta,
+                        )
+                        .await;
+                    if runs_on {
+                        // It runs on, untouched; an auto-pause tries again after another
+                        // full timeout rather than at once.
+                        store.transition(&id, &[Pausing], Running).await.or_log(
+                            "recording a failed pause",
+                            &id,
+                            host.host_id(),
+                        );
+                        activity.touch(&id);
+                    } else {
+                        store
+                            .mark_error(&id, &format!("pause failed: {e}"))
+                            .await
+                            .or_log("recording a failed pause", &id, host.host_id());
+                    }
+                }
+            }
+        });
+    }
+
+    /// `paused` → `resuming`, and the host restores it in the background → `running`. A failed
+    /// resume leaves it `paused` (its files intact) if the host still holds it, `error` otherwise.
+    pub async fn resume(&self, team_id: &str, id: &str, actor: &EventActor) -> Result<Capsule> {
+        use CapsuleStatus::*;
+        let row = self.owned(team_id, id).await?;
+        let host = self.pool.client_for(&row).await?;
+        if !self.store.transition(id, &[Paused], Resuming).await? {
+            return Err(ApiError::invalid_state(format!(
+                "capsule {id} is {}, not paused",
+                row.capsule.status.as_str()
+            )));
+        }
+        info!(capsule_id = %id, "capsule resume accepted");
+        let (store, id_owned) = (self.store.clone(), id.to_string());
+        let (events, actor) = (self.events.clone(), actor.clone());
+        tokio::spawn(async move {
+            let id = id_owned;
+            match host.resume(id.clone()).await {
+                Ok(info) => {
+                    match store
+                        .mark_resumed(&id, &info.guest_ip, &info.host_ip, &info.metadata)
+                        .await
+                    {
+                        Ok(true) => {
+                            events
+                                .action(EventKind::CapsuleResume, &id, &actor, Ok(()), &[])
+                                .await;
+                            events.changed(&id, Paused, Running, None).await;
+                        }
+                        // Destroyed while resuming: nobody wants the VM any more.
+                        Ok(false) => {
+                            host.destroy(id.clone()).await.or_log(
+                                "destroying a VM resumed after its capsule was destroyed",
+                                &id,
+                                host.host_id(),
+                            );
+                        }
+                        Err(e) => warn!(capsule_id = %id, error = %e, "cannot record the resume"),
+                    }
+                }
+                Err(e) => {
+                    let still_paused = host_phase(&*host, &id).await == Some(Phase::Paused);
+                    warn!(capsule_id = %id, error = %e, still_paused, "resume failed");
+                    events
+                        .action(
+                            EventKind::CapsuleResume,
+                            &id,
+                            &actor,
+                            Err(e.to_string()),
+                            &[],
+                        )
+                        .await;
+                    if still_paused {
+                        store.transition(&id, &[Resuming], Paused).await.or_log(
+                            "recording a failed resume",
+                            &id,
+                            host.host_id(),
+                        );
+                    } else {
+                        store
+                            .mark_error(&id, &format!("resume failed: {e}"))
+                            .await
+                            .or_log("recording a failed resume", &id, host.host_id());
+                    }
+                }
+            }
+        });
+        Ok(self.owned(team_id, id).await?.capsule)
+    }
+}
+
+/// Where the host says a capsule stands after a failed transition (`None`: gone, or the host
+/// cannot say).
+async fn host_phase(host: &dyn Host, id: &str) -> Option<Phase> {
+    host.list()
+        .await
+        .ok()?
+        .into_iter()
+        .find(|c| c.id == id)
+        .map(|c| c.phase)
+}
+
+/// Whether one capsule of `spec` fits on a host with `cap` (400 saying which limit it passes).
+fn fits(spec: &CapsuleSpec, cap: &HostCapacity) -> Result<()> {
+    if spec.vcpus > cap.cpus {
+        return Err(ApiError::invalid(format!(
+            "vcpus {} is more than this host has ({} CPUs)",
+            spec.vcpus, cap.cpus
+        )));
+    }
+    if u64::from(spec.memory_mb) > cap.memory_mb {
+        return Err(ApiError::invalid(format!(
+            "memory_mb {} is more than this host can give one capsule ({} MiB)",
+            spec.memory_mb, cap.memory_mb
+        )));
+    }
+    if u64::from(spec.disk_size_mb) > cap.disk_free_mb {
+        return Err(ApiError::invalid(format!(
+            "disk_size_mb {} is more than the free space on this host ({} MiB)",
+            spec.disk_size_mb, cap.disk_free_mb
+        )));
+    }
+    Ok(())
+}
+
+/// A create the host works on in the background.
+struct Boot {
+    store: Store,
+    events: Emitter,
+    actor: EventActor,
+    host: HostHandle,
+    id: String,
+}
+
+impl Boot {
+    async fn run(self, spec: CapsuleSpec, from: Option<UserSnapshot>) {
+        let Boot {
+            store,
+            events,
+            actor,
+            host,
+            id,
+        } = self;
+        let info = match host.create(id.clone(), spec, from).await {
+            Ok(info) => info,
+            Err(e) => {
+                warn!(capsule_id = %id, error = %e, "capsule failed to start");
+                store.mark_error(&id, &e.to_string()).await.or_log(
+                    "recording a failed create",
+                    &id,
+                    host.host_id(),
+                );
+                let failed = Err(e.to_string());
+                events
+                    .action(EventKind::CapsuleCreate, &id, &actor, failed, &[])
+                    .await;
+                let (from, to) = (CapsuleStatus::Starting, CapsuleStatus::Error);
+                events.changed(&id, from, to, Some("create_failed")).await;
+                // The host tore down whatever the failed create had made.
+                events.cleaned_up_after_failed_create(&id, Ok(())).await;
+                return;
+            }
+        };
+        match store
+            .mark_running(&id, &info.guest_ip, &info.host_ip, &info.metadata)
+            .await
+        {
+            Ok(true) => {
+                events
+                    .action(EventKind::CapsuleCreate, &id, &actor, Ok(()), &[])
+                    .await;
+                let (from, to) = (CapsuleStatus::Starting, CapsuleStatus::Running);
+                events.changed(&id, from, to, None).await;
+            }
+            // Destroyed while booting: the VM nobody wants goes away again.
+            Ok(false) => host.destroy(id.clone()).await.or_log(
+                "destroying a VM created after its capsule was",
+                &id,
+                host.host_id(),
+            ),
+            Err(e) => {
+                warn!(capsule_id = %id, error = %e, "cannot record the running capsule; destroying it");
+                let outcome = host
+                    .destroy(id.clone())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string());
+                store
+                    .mark_error(&id, "control plane could not record the capsule")
+                    .await
+                    .or_log("recording a failed create", &id, host.host_id());
+                events.cleaned_up_after_failed_create(&id, outcome).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! Snapshot templates (a team's named live snapshots) and capsule metrics.
+
+use tracing::{info, warn};
+use wrenn_api::id::{new_id, prefix};
+use wrenn_api::{
+    validate_template_name, ApiError, CapsuleStatus, CreateSnapshotRequest, ErrorCode, EventActor,
+    EventKind, Template,
+};
+
+use super::{CapsuleService, OrLog, Result};
+use crate::error::from_host;
+use crate::store::NewTemplate;
+
+impl CapsuleService {
+    /// `POST /v1/snapshots`: a live snapshot of a running capsule (shown `snapshotting` for
+    /// the moment it is frozen and copied; it runs on). Names are the team's and immutable:
+    /// an existing one is 409 unless `overwrite`, which replaces it.
+    pub async fn create_snapshot(
+        &self,
+        team_id: &str,
+        req: CreateSnapshotRequest,
+        overwrite: bool,
+        actor: &EventActor,
+    ) -> Result<Template> {
+        use CapsuleStatus::*;
+        let name = match req.name {
+            Some(n) => n,
+            None => format!("template-{:08x}", rand::random::<u32>()),
+        };
+        validate_template_name(&name).map_err(ApiError::invalid)?;
+        let platform = self
+            .pool
+            .any()
+            .await?
+            .templates()
+            .await
+            .map_err(from_host)?;
+        if platform.contains(&name) {
+            return Err(ApiError::new(
+                ErrorCode::AlreadyExists,
+                format!("{name:?} is a platform template"),
+            ));
+        }
+        let row = self.owned(team_id, &req.sandbox_id).await?;
+        let id = req.sandbox_id.as_str();
+        let host = self.pool.client_for(&row).await?;
+        if !overwrite && self.store.template(team_id, &name).await?.is_some() {
+            return Err(ApiError::new(
+                ErrorCode::AlreadyExists,
+                format!("template {name:?} exists (use ?overwrite=true to replace it)"),
+            ));
+        }
+        if !self.store.transition(id, &[Running], Snapshotting).await? {
+            return Err(ApiError::invalid_state(format!(
+                "capsule {id} is {}, not running",
+                row.capsule.status.as_str()
+            )));
+        }
+        let _busy = self.hold(id);
+        let snapshot_id = new_id(prefix::SNAPSHOT);
+        let taken = host.snapshot(id.to_string(), snapshot_id.clone()).await;
+        self.store
+            .transition(id, &[Snapshotting], Running)
+            .await
+            .or_log("recording the end of a snapshot", id, host.host_id());
+        let meta = taken.map_err(from_host)?;
+        let new = NewTemplate {
+            team_id,
+            name: &name,
+            snapshot_id: &snapshot_id,
+            host_id: host.host_id(),
+            source_capsule: id,
+            vcpus: meta.vcpus,
+            memory_mb: meta.memory_mb,
+            disk_size_mb: meta.disk_mb as u32,
+            size_bytes: meta.size_bytes,
+        };
+        let replaced = if overwrite {
+            self.store.delete_template(team_id, &name).await?
+        } else {
+            None
+        };
+        if !self.store.insert_template(&new).await? {
+            // Someone took the name meanwhile: this snapshot is nobody's.
+            host.delete_snapshot(snapshot_id.clone()).await.or_log(
+                "deleting an unnamed snapshot",
+                id,
+                host.host_id(),
+            );
+            return Err(ApiError::new(
+                ErrorCode::AlreadyExists,
+                format!("template {name:?} exists"),
+            ));
+        }
+        if let Some(old) = replaced {
+            self.delete_snapshot_files(&old.host_id, &old.snapshot_id)
+                .await;
+        }
+        info!(capsule_id = %id, template = %name, snapshot_id, size_bytes = meta.size_bytes, "snapshot template created");
+        self.events
+            .other(
+                EventKind::SnapshotCreate,
+                "template",
+                &name,
+                Some(team_id),
+                actor,
+                Some(true),
+            )
+            .await;
+        Ok(self
+            .store
+            .template(team_id, &name)
+            .await?
+            .ok_or_else(|| ApiError::internal("snapshot template vanished"))?
+            .template)
+    }
+
+    /// `GET /metrics`: running and paused capsules (and those between the two); others 404.
+    pub async fn metrics(
+        &self,
+        team_id: &str,
+        id: &str,
+        range: Option<&str>,
+    ) -> Result<serde_json::Value> {
+        use CapsuleStatus::*;
+        let range = range.unwrap_or("10m");
+        let Some(range) = wrenn_api::MetricsRange::parse(range) else {
+            return Err(ApiError::invalid(format!(
+                "range must be one of 5m, 10m, 1h, 2h, 6h, 12h, 24h; got {range:?}"
+            )));
+        };
+        let row = self.owned(team_id, id).await?;
+        if !matches!(
+            row.capsule.status,
+            Running | Pausing | Paused | Resuming | Snapshotting
+        ) {
+            return Err(ApiError::not_found(format!(
+                "no metrics for capsule {id}: it is {}",
+                row.capsule.status.as_str()
+            )));
+        }
+        let points = self
+            .pool
+            .client_for(&row)
+            .await?
+            .metrics(id.to_string(), range)
+            .await
+            .map_err(from_host)?;
+        Ok(serde_json::json!({ "sandbox_id": id, "range": range.as_str(), "points": points }))
+    }
+
+    /// `GET /v1/snapshots`: the team's snapshots and the platform's base templates.
+    pub async fn list_templates(&self, team_id: &str, kind: Option<&str>) -> Result<Vec<Template>> {
+        if let Some(k) = kind {
+            if k != "base" && k != "snapshot" {
+                return Err(ApiError::invalid(format!(
+                    "type must be base or snapshot, not {k:?}"
+                )));
+            }
+        }
+        let mut out = Vec::new();
+        if kind != Some("snapshot") {
+            let host = self.pool.any().await?;
+            for t in host.base_templates().await.map_err(from_host)? {
+                out.push(Template {
+                    name: t.name,
+                    kind: "base".into(),
+                    vcpus: None,
+                    memory_mb: None,
+                    size_bytes: t.size_bytes as i64,
+                    created_at: t.built_at,
+                    platform: true,
+                    metadata: None,
+                });
+            }
+        }
+        if kind != Some("base") {
+            out.extend(
+                self.store
+                    .list_templates(team_id)
+                    .await?
+                    .into_iter()
+                    .map(|t| t.template),
+            );
+        }
+        Ok(out)
+    }
+
+    /// `DELETE /v1/snapshots/{name}`: the name goes at once; the files once no capsule uses them.
+    pub async fn delete_template(
+        &self,
+        team_id: &str,
+        name: &str,
+        actor: &EventActor,
+    ) -> Result<()> {
+        if self
+            .pool
+            .any()
+            .await?
+            .templates()
+            .await
+            .map_err(from_host)?
+            .iter()
+            .any(|t| t == name)
+        {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!("{name:?} is a platform template and cannot be deleted"),
+            ));
+        }
+        let row = self
+            .store
+            .delete_template(team_id, name)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("template {name:?} not found")))?;
+        self.delete_snapshot_files(&row.host_id, &row.snapshot_id)
+            .await;
+        self.events
+            .other(
+                EventKind::SnapshotDelete,
+                "template",
+                name,
+                Some(team_id),
+                actor,
+                Some(true),
+            )
+            .await;
+        Ok(())
+    }
+
+    /// Deletes a snapshot's files on its host (logged, not failed, when that is not possible
+    /// now: the name is gone either way).
+    pub(super) async fn delete_snapshot_files(&self, host_id: &str, snapshot_id: &str) {
+        match self.pool.get(host_id) {
+            Some(h) => {
+                if let Err(e) = h.delete_snapshot(snapshot_id.to_string()).await {
+                    warn!(snapshot_id, host_id, error = %e, "cannot delete snapshot files");
+                }
+            }
+            None => warn!(
+                snapshot_id,
+                host_id, "snapshot files stay: their host is not connected"
+            ),
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! The capsule service's races and failure paths against an in-memory host
+//! (`wrenn_host::testing::FakeHost`) and a real SQLite file: no VM, each test well under a
+//! second. The real-VM paths are covered end to end by `tests/e2e`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use wrenn_api::{
+    Capsule, CapsuleStatus, CreateCapsuleRequest, ErrorCode, Event, EventActor, ExecRequest,
+};
+use wrenn_host::testing::FakeHost;
+use wrenn_host::{HostCapacity, HostError, Phase};
+
+use super::{CapsuleService, ExecOutcome};
+use crate::events::EventBus;
+use crate::hosts::pool::{HostPool, Overcommit};
+use crate::store::{NewTeam, Store};
+
+struct World {
+    svc: CapsuleService,
+    host: Arc<FakeHost>,
+    store: Store,
+    bus: Arc<EventBus>,
+    team: String,
+}
+
+fn user() -> EventActor {
+    EventActor {
+        kind: "user".into(),
+        id: "usr-test".into(),
+        name: "test@example.test".into(),
+    }
+}
+
+/// A control plane's capsule service with one online host (the fake) and one team.
+async fn world(name: &str) -> World {
+    let dir =
+        std::env::temp_dir().join(format!("wrenn-capsule-tests-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let store = Store::open_sqlite(&dir.join("wrenn.db")).await.unwrap();
+    let capacity = HostCapacity {
+        cpus: 4,
+        memory_mb: 8192,
+        disk_free_mb: 100_000,
+    };
+    let host_id = crate::hosts::ensure_embedded_host(&store, &dir, &capacity)
+        .await
+        .unwrap();
+    let host = FakeHost::new();
+    let pool = HostPool::new(store.clone(), None, Overcommit::default());
+    pool.add(&host_id, host.clone());
+    let team = "team-capsuletests000000000001".to_string();
+    store
+        .create_admin_with_team(
+            "usr-capsuletests0000000000001",
+            "admin@example.test",
+            "Admin",
+            None,
+            NewTeam {
+                id: &team,
+                name: "Test",
+                slug: "aaaaaa-bbbbbb",
+            },
+        )
+        .await
+        .unwrap();
+    let bus = Arc::new(EventBus::local());
+    let svc = CapsuleService::new(store.clone(), Arc::new(pool), bus.clone());
+    World {
+        svc,
+        host,
+        store,
+        bus,
+        team,
+    }
+}
+
+impl World {
+    async fn status(&self, id: &str) -> CapsuleStatus {
+        self.svc.get(&self.team, id).await.unwrap().status
+    }
+
+    /// Waits (bounded) until the capsule is `want`.
+    async fn wait_for(&self, id: &str, want: CapsuleStatus) -> Capsule {
+        for _ in 0..500 {
+            let c = self.svc.get(&self.team, id).await.unwrap();
+            if c.status == want {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "capsule {id} is {:?}, never {want:?}",
+            self.status(id).await
+        );
+    }
+
+    async fn create(&self, timeout_sec: i64) -> Capsule {
+        let req = CreateCapsuleRequest {
+            timeout_sec: Some(timeout_sec),
+            ..Default::default()
+        };
+        self.svc.create(&self.team, req, &user()).await.unwrap()
+    }
+
+    async fn running(&self) -> String {
+        let c = self.create(0).await;
+        self.wait_for(&c.id, CapsuleStatus::Running).await;
+        c.id
+    }
+}
+
+/// Events published so far on `rx`, as `event[:outcome or to]`.
+fn drain(rx: &mut tokio::sync::broadcast::Receiver<Arc<Event>>) -> Vec<String> {
+    let mut out = Vec::new();
+    while let Ok(ev) = rx.try_recv() {
+        let detail = ev
+            .outcome
+            .clone()
+            .or_else(|| ev.metadata.get("to").cloned())
+            .unwrap_or_default();
+        out.push(format!("{}:{detail}", ev.event));
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_destroy_during_create_leaves_no_vm_behind() {
+    let w = world("destroy-during-create").await;
+    w.host.hold("create");
+    let c = w.create(0).await;
+    assert_eq!(c.status, CapsuleStatus::Starting);
+    w.host.waiting("create", 1).await;
+
+    let d = w.svc.destroy(&w.team, &c.id, &user()).await.unwrap();
+    assert!(
+        matches!(d.status, CapsuleStatus::Stopping | CapsuleStatus::Stopped),
+        "{:?}",
+        d.status
+    );
+    w.wait_for(&c.id, CapsuleStatus::Stopped).await;
+    // The host finishes the create after all: the VM nobody wants is destroyed at once.
+    w.host.release("create");
+    for _ in 0..500 {
+        if w.host.capsule(&c.id).is_none() && w.host.count("destroy") == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(w.host.capsule(&c.id).is_none(), "{:?}", w.host.calls());
+    assert_eq!(w.host.count("destroy"), 2, "{:?}", w.host.calls());
+    assert_eq!(w.status(&c.id).await, CapsuleStatus::Stopped);
+}
+
+#[tokio::test]
+async fn a_pause_during_a_running_exec_ends_the_exec_instead_of_hanging_it() {
+    let w = Arc::new(world("pause-during-exec").await);
+    let id = w.running().await;
+    w.host.hold("exec");
+    let exec = {
+        let (w, id) = (w.clone(), id.clone());
+        tokio::spawn(async move {
+            let req = ExecRequest {
+                cmd: "sleep 100".into(),
+                args: vec![],
+                timeout_sec: None,
+                background: false,
+                tag: None,
+                envs: Default::default(),
+                cwd: None,
+            };
+            w.svc.exec(&w.team, &id, req).await
+        })
+    };
+    w.host.waiting("exec", 1).await;
+    assert!(
+        w.svc.activity.is_busy(&id),
+        "an attached exec holds the capsule"
+    );
+    // The inactivity timer never pauses a capsule with a command attached…
+    assert!(w.svc.idle_capsules().await.unwrap().is_empty());
+
+    // …but the user may.
+    let p = w.svc.pause(&w.team, &id, &user()).await.unwrap();
+    assert_eq!(p.status, CapsuleStatus::Pausing);
+    w.wait_for(&id, CapsuleStatus::Paused).await;
+    let out = tokio::time::timeout(Duration::from_secs(5), exec)
+        .await
+        .expect("the exec ended with its VM")
+        .unwrap();
+    match out {
+        Err(e) => assert_eq!(e.code, ErrorCode::AgentError, "{}", e.message),
+        Ok(ExecOutcome::Foreground(r)) => panic!("the exec finished: {r:?}"),
+        Ok(ExecOutcome::Background(_)) => panic!("not a background exec"),
+    }
+    assert!(!w.svc.activity.is_busy(&id), "the ended exec let go");
+    w.host.release("exec");
+}
+
+#[tokio::test]
+async fn a_host_failure_mid_create_marks_the_capsule_error_and_says_so() {
+    let w = world("host-failure-mid-create").await;
+    let mut rx = w.bus.subscribe();
+    w.host
+        .fail_next("create", HostError::Vmm("VM exited during boot".into()));
+    let c = w.create(0).await;
+    w.wait_for(&c.id, CapsuleStatus::Error).await;
+    let row = w.store.capsule(&c.id).await.unwrap().unwrap();
+    assert!(
+        row.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("VM exited during boot"),
+        "{:?}",
+        row.error
+    );
+    assert!(w.host.capsule(&c.id).is_none());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        drain(&mut rx),
+        [
+            "capsule.create:error",
+            "capsule.state.changed:error",
+            "capsule.destroy:success"
+        ]
+    );
+
+    // A host that cannot be reached at all fails the same way.
+    w.host.fail_next(
+        "create",
+        HostError::Unreachable("connection refused".into()),
+    );
+    let c = w.create(0).await;
+    w.wait_for(&c.id, CapsuleStatus::Error).await;
+    let row = w.store.capsule(&c.id).await.unwrap().unwrap();
+    assert!(row.error.unwrap_or_default().contains("connection refused"));
+}
+
+#[tokio::test]
+async fn a_second_resume_while_one_is_in_flight_is_refused() {
+    let w = world("double-resume").await;
+    let id = w.running().await;
+    w.svc.pause(&w.team, &id, &user()).await.unwrap();
+    w.wait_for(&id, CapsuleStatus::Paused).await;
+
+    w.host.hold("resume");
+    let first = w.svc.resume(&w.team, &id, &user()).await.unwrap();
+    assert_eq!(first.status, CapsuleStatus::Resuming);
+    w.host.waiting("resume", 1).await;
+    let second = w.svc.resume(&w.team, &id, &user()).await.unwrap_err();
+    assert_eq!(second.code, ErrorCode::InvalidState, "{}", second.message);
+
+    w.host.release("resume");
+    w.wait_for(&id, CapsuleStatus::Running).await;
+    assert_eq!(w.host.count("resume"), 1, "{:?}", w.host.calls());
+    assert_eq!(w.host.capsule(&id).unwrap().phase, Phase::Running);
+    // And once running, a resume is refused too.
+    let third = w.svc.resume(&w.team, &id, &user()).await.unwrap_err();
+    assert_eq!(third.code, ErrorCode::InvalidState);
+}
+
+#[tokio::test]
+async fn a_ping_that_lands_while_the_reaper_decides_keeps_the_capsule_running() {
+    let w = world("reaper-vs-ping").await;
+    let pinged = w.create(60).await.id;
+    let idle = w.create(60).await.id;
+    w.wait_for(&pinged, CapsuleStatus::Running).await;
+    w.wait_for(&idle, CapsuleStatus::Running).await;
+    // Both were last used two hours ago.
+    let long_ago = chrono::Utc::now() - chrono::Duration::hours(2);
+    for id in [&pinged, &idle] {
+        w.store.backdate_activity(id, long_ago).await.unwrap();
+    }
+
+    // The reaper finds both idle; then, before it pauses them, one is pinged.
+    let found = w.svc.idle_capsules().await.unwrap();
+    assert_eq!(found.len(), 2);
+    w.svc.ping(&w.team, &pinged).await.unwrap();
+    for c in &found {
+        let began = w.svc.auto_pause(c).await.unwrap();
+        assert_eq!(began, c.id == idle, "{}", c.id);
+    }
+    w.wait_for(&idle, CapsuleStatus::Paused).await;
+    assert_eq!(w.status(&pinged).await, CapsuleStatus::Running);
+    assert_eq!(w.host.count("pause"), 1, "{:?}", w.host.calls());
+    let row = w.store.capsule(&idle).await.unwrap().unwrap();
+    assert_eq!(row.capsule.status, CapsuleStatus::Paused);
+
+    // A ping after the pause began is refused rather than lost.
+    let again = w.svc.ping(&w.team, &idle).await.unwrap_err();
+    assert_eq!(again.code, ErrorCode::InvalidState);
+}
+
+#[tokio::test]
+async fn a_vm_that_dies_turns_its_capsule_error_with_the_reason() {
+    let w = world("dead-vm").await;
+    let id = w.running().await;
+    w.host
+        .kill(&id, "the VM exited unexpectedly (qemu: killed)");
+    w.svc.record_dead_vms().await.unwrap();
+    w.wait_for(&id, CapsuleStatus::Error).await;
+    let row = w.store.capsule(&id).await.unwrap().unwrap();
+    assert!(row
+        .error
+        .unwrap_or_default()
+        .contains("exited unexpectedly"));
+}

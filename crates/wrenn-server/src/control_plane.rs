@@ -1,0 +1,626 @@
+//! [`ControlPlane`]: the whole control plane of one replica, started from a [`Config`] and
+//! stopped as one.
+//!
+//! Start-up wires the services together (store, host pool, events, capsules, accounts, hosts,
+//! channels, stats), reconciles the database with the hosts it can reach, and serves the API.
+//! Every background task — the periodic ones ([`Tasks::every`]) and the notification delivery
+//! loop — lives in one [`JoinSet`] under one [`CancellationToken`], so [`ControlPlane::shutdown`]
+//! stops them all and waits for them (bounded), and none outlives its control plane.
+
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use wrenn_host::{Host, HostCapacity, TlsMaterial};
+
+use crate::accounts::limits::AuthLimits;
+use crate::accounts::mail::Mailer;
+use crate::accounts::oauth::ProviderConfig;
+use crate::accounts::{AccountConfig, AccountService};
+use crate::audit::AuditLog;
+use crate::bootstrap::Bootstrap;
+use crate::capsules::CapsuleService;
+use crate::channels::{ChannelConfig, ChannelService, ConfigCipher};
+use crate::clock::SystemClock;
+use crate::events::EventBus;
+use crate::hosts::pki::Pki;
+use crate::hosts::pool::{HostPool, Overcommit};
+use crate::hosts::{HostConfig, HostService};
+use crate::stats::StatsService;
+use crate::store::{Store, StoreError};
+use crate::AppState;
+
+/// How often capsules whose VM died are marked and idle ones auto-paused.
+const REAPER_INTERVAL: Duration = Duration::from_secs(2);
+/// How often expired sessions are removed (deleted accounts and old delivery records daily).
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(600);
+/// How long a shutdown waits for background tasks before aborting them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Everything a control plane is told; `wrenn server` and `wrenn up` fill it from their flags.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the SQLite database (unless `database_url`), the outbox and keys live.
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// URL clients use (default `http://<listen>`).
+    pub public_url: Option<String>,
+    pub admin_email: String,
+    pub admin_password: Option<String>,
+    /// `postgres://…`; SQLite under the data dir when unset.
+    pub database_url: Option<String>,
+    /// Redis for the event bus shared by replicas; in-process events when unset.
+    pub redis_url: Option<String>,
+    pub stats_interval: Duration,
+    pub heartbeat_interval: Duration,
+    pub reconcile_interval: Duration,
+    pub overcommit: Overcommit,
+    pub smtp_url: Option<String>,
+    pub smtp_from: String,
+    /// Where OAuth flows end (default: the public URL).
+    pub oauth_redirect_url: Option<String>,
+    pub github: Option<GithubApp>,
+    pub secure_cookies: bool,
+    pub auth_ip_limit: u32,
+    pub auth_email_limit: u32,
+    /// 64 hex: the key sealing channel secrets (generated into the data dir when unset).
+    pub encryption_key: Option<String>,
+    pub telegram_api_url: String,
+    pub channel_retry_delays: Vec<Duration>,
+    pub channel_allow_private_targets: bool,
+}
+
+/// A GitHub OAuth app.
+#[derive(Debug, Clone)]
+pub struct GithubApp {
+    pub client_id: String,
+    pub client_secret: String,
+    /// Web and API base URLs (GitHub Enterprise, or a stand-in in tests).
+    pub url: String,
+    pub api_url: String,
+}
+
+/// The host agent running in this process (`wrenn up`).
+pub struct EmbeddedHost {
+    pub host: Arc<dyn Host>,
+    pub capacity: HostCapacity,
+}
+
+/// Why a control plane could not start.
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(String),
+    #[error("{what}: {source}")]
+    Store {
+        what: &'static str,
+        source: StoreError,
+    },
+    #[error("{what}: {detail}")]
+    Service { what: String, detail: String },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+fn store_err(what: &'static str) -> impl FnOnce(StoreError) -> StartError {
+    move |source| StartError::Store { what, source }
+}
+
+fn service_err<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> StartError + '_ {
+    move |e| StartError::Service {
+        what: what.to_string(),
+        detail: e.to_string(),
+    }
+}
+
+/// The background tasks of one control plane.
+struct Tasks {
+    set: JoinSet<()>,
+    cancel: CancellationToken,
+}
+
+impl Tasks {
+    /// Runs `f` every `period` (first at once) until the control plane stops; a failed pass is
+    /// logged with the task's name and the next one runs on time.
+    fn every<F, Fut, E>(&mut self, period: Duration, name: &'static str, mut f: F)
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), E>> + Send,
+        E: std::fmt::Display,
+    {
+        let cancel = self.cancel.clone();
+        self.set.spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    r = f() => if let Err(e) = r {
+                        warn!(task = name, error = %e, "periodic task failed");
+                    },
+                }
+            }
+        });
+    }
+
+    /// Runs `fut` until it ends or the control plane stops.
+    fn spawn(&mut self, fut: impl Future<Output = ()> + Send + 'static) {
+        let cancel = self.cancel.clone();
+        self.set.spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = fut => {}
+            }
+        });
+    }
+}
+
+/// A running control plane.
+pub struct ControlPlane {
+    base_url: String,
+    local_addr: SocketAddr,
+    bootstrap: Option<Bootstrap>,
+    tasks: Tasks,
+    events: Arc<EventBus>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl ControlPlane {
+    /// Opens the database, connects to the hosts, starts the background tasks and serves the
+    /// API on `config.listen`. With `embedded`, that host is a regular host of its own.
+    pub async fn start(
+        config: Config,
+        embedded: Option<EmbeddedHost>,
+    ) -> Result<ControlPlane, StartError> {
+        let c = config;
+        if !(c.overcommit.cpu >= 1.0 && c.overcommit.memory >= 1.0) {
+            return Err(StartError::Config(
+                "overcommit factors must be at least 1".into(),
+            ));
+        }
+        let store = match &c.database_url {
+            Some(url) => Store::connect(url).await,
+            None => Store::open_sqlite(&c.data_dir.join("wrenn.db")).await,
+        }
+        .map_err(store_err("cannot open the database"))?;
+        info!(backend = ?store.backend(), "database ready");
+        let mut tasks = Tasks {
+            set: JoinSet::new(),
+            cancel: CancellationToken::new(),
+        };
+        // Hosts: the platform CA issues our client certificate for calling agents.
+        let pki = Arc::new(
+            Pki::load(&store)
+                .await
+                .map_err(store_err("host credentials"))?,
+        );
+        let (pool, embedded_id) = connect_hosts(&c, &store, &pki, embedded).await?;
+        let events = Arc::new(match &c.redis_url {
+            Some(url) => EventBus::redis(url).await.map_err(service_err(&format!(
+                "cannot use Redis at {url} for events"
+            )))?,
+            None => EventBus::local(),
+        });
+        let capsules = Arc::new(CapsuleService::new(store.clone(), pool, events.clone()));
+        capsules
+            .reconcile()
+            .await
+            .map_err(|e| service_err("reconcile")(e.message))?;
+        keep_capsules_truthful(&mut tasks, &capsules, c.reconcile_interval);
+        let stats = Arc::new(StatsService::new(store.clone(), c.stats_interval));
+        sample_stats(&mut tasks, &stats, &store, replica_id(&c.data_dir)?);
+
+        let base_url = c
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", c.listen));
+        let bootstrap = crate::bootstrap::ensure(
+            &store,
+            &c.data_dir,
+            &base_url,
+            &c.admin_email,
+            c.admin_password.as_deref(),
+        )
+        .await
+        .map_err(store_err("bootstrap admin"))?;
+        let accounts = Arc::new(account_service(&c, &store, &base_url, capsules.clone())?);
+        housekeeping(&mut tasks, &accounts, &store);
+        let hosts = Arc::new(HostService::new(
+            store.clone(),
+            pki,
+            Arc::new(SystemClock),
+            HostConfig {
+                heartbeat_interval: c.heartbeat_interval,
+                embedded: embedded_id,
+            },
+            capsules.clone(),
+        ));
+        watch_hosts(&mut tasks, &hosts, c.heartbeat_interval);
+        let channels = Arc::new(channel_service(&c, &store)?);
+        let queue = events
+            .work_queue(crate::channels::QUEUE_GROUP, channels.max_handling())
+            .await
+            .map_err(service_err("notification queue"))?;
+        tasks.spawn(channels.clone().run(queue, events.closed()));
+
+        let state = AppState {
+            audit: AuditLog::new(store.clone()),
+            store,
+            capsules,
+            stats,
+            key_usage: Default::default(),
+            accounts,
+            hosts,
+            events: events.clone(),
+            channels,
+        };
+        let (server, local_addr) = serve(c.listen, state, tasks.cancel.clone()).await?;
+        Ok(ControlPlane {
+            base_url,
+            local_addr,
+            bootstrap,
+            tasks,
+            events,
+            server,
+        })
+    }
+
+    /// The URL clients use.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// Where the API listens.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// What the first start created (admin, team, API key), as `bootstrap.json` holds it.
+    pub fn bootstrap(&self) -> Option<&Bootstrap> {
+        self.bootstrap.as_ref()
+    }
+
+    /// Serves until `signal` completes, then shuts down.
+    pub async fn serve_until(self, signal: impl Future<Output = ()>) -> std::io::Result<()> {
+        signal.await;
+        self.shutdown().await
+    }
+
+    /// Stops serving (open event streams end), stops every background task and waits for
+    /// them, aborting those that do not end within [`SHUTDOWN_GRACE`].
+    pub async fn shutdown(mut self) -> std::io::Result<()> {
+        self.tasks.cancel.cancel();
+        // Event streams never end by themselves: end them so the shutdown does not wait.
+        self.events.close();
+        let served = match self.server.await {
+            Ok(r) => r,
+            Err(e) => Err(std::io::Error::other(e)),
+        };
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while self.tasks.set.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!("background tasks did not stop in time; aborting them");
+            self.tasks.set.abort_all();
+        }
+        served
+    }
+}
+
+/// The pool of hosts: the embedded one (recorded as a regular host) and every registered
+/// agent that may be reachable.
+async fn connect_hosts(
+    c: &Config,
+    store: &Store,
+    pki: &Pki,
+    embedded: Option<EmbeddedHost>,
+) -> Result<(Arc<HostPool>, Option<String>), StartError> {
+    let pool = Arc::new(host_pool(store, pki, c.overcommit)?);
+    let embedded_id = match embedded {
+        Some(e) => {
+            let id = crate::hosts::ensure_embedded_host(store, &c.data_dir, &e.capacity)
+                .await
+                .map_err(store_err("cannot record the embedded host"))?;
+            pool.add(&id, e.host);
+            Some(id)
+        }
+        None => None,
+    };
+    for h in store
+        .hosts(None)
+        .await
+        .map_err(store_err("cannot read hosts"))?
+    {
+        if h.status.serves() || h.status == wrenn_api::HostStatus::Unreachable {
+            pool.connect(&h);
+        }
+    }
+    Ok((pool, embedded_id))
+}
+
+/// Every 2 s capsules whose VM died turn `error` and idle ones are auto-paused; periodically
+/// the database is reconciled with every online host.
+fn keep_capsules_truthful(tasks: &mut Tasks, capsules: &Arc<CapsuleService>, every: Duration) {
+    let reaper = capsules.clone();
+    tasks.every(REAPER_INTERVAL, "capsule-reaper", move || {
+        let c = reaper.clone();
+        async move {
+            if let Err(e) = c.record_dead_vms().await {
+                warn!(error = %e.message, "dead-VM pass failed");
+            }
+            c.pause_idle().await.map_err(|e| e.message)
+        }
+    });
+    let reconciler = capsules.clone();
+    tasks.every(every, "reconciler", move || {
+        let c = reconciler.clone();
+        async move { c.reconcile_pass().await.map_err(|e| e.message) }
+    });
+}
+
+/// Liveness: the embedded agent beats from here; the monitor runs twice per interval.
+fn watch_hosts(tasks: &mut Tasks, hosts: &Arc<HostService>, heartbeat: Duration) {
+    let monitor = hosts.clone();
+    tasks.every(heartbeat / 2, "host-monitor", move || {
+        let h = monitor.clone();
+        async move {
+            if let Err(e) = h.embedded_heartbeat().await {
+                warn!(error = %e.message, "embedded heartbeat failed");
+            }
+            h.monitor().await.map_err(|e| e.message)
+        }
+    });
+}
+
+/// Serves the API on `listen` until `stop` is cancelled.
+async fn serve(
+    listen: SocketAddr,
+    state: AppState,
+    stop: CancellationToken,
+) -> Result<(tokio::task::JoinHandle<std::io::Result<()>>, SocketAddr), StartError> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: listen,
+        source,
+    })?;
+    let app = crate::http::router(state);
+    let server = tokio::spawn(
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .into_future(),
+    );
+    Ok((server, local_addr))
+}
+
+fn host_pool(store: &Store, pki: &Pki, overcommit: Overcommit) -> Result<HostPool, StartError> {
+    let client_cert = pki
+        .issue_client_cert()
+        .map_err(service_err("client certificate"))?;
+    Ok(HostPool::new(
+        store.clone(),
+        Some(TlsMaterial {
+            ca_cert: pki.ca_cert_pem().to_string(),
+            cert: client_cert.cert_pem,
+            key: client_cert.key_pem,
+        }),
+        overcommit,
+    ))
+}
+
+/// Team statistics: one replica samples (usage would be counted once per replica otherwise),
+/// the one holding the `stats-sampler` lease, renewed every tick and taken over when it lapses.
+fn sample_stats(tasks: &mut Tasks, stats: &Arc<StatsService>, store: &Store, replica: String) {
+    let leading = Arc::new(AtomicBool::new(false));
+    let ttl =
+        chrono::Duration::from_std(stats.interval() * 3).unwrap_or(chrono::Duration::seconds(30));
+    let (stats, store, replica) = (stats.clone(), store.clone(), Arc::new(replica));
+    tasks.every(stats.interval(), "stats-sampler", move || {
+        let (stats, store, replica, leading) = (
+            stats.clone(),
+            store.clone(),
+            replica.clone(),
+            leading.clone(),
+        );
+        async move {
+            let now = chrono::Utc::now();
+            let held = store
+                .hold_lease("stats-sampler", &replica, now, ttl)
+                .await
+                .map_err(|e| format!("lease unavailable: {e}"))?;
+            if held != leading.swap(held, Ordering::SeqCst) {
+                info!(replica = %replica, sampling = held, "team stats sampler lease changed");
+                if !held {
+                    stats.stop_sampling().await;
+                }
+            }
+            if !held {
+                return Ok(());
+            }
+            stats.sample(now).await.map_err(|e| e.message)
+        }
+    });
+}
+
+/// Expired sessions every [`HOUSEKEEPING_INTERVAL`]; deleted accounts purged and old delivery
+/// records forgotten daily.
+fn housekeeping(tasks: &mut Tasks, accounts: &Arc<AccountService>, store: &Store) {
+    let runs = Arc::new(AtomicU64::new(0));
+    let (accounts, store) = (accounts.clone(), store.clone());
+    tasks.every(HOUSEKEEPING_INTERVAL, "housekeeping", move || {
+        let (accounts, store, runs) = (accounts.clone(), store.clone(), runs.clone());
+        async move {
+            if let Err(e) = accounts.prune().await {
+                warn!(error = %e.message, "session cleanup failed");
+            }
+            let daily = (24 * 3600 / HOUSEKEEPING_INTERVAL.as_secs()).max(1);
+            if runs.fetch_add(1, Ordering::SeqCst).is_multiple_of(daily) {
+                match accounts.purge_deleted().await {
+                    Ok(0) => {}
+                    Ok(k) => info!(users = k, "deleted accounts purged"),
+                    Err(e) => warn!(error = %e.message, "account purge failed"),
+                }
+                let before = chrono::Utc::now()
+                    - chrono::Duration::days(crate::channels::DELIVERY_RETENTION_DAYS);
+                store
+                    .prune_deliveries(before)
+                    .await
+                    .map_err(|e| format!("delivery records cleanup: {e}"))?;
+            }
+            Ok::<_, String>(())
+        }
+    });
+}
+
+fn account_service(
+    c: &Config,
+    store: &Store,
+    base_url: &str,
+    capsules: Arc<CapsuleService>,
+) -> Result<AccountService, StartError> {
+    let mailer = Mailer::new(
+        c.smtp_url.as_deref(),
+        &c.smtp_from,
+        c.data_dir.join("outbox"),
+    )
+    .map_err(service_err("mail settings"))?;
+    info!(mail = %mailer.describe(), "mail ready");
+    let github = c.github.as_ref().map(|g| {
+        ProviderConfig::github(
+            g.client_id.clone(),
+            g.client_secret.clone(),
+            &g.url,
+            &g.api_url,
+        )
+    });
+    Ok(AccountService::new(
+        store.clone(),
+        capsules,
+        mailer,
+        Arc::new(SystemClock),
+        AccountConfig {
+            oauth_redirect_url: c
+                .oauth_redirect_url
+                .clone()
+                .unwrap_or_else(|| base_url.to_string()),
+            public_url: base_url.to_string(),
+            github,
+            secure_cookies: c.secure_cookies,
+        },
+        AuthLimits::new(c.auth_ip_limit, c.auth_email_limit),
+    ))
+}
+
+/// Notification channels: configs sealed with a key every replica shares.
+fn channel_service(c: &Config, store: &Store) -> Result<ChannelService, StartError> {
+    let cipher = match &c.encryption_key {
+        Some(k) => ConfigCipher::from_hex(k).map_err(service_err("WRENN_ENCRYPTION_KEY"))?,
+        None => {
+            if c.redis_url.is_some() {
+                // Replicas: a key of each one's own would make every other's deliveries fail.
+                return Err(StartError::Config("with REDIS_URL (several control-plane replicas) set WRENN_ENCRYPTION_KEY: the 64-hex key every replica shares to seal channel secrets (e.g. `openssl rand -hex 32`)".into()));
+            }
+            if c.database_url.is_some() {
+                warn!("WRENN_ENCRYPTION_KEY is not set: channel secrets are sealed with a key kept in the data dir; another replica on this database would need the same key");
+            }
+            ConfigCipher::load_or_create(&c.data_dir)
+                .map_err(service_err("channel encryption key"))?
+        }
+    };
+    Ok(ChannelService::new(
+        store.clone(),
+        Arc::new(cipher),
+        ChannelConfig {
+            telegram_api_url: c.telegram_api_url.clone(),
+            retry_delays: c.channel_retry_delays.clone(),
+            allow_private_targets: c.channel_allow_private_targets,
+        },
+    ))
+}
+
+/// This replica's name in leases: kept in `<data>/replica-id`, so a restarted control plane
+/// takes its own lease back at once instead of waiting for it to lapse.
+fn replica_id(data_dir: &Path) -> Result<String, StartError> {
+    let path = data_dir.join("replica-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_string()),
+        _ => {
+            let id = wrenn_api::id::new_id("cp-");
+            std::fs::write(&path, &id)
+                .map_err(service_err(&format!("cannot write {}", path.display())))?;
+            Ok(id)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn periodic_tasks_run_on_time_survive_failures_and_stop_when_cancelled() {
+        let mut tasks = Tasks {
+            set: JoinSet::new(),
+            cancel: CancellationToken::new(),
+        };
+        let runs = Arc::new(AtomicU64::new(0));
+        let r = runs.clone();
+        tasks.every(Duration::from_secs(10), "test", move || {
+            let r = r.clone();
+            async move {
+                // Every other pass fails: the next still runs.
+                if r.fetch_add(1, Ordering::SeqCst).is_multiple_of(2) {
+                    Err("boom")
+                } else {
+                    Ok(())
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(35)).await;
+        assert_eq!(runs.load(Ordering::SeqCst), 4, "at 0, 10, 20 and 30 s");
+        tasks.cancel.cancel();
+        assert!(tasks.set.join_next().await.is_some());
+        assert!(tasks.set.join_next().await.is_none());
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(runs.load(Ordering::SeqCst), 4, "no pass after the stop");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pass_in_progress_is_abandoned_when_the_control_plane_stops() {
+        let mut tasks = Tasks {
+            set: JoinSet::new(),
+            cancel: CancellationToken::new(),
+        };
+        tasks.every(Duration::from_secs(1), "stuck", || async {
+            // A host that never answers.
+            std::future::pending::<()>().await;
+            Ok::<_, String>(())
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        tasks.cancel.cancel();
+        let joined = tokio::time::timeout(Duration::from_secs(1), tasks.set.join_next()).await;
+        assert!(matches!(joined, Ok(Some(Ok(())))));
+    }
+}
