@@ -245,12 +245,16 @@ impl EnvdClient {
         }
     }
 
-    /// Sends `req` on a new connection and reads its first answer: the connection, for what
-    /// follows on it, and that answer (an envd error already turned into `Err`).
+    /// Sends `req` on a new connection and reads its first answer (within [`CALL_TIMEOUT`]:
+    /// envd answers a stream's first frame at once): the connection, for what follows on it,
+    /// and that answer (an envd error already turned into `Err`).
     pub(crate) async fn open_with(&self, req: &Request) -> Result<(EnvdConn, Response)> {
         let mut conn = self.connect().await?;
         write_json(&mut conn, req).await?;
-        match read_response(&mut conn).await? {
+        let first = tokio::time::timeout(CALL_TIMEOUT, read_response(&mut conn))
+            .await
+            .map_err(|_| EnvdError::Unavailable("no answer from envd".into()))?;
+        match first? {
             Response::Error { kind, message } => Err(EnvdError::reported(kind, message)),
             answer => Ok((conn, answer)),
         }

@@ -29,6 +29,9 @@ pub enum EnvdError {
     /// The host carrying the connection could not be reached.
     #[error("host unreachable: {0}")]
     HostUnreachable(String),
+    /// The host carrying the connection failed to make it (its own error, kept whole).
+    #[error("{0}")]
+    Host(Box<dyn std::error::Error + Send + Sync>),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
 }

@@ -10,6 +10,8 @@ use crate::error::{EnvdError, Result};
 
 /// How long an abandoned upload may take to be cleaned up by envd.
 const ABORT_WAIT: Duration = Duration::from_secs(10);
+/// How long envd may take to put a finished upload in place (sync and rename).
+const FINISH_WAIT: Duration = Duration::from_secs(120);
 
 /// A file being read from the guest, chunk by chunk.
 pub struct FileReader {
@@ -96,7 +98,10 @@ impl FileWriter {
     /// Ends the file; it appears in the guest (whole) when this returns its size.
     pub async fn finish(mut self) -> Result<u64> {
         write_frame(&mut self.conn, FrameKind::Data, &[]).await?;
-        match read_response(&mut self.conn).await? {
+        let answer = tokio::time::timeout(FINISH_WAIT, read_response(&mut self.conn))
+            .await
+            .map_err(|_| EnvdError::Unavailable("envd did not finish the file".into()))?;
+        match answer? {
             Response::Written { size } => Ok(size),
             Response::Error { kind, message } => Err(EnvdError::reported(kind, message)),
             other => Err(EnvdError::unexpected("write", other)),

@@ -11,7 +11,8 @@
 //! Invariants:
 //! - When the control plane refuses the refresh token (revoked, host deleted) the uplink stops
 //!   with an error saying so; a 404 on a heartbeat (host deleted) also removes the stored
-//!   credentials.
+//!   credentials. A refresh that cannot reach the control plane (or gets a 5xx) is a missed
+//!   heartbeat like any other and is tried again at the next one.
 //! - After [`MISSED_BEFORE_PAUSE`] heartbeats in a row that cannot reach the control plane
 //!   (transport errors or 5xx) every running capsule is paused: nothing runs unobserved, and no
 //!   inactivity timeout is enforced while the control plane is away. Once heartbeats get through
@@ -40,9 +41,15 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, Error)]
 pub enum UplinkError {
-    /// The control plane could not be reached.
+    /// The control plane could not be reached (or failed: 5xx).
     #[error("cannot reach the control plane at {url}: {detail}")]
     Unreachable { url: String, detail: String },
+    /// The control plane answered something this agent cannot read.
+    #[error("unreadable answer from the control plane at {url}: {detail}")]
+    BadAnswer { url: String, detail: String },
+    /// No HTTP client could be made (TLS set-up).
+    #[error("HTTP client: {0}")]
+    Client(String),
     /// The control plane answered no.
     #[error("{0}")]
     Refused(String),
@@ -118,11 +125,11 @@ impl Credentials {
 }
 
 /// An HTTP client for the control plane, every request bounded in time.
-pub fn http_client() -> reqwest::Client {
+pub fn http_client() -> Result<reqwest::Client> {
     reqwest::Client::builder()
         .timeout(REQUEST_TIMEOUT)
         .build()
-        .unwrap_or_default()
+        .map_err(|e| UplinkError::Client(e.to_string()))
 }
 
 /// The error message of a control-plane answer.
@@ -137,6 +144,13 @@ async fn api_error(r: reqwest::Response) -> String {
 
 fn unreachable(url: &str, e: reqwest::Error) -> UplinkError {
     UplinkError::Unreachable {
+        url: url.to_string(),
+        detail: e.to_string(),
+    }
+}
+
+fn bad_answer(url: &str, e: reqwest::Error) -> UplinkError {
+    UplinkError::BadAnswer {
         url: url.to_string(),
         detail: e.to_string(),
     }
@@ -171,7 +185,7 @@ pub async fn register(
             api_error(r).await
         )));
     }
-    let reg: RegisterHostResponse = r.json().await.map_err(|e| unreachable(cp, e))?;
+    let reg: RegisterHostResponse = r.json().await.map_err(|e| bad_answer(cp, e))?;
     info!(host_id = %reg.host.id, "registered with the control plane");
     Ok(Credentials {
         control_plane: cp.to_string(),
@@ -200,13 +214,19 @@ pub async fn refresh(http: &reqwest::Client, c: &mut Credentials) -> Result<()> 
             api_error(r).await
         )));
     }
+    if r.status().is_server_error() {
+        return Err(UplinkError::Unreachable {
+            url: cp,
+            detail: format!("credential refresh: {}", api_error(r).await),
+        });
+    }
     if !r.status().is_success() {
         return Err(UplinkError::Refused(format!(
             "credential refresh failed: {}",
             api_error(r).await
         )));
     }
-    let new: RefreshHostTokenResponse = r.json().await.map_err(|e| unreachable(&cp, e))?;
+    let new: RefreshHostTokenResponse = r.json().await.map_err(|e| bad_answer(&cp, e))?;
     c.token = new.token;
     c.refresh_token = new.refresh_token;
     c.tls = new.tls;
@@ -269,13 +289,22 @@ impl Uplink {
         }
     }
 
-    async fn renew(&mut self) -> Result<()> {
-        refresh(&self.http, &mut self.creds).await?;
+    /// New credentials; `Ok(false)` when the control plane cannot be reached now (tried again
+    /// at the next heartbeat).
+    async fn renew(&mut self) -> Result<bool> {
+        match refresh(&self.http, &mut self.creds).await {
+            Ok(()) => {}
+            Err(e @ (UplinkError::Unreachable { .. } | UplinkError::BadAnswer { .. })) => {
+                warn!(error = %e, "credential refresh failed; trying again at the next heartbeat");
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        }
         self.creds.save(&self.dir)?;
         // Nobody listening (the server is restarting anyway) is fine.
         let _ = self.renewed.send(self.creds.tls());
         self.last_refresh = Instant::now();
-        Ok(())
+        Ok(true)
     }
 
     /// One heartbeat and what follows from its answer.
@@ -283,6 +312,10 @@ impl Uplink {
         if self.last_refresh.elapsed() > REFRESH_EVERY {
             self.renew().await?;
         }
+        self.heartbeat().await
+    }
+
+    async fn heartbeat(&mut self) -> Result<()> {
         let url = format!(
             "{}/v1/hosts/{}/heartbeat",
             self.creds.control_plane, self.creds.host_id
@@ -410,6 +443,8 @@ mod tests {
         /// Answers to the next heartbeats (200 once they run out).
         heartbeats: Vec<u16>,
         refresh_refused: bool,
+        /// The refresh endpoint answers 503.
+        refresh_failing: bool,
         refreshes: usize,
         events: Vec<SandboxEvent>,
     }
@@ -461,6 +496,9 @@ mod tests {
 
     async fn refresh_route(State(cp): State<Shared>) -> (StatusCode, String) {
         let mut cp = cp.lock().unwrap();
+        if cp.refresh_failing {
+            return (StatusCode::SERVICE_UNAVAILABLE, "{}".into());
+        }
         if cp.refresh_refused {
             let err = r#"{"error":{"code":"unauthorized","message":"invalid, expired or revoked refresh token"}}"#;
             return (StatusCode::UNAUTHORIZED, err.into());
@@ -524,7 +562,7 @@ mod tests {
             disk_free_mb: 10_240,
         };
         let creds = register(
-            &http_client(),
+            &http_client().unwrap(),
             &url,
             "good-token",
             "127.0.0.1:7443".parse().unwrap(),
@@ -535,7 +573,7 @@ mod tests {
         creds.save(&dir).unwrap();
         let host = FakeHost::new();
         let (uplink, renewed) = Uplink::new(
-            http_client(),
+            http_client().unwrap(),
             &dir,
             creds,
             host.clone(),
@@ -568,7 +606,7 @@ mod tests {
             disk_free_mb: 1,
         };
         let err = register(
-            &http_client(),
+            &http_client().unwrap(),
             &url,
             "used-token",
             "127.0.0.1:7443".parse().unwrap(),
@@ -610,6 +648,14 @@ mod tests {
             (kept.token.as_str(), kept.refresh_token.as_str()),
             ("jwt-1", "refresh-1")
         );
+
+        // A refresh that meets a failing control plane is tried again at the next heartbeat.
+        cp.lock().unwrap().heartbeats = vec![401];
+        cp.lock().unwrap().refresh_failing = true;
+        uplink.beat().await.unwrap();
+        assert!(!renewed.has_changed().unwrap(), "nothing renewed");
+        assert_eq!(Credentials::load(&dir).unwrap().token, "jwt-1");
+        cp.lock().unwrap().refresh_failing = false;
 
         cp.lock().unwrap().heartbeats = vec![403];
         cp.lock().unwrap().refresh_refused = true;

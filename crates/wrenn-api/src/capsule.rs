@@ -49,6 +49,20 @@ impl CapsuleStatus {
     pub fn is_terminal(self) -> bool {
         matches!(self, CapsuleStatus::Stopped | CapsuleStatus::Error)
     }
+
+    /// The states a capsule that may still hold (or be getting) a VM is in: what a destroy
+    /// moves on from.
+    pub const LIVE: [CapsuleStatus; 9] = [
+        CapsuleStatus::Pending,
+        CapsuleStatus::Starting,
+        CapsuleStatus::Running,
+        CapsuleStatus::Pausing,
+        CapsuleStatus::Paused,
+        CapsuleStatus::Resuming,
+        CapsuleStatus::Snapshotting,
+        CapsuleStatus::Missing,
+        CapsuleStatus::Stopping,
+    ];
 }
 
 /// The spec's `Capsule` schema.

@@ -56,6 +56,10 @@ impl From<EnvdError> for HostError {
             EnvdError::InvalidState(m) => HostError::InvalidState(m),
             EnvdError::Unavailable(m) => HostError::Envd(m),
             EnvdError::HostUnreachable(m) => HostError::Unreachable(m),
+            EnvdError::Host(e) => match e.downcast::<HostError>() {
+                Ok(h) => *h,
+                Err(e) => HostError::Envd(e.to_string()),
+            },
             EnvdError::Io(e) => HostError::Io(e),
         }
     }
@@ -71,7 +75,7 @@ impl From<HostError> for EnvdError {
             HostError::Unreachable(m) => EnvdError::HostUnreachable(m),
             HostError::Envd(m) => EnvdError::Unavailable(m),
             HostError::Io(e) => EnvdError::Io(e),
-            other => EnvdError::Unavailable(other.to_string()),
+            other => EnvdError::Host(Box::new(other)),
         }
     }
 }
@@ -174,9 +178,8 @@ mod tests {
             through(HostError::InvalidState("paused".into())),
             HostError::InvalidState(_)
         ));
-        assert!(matches!(
-            through(HostError::Vmm("gone".into())),
-            HostError::Envd(_)
-        ));
+        let vmm = through(HostError::Vmm("gone".into()));
+        assert!(matches!(vmm, HostError::Vmm(_)), "{vmm}");
+        assert_eq!(vmm.to_string(), "vmm: gone");
     }
 }

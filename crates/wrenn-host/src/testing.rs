@@ -27,6 +27,9 @@ struct Gate {
     held: bool,
     /// Calls waiting right now.
     waiting: usize,
+    /// Counts releases: a call waits for the release after its arrival, even if the gate is
+    /// held again before it wakes.
+    releases: u64,
 }
 
 #[derive(Default)]
@@ -86,6 +89,7 @@ impl FakeHost {
     pub fn release(&self, op: &str) {
         if let Some(g) = self.lock().gates.get_mut(op) {
             g.held = false;
+            g.releases += 1;
         }
         self.changed.notify_waiters();
     }
@@ -167,20 +171,23 @@ impl FakeHost {
     }
 
     async fn wait_at_gate(&self, op: &str) {
-        {
+        let arrived = {
             let mut s = self.lock();
             match s.gates.get_mut(op) {
-                Some(g) if g.held => g.waiting += 1,
+                Some(g) if g.held => {
+                    g.waiting += 1;
+                    g.releases
+                }
                 _ => return,
             }
-        }
+        };
         // Tells `waiting` (before this call's own wait begins: no self-wakeup).
         self.changed.notify_waiters();
         loop {
             let notified = self.changed.notified();
             {
                 let mut s = self.lock();
-                if let Some(g) = s.gates.get_mut(op).filter(|g| !g.held) {
+                if let Some(g) = s.gates.get_mut(op).filter(|g| g.releases != arrived) {
                     g.waiting -= 1;
                     return;
                 }

@@ -3,9 +3,12 @@
 //!
 //! Start-up wires the services together (store, host pool, events, capsules, accounts, hosts,
 //! channels, stats), reconciles the database with the hosts it can reach, and serves the API.
-//! Every background task — the periodic ones ([`Tasks::every`]) and the notification delivery
-//! loop — lives in one [`JoinSet`] under one [`CancellationToken`], so [`ControlPlane::shutdown`]
-//! stops them all and waits for them (bounded), and none outlives its control plane.
+//! The long-lived background tasks — the periodic ones ([`Tasks::every`]) and the notification
+//! delivery loop — live in one [`JoinSet`] under one [`CancellationToken`], so
+//! [`ControlPlane::shutdown`] stops them all and waits for them, for at most
+//! [`SHUTDOWN_GRACE`] (as for the server's in-flight requests). Work a request started in the
+//! background (a capsule booting, pausing, resuming) finishes on its own: the host holds the
+//! truth, and the next start reconciles with it.
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
@@ -98,14 +101,14 @@ pub struct EmbeddedHost {
 pub enum StartError {
     #[error("{0}")]
     Config(String),
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Store {
         what: &'static str,
         source: StoreError,
     },
     #[error("{what}: {detail}")]
     Service { what: String, detail: String },
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen {
         addr: SocketAddr,
         source: std::io::Error,
@@ -187,11 +190,7 @@ impl ControlPlane {
         embedded: Option<EmbeddedHost>,
     ) -> Result<ControlPlane, StartError> {
         let c = config;
-        if !(c.overcommit.cpu >= 1.0 && c.overcommit.memory >= 1.0) {
-            return Err(StartError::Config(
-                "overcommit factors must be at least 1".into(),
-            ));
-        }
+        check(&c)?;
         let store = match &c.database_url {
             Some(url) => Store::connect(url).await,
             None => Store::open_sqlite(&c.data_dir.join("wrenn.db")).await,
@@ -303,12 +302,17 @@ impl ControlPlane {
     /// Stops serving (open event streams end), stops every background task and waits for
     /// them, aborting those that do not end within [`SHUTDOWN_GRACE`].
     pub async fn shutdown(mut self) -> std::io::Result<()> {
-        self.tasks.cancel.cancel();
         // Event streams never end by themselves: end them so the shutdown does not wait.
         self.events.close();
-        let served = match self.server.await {
-            Ok(r) => r,
-            Err(e) => Err(std::io::Error::other(e)),
+        self.tasks.cancel.cancel();
+        let served = match tokio::time::timeout(SHUTDOWN_GRACE, &mut self.server).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(std::io::Error::other(e)),
+            Err(_) => {
+                warn!("requests still in flight after the grace period; closing them");
+                self.server.abort();
+                Ok(())
+            }
         };
         let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
             while self.tasks.set.join_next().await.is_some() {}
@@ -413,6 +417,25 @@ async fn serve(
         .into_future(),
     );
     Ok((server, local_addr))
+}
+
+/// What a configuration must hold before anything starts.
+fn check(c: &Config) -> Result<(), StartError> {
+    if !(c.overcommit.cpu >= 1.0 && c.overcommit.memory >= 1.0) {
+        return Err(StartError::Config(
+            "overcommit factors must be at least 1".into(),
+        ));
+    }
+    for (what, d) in [
+        ("stats interval", c.stats_interval),
+        ("heartbeat interval", c.heartbeat_interval),
+        ("reconcile interval", c.reconcile_interval),
+    ] {
+        if d.is_zero() {
+            return Err(StartError::Config(format!("the {what} must be positive")));
+        }
+    }
+    Ok(())
 }
 
 fn host_pool(store: &Store, pki: &Pki, overcommit: Overcommit) -> Result<HostPool, StartError> {

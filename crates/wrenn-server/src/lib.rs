@@ -29,6 +29,7 @@ pub mod store;
 
 use std::sync::Arc;
 
+pub use bootstrap::Bootstrap;
 pub use control_plane::{Config, ControlPlane, EmbeddedHost, GithubApp, StartError};
 pub use hosts::pool::Overcommit;
 

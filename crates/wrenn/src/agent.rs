@@ -44,7 +44,7 @@ pub struct AgentArgs {
 pub async fn run(args: AgentArgs) -> Result<()> {
     let dir = crate::data_dir(&args.data_dir)?;
     let cfg = args.host.config(&dir)?;
-    let http = uplink::http_client();
+    let http = uplink::http_client()?;
     let stored = Credentials::load(&dir);
     if stored.is_none() && args.register.is_none() {
         bail!(
@@ -65,7 +65,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             let address = args.address.context(
                 "--register needs --address <ip:port> (where the control plane reaches this agent)",
             )?;
-            uplink::register(&http, &cp, token, address, &manager.capacity()).await?
+            uplink::register(&http, &cp, token, address, &manager.host_capacity()).await?
         }
         (Some(mut c), None) => {
             if let Some(cp) = &args.control_plane {

@@ -174,13 +174,13 @@ impl CpArgs {
     }
 }
 
-/// Runs the control plane until SIGTERM/SIGINT; `embedded` (with its description for the
-/// banner) is a host of its own.
-pub async fn run(
+/// Starts the control plane and says so; `embedded` (with its description for the banner) is
+/// a host of its own.
+pub async fn start(
     args: CpArgs,
     data_dir: PathBuf,
     embedded: Option<(EmbeddedHost, String)>,
-) -> Result<()> {
+) -> Result<ControlPlane> {
     let bootstrap_file = data_dir.join("bootstrap.json");
     let config = args.config(data_dir)?;
     let (embedded, banner) = match embedded {
@@ -208,6 +208,5 @@ pub async fn run(
         "  try:      curl -s -X POST -H \"X-API-Key: $(sudo jq -r .api_key {})\" {base_url}/v1/capsules",
         bootstrap_file.display()
     );
-    cp.serve_until(crate::shutdown_signal()).await?;
-    Ok(())
+    Ok(cp)
 }

@@ -137,7 +137,8 @@ fn main() -> Result<()> {
         Command::Up(args) => rt.block_on(up(*args)),
         Command::Server(args) => rt.block_on(async move {
             let dir = data_dir(&args.data_dir)?;
-            control_plane::run(args.cp, dir, None).await
+            let cp = control_plane::start(args.cp, dir, None).await?;
+            Ok(cp.serve_until(shutdown_signal()).await?)
         }),
         Command::Agent(args) => rt.block_on(agent::run(*args)),
     }
@@ -152,21 +153,22 @@ async fn up(args: UpArgs) -> Result<()> {
         .context("host agent failed to start")?;
     let embedded = wrenn_server::EmbeddedHost {
         host: manager.clone(),
-        capacity: manager.capacity(),
+        capacity: manager.host_capacity(),
     };
     let about = format!(
         "vmm: {}, accelerator: {}",
         manager.vmm_version(),
         manager.accel()
     );
-    let served = control_plane::run(args.cp, dir, Some((embedded, about))).await;
+    let cp = control_plane::start(args.cp, dir, Some((embedded, about))).await?;
+    let served = cp.serve_until(shutdown_signal()).await;
     if args.host.destroy_on_exit {
         info!("destroying every capsule before exit");
         manager.destroy_all().await;
     } else {
         info!("capsules keep running; the next `wrenn up` re-adopts them");
     }
-    served
+    Ok(served?)
 }
 
 pub(crate) async fn shutdown_signal() {

@@ -198,7 +198,7 @@ impl CapsuleManager {
         self.persist(record)?;
         let deadline = Instant::now() + self.cfg.boot_timeout;
         let health = self.wait_for_envd(record, &vm, deadline).await?;
-        self.envd(record).restored().await?;
+        self.envd_for(record).restored().await?;
         record.envd_version = Some(health.envd_version);
         record.kernel_version = Some(health.kernel_version);
         self.persist(record)?;
@@ -362,7 +362,7 @@ impl CapsuleManager {
         deadline: Instant,
     ) -> Result<EnvdHealth> {
         // Without the lifeline: a guest still booting is not a broken network to repair.
-        let client = self.envd(record).with_lifeline(None);
+        let client = self.envd_for(record).with_lifeline(None);
         let started = Instant::now();
         let mut last_err = String::new();
         while Instant::now() < deadline {

@@ -149,6 +149,6 @@ impl CapsuleManager {
         self.persist(record)?;
         let deadline = Instant::now() + self.cfg.boot_timeout;
         self.wait_for_envd(record, &vm, deadline).await?;
-        Ok(self.envd(record).restored().await?)
+        Ok(self.envd_for(record).restored().await?)
     }
 }

@@ -1,7 +1,7 @@
 //! [`CapsuleManager`]: the lifecycle of every capsule on this host, and this host's side of
 //! the [`Host`] boundary.
 //!
-//! Split by concern: [`create`](self) (boot or restore a new capsule, template snapshots),
+//! Split by concern: `create` (boot or restore a new capsule, template snapshots),
 //! `lifecycle` (destroy, pause, resume), `snapshot` (user snapshots), `recover` (re-adopting
 //! VMs after an agent restart, reaping dead ones), `sampling` (metrics).
 //!
@@ -179,7 +179,7 @@ impl CapsuleManager {
 
     /// What one capsule on this host can have at most: the host's CPUs, its memory less a
     /// reserve for the host itself, and the free space where capsule disks live.
-    pub fn capacity(&self) -> HostCapacity {
+    pub fn host_capacity(&self) -> HostCapacity {
         const HOST_RESERVE_MB: u64 = 512;
         let cpus = std::thread::available_parallelism()
             .map(|n| n.get() as u32)
@@ -221,7 +221,7 @@ impl CapsuleManager {
             .as_ref()
             .filter(|r| r.phase == Phase::Running)
             .ok_or_else(|| HostError::InvalidState(format!("capsule {id} is not running")))?;
-        Ok(self.envd(record))
+        Ok(self.envd_for(record))
     }
 
     /// Every capsule this host holds (one in the middle of an operation is skipped).
@@ -275,7 +275,7 @@ impl CapsuleManager {
         }
     }
 
-    fn envd(&self, r: &CapsuleRecord) -> EnvdClient {
+    fn envd_for(&self, r: &CapsuleRecord) -> EnvdClient {
         EnvdClient::new(SocketAddr::new(
             r.slot.reach_ip.into(),
             envd_proto::ENVD_PORT,
@@ -343,7 +343,7 @@ impl Host for CapsuleManager {
         Ok(self.base_template_list())
     }
     async fn capacity(&self) -> Result<HostCapacity> {
-        Ok(CapsuleManager::capacity(self))
+        Ok(self.host_capacity())
     }
     async fn list(&self) -> Result<Vec<CapsuleInfo>> {
         Ok(self.list_capsules().await)

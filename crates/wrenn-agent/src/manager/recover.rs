@@ -138,7 +138,7 @@ impl CapsuleManager {
         let saved = dir.join(SAVED_STATE);
         let alive = record.vm.as_ref().is_some_and(|vm| self.vmm.is_alive(vm));
         let healthy = |r: &CapsuleRecord| {
-            let client = self.envd(r);
+            let client = self.envd_for(r);
             async move { client.health().await.is_ok() }
         };
         let to_paused = |mut r: CapsuleRecord| async move {
@@ -185,7 +185,7 @@ impl CapsuleManager {
                 if alive && healthy(&record).await {
                     record.phase = Phase::Running;
                     self.persist(&record).ok()?;
-                    let _ = self.envd(&record).restored().await;
+                    let _ = self.envd_for(&record).restored().await;
                     let _ = std::fs::remove_file(&saved);
                     return Some(record);
                 }

@@ -53,11 +53,6 @@ impl RemoteHost {
         })
     }
 
-    /// Where the agent listens (`ip:port`).
-    pub fn address(&self) -> &str {
-        &self.address
-    }
-
     /// Sends one host operation; its answer as JSON.
     pub(crate) async fn dispatch(&self, call: Call) -> Result<serde_json::Value, HostError> {
         Ok(self.client.clone().call(call).await?.into_inner())

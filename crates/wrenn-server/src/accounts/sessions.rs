@@ -108,6 +108,7 @@ impl AccountService {
             .into_iter()
             .find(|r| r.id == s.session_id)
             .ok_or_else(|| ApiError::unauthorized("session ended"))?;
+        let response = self.session_response(&s.user_id, team_id).await?;
         let (id, secret, csrf) = self.new_session_secrets();
         let ip = meta
             .ip
@@ -132,7 +133,7 @@ impl AccountService {
             )
             .await?;
         Ok((
-            self.session_response(&s.user_id, team_id).await?,
+            response,
             IssuedSession {
                 secret,
                 csrf,

@@ -220,6 +220,8 @@ impl AccountService {
         (new_id(prefix::SESSION), random_hex(32), random_hex(32))
     }
 
+    /// Who a session for `user_id` in `team_id` is for; 403 when they are not a member (read
+    /// before the session is made, so a refusal leaves no session behind).
     pub(super) async fn session_response(
         &self,
         user_id: &str,
@@ -234,7 +236,7 @@ impl AccountService {
             .store
             .role_in_team(team_id, user_id)
             .await?
-            .ok_or_else(|| ApiError::invalid_state("you are not a member of this team"))?;
+            .ok_or_else(|| ApiError::forbidden("you are not a member of this team"))?;
         Ok(SessionResponse {
             user_id: user.id,
             team_id: team_id.to_string(),
@@ -251,6 +253,7 @@ impl AccountService {
         team_id: &str,
         meta: &ClientMeta,
     ) -> Result<(SessionResponse, IssuedSession)> {
+        let response = self.session_response(user_id, team_id).await?;
         let now = self.now();
         let (id, secret, csrf) = self.new_session_secrets();
         let expires_at = now + SESSION_MAX;
@@ -271,7 +274,7 @@ impl AccountService {
             .await?;
         tracing::info!(user_id, team_id, session_id = %id, "session opened");
         Ok((
-            self.session_response(user_id, team_id).await?,
+            response,
             IssuedSession {
                 secret,
                 csrf,

@@ -60,22 +60,10 @@ impl crate::hosts::HostEvents for CapsuleService {
                     warn!(capsule_id = %id, host_id = %host.id, error = %e, "destroy with its host failed");
                 }
             }
-            let from = [
-                Pending,
-                Starting,
-                Running,
-                Pausing,
-                Paused,
-                Resuming,
-                Snapshotting,
-                Missing,
-                Stopping,
-            ];
-            self.store.transition(id, &from, Stopped).await.or_log(
-                "recording a capsule stopped with its host",
-                id,
-                &host.id,
-            );
+            self.store
+                .transition(id, &CapsuleStatus::LIVE, Stopped)
+                .await
+                .or_log("recording a capsule stopped with its host", id, &host.id);
         }
     }
 

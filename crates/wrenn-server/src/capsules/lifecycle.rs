@@ -89,21 +89,7 @@ impl CapsuleService {
         let host = self.pool.client_for(&row).await?;
         use CapsuleStatus::*;
         self.store
-            .transition(
-                id,
-                &[
-                    Pending,
-                    Starting,
-                    Running,
-                    Pausing,
-                    Paused,
-                    Resuming,
-                    Snapshotting,
-                    Missing,
-                    Stopping,
-                ],
-                Stopping,
-            )
+            .transition(id, &CapsuleStatus::LIVE, Stopping)
             .await?;
         let (store, id_owned) = (self.store.clone(), id.to_string());
         let (events, actor, was) = (self.events.clone(), actor.clone(), row.capsule.status);
@@ -277,7 +263,7 @@ impl CapsuleService {
                         // Destroyed while resuming: nobody wants the VM any more.
                         Ok(false) => {
                             host.destroy(id.clone()).await.or_log(
-                                "destroying a VM resumed after its capsule was destroyed",
+                                "destroying the VM of a capsule destroyed while it resumed",
                                 &id,
                                 host.host_id(),
                             );
@@ -401,7 +387,7 @@ impl Boot {
             }
             // Destroyed while booting: the VM nobody wants goes away again.
             Ok(false) => host.destroy(id.clone()).await.or_log(
-                "destroying a VM created after its capsule was",
+                "destroying the VM of a capsule destroyed while it booted",
                 &id,
                 host.host_id(),
             ),

@@ -6,6 +6,9 @@ use wrenn_api::{CapsuleStatus, EventActor, EventKind};
 use wrenn_host::Phase;
 
 use super::{CapsuleService, OrLog, PauseReason, Result};
+use crate::error::from_host;
+use crate::hosts::pool::HostHandle;
+use crate::store::CapsuleRow;
 
 /// A capsule the TTL reaper found idle.
 pub(super) struct IdleCapsule {
@@ -14,9 +17,6 @@ pub(super) struct IdleCapsule {
     /// Its last activity (or start).
     since: chrono::DateTime<chrono::Utc>,
 }
-use crate::error::from_host;
-use crate::hosts::pool::HostHandle;
-use crate::store::CapsuleRow;
 
 impl CapsuleService {
     /// Makes the DB agree with what every connected host actually holds (at start-up): hosts
@@ -263,8 +263,7 @@ impl CapsuleService {
         Ok(true)
     }
 
-    /// The client of host `host_id`, if this control plane can reach it. Today that is the
-    /// embedded agent only; remote agents join with the gRPC transport.
+    /// The connection to host `host_id`, if this control plane has one.
     pub(super) fn client(&self, host_id: &str) -> Option<HostHandle> {
         self.pool.get(host_id)
     }
