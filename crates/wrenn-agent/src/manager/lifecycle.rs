@@ -6,7 +6,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use wrenn_host::{CapsuleInfo, HostError, Phase};
 
-use super::{lock, CapsuleManager, CapsuleRecord, SAVED_STATE};
+use super::{lock, running, CapsuleManager, CapsuleRecord, SAVED_STATE};
 use crate::error::Result;
 use crate::net;
 
@@ -38,14 +38,7 @@ impl CapsuleManager {
     pub(crate) async fn pause_capsule(&self, id: &str) -> Result<()> {
         let entry = self.entry(id)?;
         let mut state = entry.state.lock().await;
-        let record = state
-            .as_mut()
-            .filter(|r| r.phase == Phase::Running)
-            .ok_or_else(|| HostError::InvalidState(format!("capsule {id} is not running")))?;
-        let vm = record
-            .vm
-            .clone()
-            .ok_or_else(|| HostError::InvalidState(format!("capsule {id} has no VM")))?;
+        let (record, vm) = running(&mut state, id)?;
         let started = Instant::now();
         record.phase = Phase::Pausing;
         self.persist(record)?;

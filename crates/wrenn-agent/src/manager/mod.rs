@@ -320,6 +320,22 @@ impl CapsuleManager {
     }
 }
 
+/// A running capsule's record (locked by the caller) and its VM; `InvalidState` otherwise.
+fn running<'a>(
+    state: &'a mut Option<CapsuleRecord>,
+    id: &str,
+) -> Result<(&'a mut CapsuleRecord, VmProcess)> {
+    let record = state
+        .as_mut()
+        .filter(|r| r.phase == Phase::Running)
+        .ok_or_else(|| HostError::InvalidState(format!("capsule {id} is not running")))?;
+    let vm = record
+        .vm
+        .clone()
+        .ok_or_else(|| HostError::InvalidState(format!("capsule {id} has no VM")))?;
+    Ok((record, vm))
+}
+
 pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding one of these short critical sections cannot leave the maps
     // inconsistent (each is a single insert/remove), so a poisoned lock is still usable.

@@ -7,7 +7,7 @@ use std::time::Instant;
 use tracing::info;
 use wrenn_host::{HostError, SnapshotMeta};
 
-use super::{lock, CapsuleManager, CapsuleRecord, Phase};
+use super::{lock, running, CapsuleManager, CapsuleRecord};
 use crate::error::Result;
 use crate::net;
 
@@ -67,14 +67,7 @@ impl CapsuleManager {
         let frozen = {
             let entry = self.entry(id)?;
             let mut state = entry.state.lock().await;
-            let record = state
-                .as_mut()
-                .filter(|r| r.phase == Phase::Running)
-                .ok_or_else(|| HostError::InvalidState(format!("capsule {id} is not running")))?;
-            let vm = record
-                .vm
-                .clone()
-                .ok_or_else(|| HostError::InvalidState(format!("capsule {id} has no VM")))?;
+            let (record, vm) = running(&mut state, id)?;
             let frozen = self.vm_config(record).disk;
             let next = self
                 .capsule_dir(id)
