@@ -110,11 +110,15 @@ impl EventBus {
         match &self.redis {
             None => {
                 let ev = Arc::new(ev);
-                for q in self.work.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-                    if q.try_send(ev.clone()).is_err() {
+                let mut queues = self.work.lock().unwrap_or_else(|e| e.into_inner());
+                // A queue whose consumer stopped (shutdown) is forgotten.
+                queues.retain(|q| !q.is_closed());
+                for q in queues.iter() {
+                    if let Err(mpsc::error::TrySendError::Full(_)) = q.try_send(ev.clone()) {
                         tracing::warn!(event = %ev.event, "work queue full: event not queued");
                     }
                 }
+                drop(queues);
                 let _ = self.tx.send(ev);
             }
             Some(conn) => {

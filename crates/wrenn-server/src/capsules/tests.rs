@@ -183,7 +183,12 @@ async fn a_pause_during_a_running_exec_ends_the_exec_instead_of_hanging_it() {
 
     // …but the user may.
     let p = w.svc.pause(&w.team, &id, &user()).await.unwrap();
-    assert_eq!(p.status, CapsuleStatus::Pausing);
+    // The fake host pauses at once: the answer may already say so.
+    assert!(
+        matches!(p.status, CapsuleStatus::Pausing | CapsuleStatus::Paused),
+        "{:?}",
+        p.status
+    );
     w.wait_for(&id, CapsuleStatus::Paused).await;
     let out = tokio::time::timeout(Duration::from_secs(5), exec)
         .await
@@ -216,9 +221,16 @@ async fn a_host_failure_mid_create_marks_the_capsule_error_and_says_so() {
         row.error
     );
     assert!(w.host.capsule(&c.id).is_none());
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut seen = Vec::new();
+    for _ in 0..500 {
+        seen.extend(drain(&mut rx));
+        if seen.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(
-        drain(&mut rx),
+        seen,
         [
             "capsule.create:error",
             "capsule.state.changed:error",
