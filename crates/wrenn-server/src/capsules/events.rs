@@ -119,6 +119,14 @@ impl Emitter {
         .await;
     }
 
+    /// `host.down` or `host.up`, noticed by the liveness monitor.
+    pub async fn host(&self, kind: EventKind, host: &wrenn_api::Host) {
+        let monitor = EventActor::system("host-monitor");
+        let team = host.team_id.as_deref();
+        self.other(kind, "host", &host.id, team, &monitor, None)
+            .await;
+    }
+
     /// An event about something other than a capsule (templates, hosts).
     pub async fn other(
         &self,

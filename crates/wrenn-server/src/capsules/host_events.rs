@@ -14,16 +14,7 @@ impl crate::hosts::HostEvents for CapsuleService {
 
     async fn host_down(&self, host: &wrenn_api::Host) {
         self.pool.status_changed(&host.id);
-        self.events
-            .other(
-                EventKind::HostDown,
-                "host",
-                &host.id,
-                host.team_id.as_deref(),
-                &EventActor::system("host-monitor"),
-                None,
-            )
-            .await;
+        self.events.host(EventKind::HostDown, host).await;
         match self.mark_missing(&host.id).await {
             Ok(n) => warn!(host_id = %host.id, capsules = n, "host down: its capsules are missing"),
             Err(e) => {
@@ -34,16 +25,7 @@ impl crate::hosts::HostEvents for CapsuleService {
 
     async fn host_back(&self, host: &wrenn_api::Host) {
         self.pool.status_changed(&host.id);
-        self.events
-            .other(
-                EventKind::HostUp,
-                "host",
-                &host.id,
-                host.team_id.as_deref(),
-                &EventActor::system("host-monitor"),
-                None,
-            )
-            .await;
+        self.events.host(EventKind::HostUp, host).await;
         if let Some(client) = self.client(&host.id) {
             if let Err(e) = self.reconcile_host(&host.id, &client).await {
                 warn!(host_id = %host.id, error = %e.message, "reconcile after the host came back failed");

@@ -1,9 +1,11 @@
 //! Keeping the database truthful: reconciling it with what hosts hold (at start-up, when a
 //! host comes back, periodically), the dead-VM pass and the TTL reaper.
 
+use std::collections::HashMap;
 use tracing::{info, warn};
 use wrenn_api::{CapsuleStatus, EventActor, EventKind};
-use wrenn_host::Phase;
+
+use wrenn_host::{HostError, Phase};
 
 use super::{CapsuleService, OrLog, PauseReason, Result};
 use crate::error::from_host;
@@ -42,11 +44,9 @@ impl CapsuleService {
             let Ok(client) = self.pool.online(host.host_id()).await else {
                 continue;
             };
-            let Ok(live) = client.list().await else {
+            let Ok(live) = live_phases(&client).await else {
                 continue;
             };
-            let live: std::collections::HashMap<String, Phase> =
-                live.into_iter().map(|c| (c.id, c.phase)).collect();
             for row in self
                 .store
                 .capsules_on_host(host.host_id(), &[Running, Paused])
@@ -96,13 +96,7 @@ impl CapsuleService {
 
     pub(super) async fn reconcile_on(&self, host: &HostHandle) -> Result<()> {
         use CapsuleStatus::*;
-        let live: std::collections::HashMap<String, Phase> = host
-            .list()
-            .await
-            .map_err(from_host)?
-            .into_iter()
-            .map(|c| (c.id, c.phase))
-            .collect();
+        let live = live_phases(host).await.map_err(from_host)?;
         let rows = self
             .store
             .capsules_on_host(
@@ -297,13 +291,7 @@ impl CapsuleService {
     /// missing ones still alive run on, gone ones are stopped, paused ones stay paused.
     pub(super) async fn reconcile_host(&self, host_id: &str, client: &HostHandle) -> Result<()> {
         use CapsuleStatus::*;
-        let live: std::collections::HashMap<String, Phase> = client
-            .list()
-            .await
-            .map_err(from_host)?
-            .into_iter()
-            .map(|c| (c.id, c.phase))
-            .collect();
+        let live = live_phases(client).await.map_err(from_host)?;
         for row in self.store.capsules_on_host(host_id, &[Missing]).await? {
             let id = &row.capsule.id;
             let to = match live.get(id) {
@@ -321,4 +309,14 @@ impl CapsuleService {
         }
         Ok(())
     }
+}
+
+/// Where each capsule a host holds stands, by id.
+async fn live_phases(host: &HostHandle) -> std::result::Result<HashMap<String, Phase>, HostError> {
+    Ok(host
+        .list()
+        .await?
+        .into_iter()
+        .map(|c| (c.id, c.phase))
+        .collect())
 }
