@@ -31,4 +31,7 @@ pub use files::{FileReader, FileWriter};
 pub use pty::{PtyEvent, PtySession};
 
 /// The protocol types that appear in this crate's API.
-pub use envd_proto::{CommandSpec, ExecSpec, FileEntry, ProcessInfo, PtySpec, Signal, StartSpec};
+pub use envd_proto::{
+    CommandSpec, ExecSpec, FileEntry, ProcessInfo, PtySpec, Signal, StartSpec, TemplateDefaults,
+    MAX_TEMPLATE_DEFAULTS_BYTES, TEMPLATE_DEFAULTS_PATH,
+};

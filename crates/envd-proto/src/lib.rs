@@ -164,6 +164,26 @@ pub struct CommandSpec {
     #[serde(default)]
     pub envs: BTreeMap<String, String>,
     pub cwd: Option<String>,
+    /// The guest user to run as; the template's default user (else root) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+/// Where a template keeps what every command in its capsules starts with (written by template
+/// builds; read by envd for every exec, background process and terminal).
+pub const TEMPLATE_DEFAULTS_PATH: &str = "/etc/wrenn/defaults.json";
+/// Largest defaults file envd reads (a larger one is ignored).
+pub const MAX_TEMPLATE_DEFAULTS_BYTES: usize = 64 * 1024;
+
+/// A template's defaults. A request's own `user`, `envs` and `cwd` win over them; without
+/// either, commands run as root in the user's home.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct TemplateDefaults {
+    pub user: Option<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// The working directory (a recipe's last `WORKDIR`).
+    pub cwd: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]

@@ -85,14 +85,10 @@ pub async fn start(spec: StartSpec, mut wr: OwnedWriteHalf) {
 }
 
 fn spawn(spec: StartSpec) -> Response {
-    if let Some(cwd) = &spec.command.cwd {
-        if !std::path::Path::new(cwd).is_dir() {
-            return crate::error(
-                ErrorKind::InvalidRequest,
-                format!("cwd {cwd} is not a directory"),
-            );
-        }
-    }
+    let mut command = match crate::exec::command(&spec.command) {
+        Ok(c) => c,
+        Err(e) => return e,
+    };
     // The table lock is held from the tag check to the insert so two requests cannot both
     // claim one tag.
     let mut table = lock();
@@ -111,7 +107,6 @@ fn spawn(spec: StartSpec) -> Response {
             }
         },
     };
-    let mut command = crate::exec::command(&spec.command);
     // It outlives this request: no kill on drop.
     command.kill_on_drop(false);
     let mut child = match command.spawn() {

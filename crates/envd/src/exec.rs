@@ -9,9 +9,6 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-const DEFAULT_CWD: &str = "/root";
-
 enum Chunk {
     Out(Vec<u8>),
     Err(Vec<u8>),
@@ -38,8 +35,11 @@ pub fn spawn_error(cmd: &str, e: std::io::Error) -> Response {
 }
 
 /// Builds the command: with no `args`, `cmd` is a shell command line (`/bin/sh -c cmd`);
-/// with `args`, `cmd` is the program and `args` its arguments.
-pub fn command(spec: &CommandSpec) -> Command {
+/// with `args`, `cmd` is the program and `args` its arguments. It runs as the request's user
+/// (else the template's default user, else root) with the environment and working directory
+/// `identity::resolve` gives; an unknown user or a missing cwd is the caller's error.
+pub fn command(spec: &CommandSpec) -> Result<Command, Response> {
+    let id = crate::identity::resolve(spec.user.as_deref(), &spec.envs, spec.cwd.as_deref())?;
     let mut c = if spec.args.is_empty() {
         let mut c = Command::new("/bin/sh");
         c.arg("-c").arg(&spec.cmd);
@@ -50,39 +50,29 @@ pub fn command(spec: &CommandSpec) -> Command {
         c
     };
     c.env_clear()
-        .env("PATH", DEFAULT_PATH)
-        .env("HOME", "/root")
-        .env("USER", "root")
-        .env("LOGNAME", "root")
-        .env("SHELL", "/bin/bash")
-        .env("LANG", "C.UTF-8")
-        .env("TERM", "xterm-256color")
-        .envs(&spec.envs)
-        .current_dir(spec.cwd.as_deref().unwrap_or(DEFAULT_CWD))
+        .envs(&id.env)
+        .current_dir(&id.cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    c
+    if id.uid != 0 {
+        c.uid(id.uid).gid(id.gid);
+    }
+    Ok(c)
 }
 
 pub async fn run(spec: ExecSpec, mut rd: OwnedReadHalf, mut wr: OwnedWriteHalf) {
     let started = Instant::now();
-    if let Some(cwd) = &spec.command.cwd {
-        if !std::path::Path::new(cwd).is_dir() {
-            let _ = write_json(
-                &mut wr,
-                &crate::error(
-                    ErrorKind::InvalidRequest,
-                    format!("cwd {cwd} is not a directory"),
-                ),
-            )
-            .await;
+    let mut command = match command(&spec.command) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = write_json(&mut wr, &e).await;
             return;
         }
-    }
-    let mut child = match command(&spec.command).spawn() {
+    };
+    let mut child = match command.spawn() {
         Ok(c) => c,
         Err(e) => {
             let _ = write_json(&mut wr, &spawn_error(&spec.command.cmd, e)).await;

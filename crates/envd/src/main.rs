@@ -12,6 +12,7 @@
 mod background;
 mod exec;
 mod files;
+mod identity;
 mod init;
 mod lifeline;
 mod netguard;

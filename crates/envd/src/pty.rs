@@ -55,57 +55,17 @@ pub async fn connect(tag: String, rd: OwnedReadHalf, mut wr: OwnedWriteHalf) {
     }
 }
 
-/// Looks a user up in the guest's /etc/passwd: (uid, gid, home).
-fn user_entry(name: &str) -> Option<(u32, u32, String)> {
-    std::fs::read_to_string("/etc/passwd")
-        .ok()?
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            (f.len() >= 6 && f[0] == name)
-                .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?, f[5].to_string())))?
-        })
-}
-
 fn spawn(spec: PtySpec) -> Result<(String, Arc<Session>), Response> {
-    let (uid, gid, home, user) = match spec.user.as_deref() {
-        None | Some("root") => (0, 0, "/root".to_string(), "root".to_string()),
-        Some(u) => {
-            let (uid, gid, home) = user_entry(u).ok_or_else(|| {
-                crate::error(
-                    ErrorKind::InvalidRequest,
-                    format!("no user {u:?} in the capsule"),
-                )
-            })?;
-            (uid, gid, home, u.to_string())
-        }
-    };
-    let cwd = spec.cwd.clone().unwrap_or_else(|| home.clone());
-    if !std::path::Path::new(&cwd).is_dir() {
-        return Err(crate::error(
-            ErrorKind::InvalidRequest,
-            format!("cwd {cwd} is not a directory"),
-        ));
-    }
+    let id = crate::identity::resolve(spec.user.as_deref(), &spec.envs, spec.cwd.as_deref())?;
     let (master, slave) = open_terminal(spec.rows, spec.cols)?;
     let cmd = spec.cmd.clone().unwrap_or_else(|| "/bin/bash".to_string());
     let mut c = std::process::Command::new(&cmd);
     c.args(&spec.args)
         .env_clear()
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
-        .env("HOME", &home)
-        .env("USER", &user)
-        .env("LOGNAME", &user)
-        .env("SHELL", "/bin/bash")
-        .env("LANG", "C.UTF-8")
-        .env("TERM", "xterm-256color")
-        .envs(&spec.envs)
-        .current_dir(&cwd)
-        .uid(uid)
-        .gid(gid);
+        .envs(&id.env)
+        .current_dir(&id.cwd)
+        .uid(id.uid)
+        .gid(id.gid);
     let io = |fd: &OwnedFd| fd.try_clone().map(std::process::Stdio::from);
     let (i, o, e) = match (io(&slave), io(&slave), io(&slave)) {
         (Ok(i), Ok(o), Ok(e)) => (i, o, e),

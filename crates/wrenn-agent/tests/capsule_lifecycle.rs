@@ -74,6 +74,7 @@ async fn create_exec_destroy_leaves_nothing_behind() {
                 args: vec!["-c".into(), "echo $FOO; pwd".into()],
                 envs: [("FOO".to_string(), "bar".to_string())].into(),
                 cwd: Some("/tmp".into()),
+                user: None,
             },
             timeout_ms: 10_000,
         },

@@ -281,5 +281,6 @@ fn command_spec(req: &ExecRequest) -> envd_client::CommandSpec {
         args: req.args.clone(),
         envs: req.envs.clone(),
         cwd: req.cwd.clone(),
+        user: None,
     }
 }
