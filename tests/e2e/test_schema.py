@@ -39,6 +39,8 @@ ADMIN_OPERATIONS = [
     "adminListCapsules", "adminGetCapsule", "adminDestroyCapsule", "adminCreateSnapshotFromCapsule", "adminExecCommand",
     "adminGetCapsuleMetrics", "adminListProcesses", "adminKillProcess", "adminListDir", "adminMakeDir", "adminRemovePath",
     "adminDownloadFile", "adminUploadFile", "adminListAuditLogs",
+    "adminListTemplates", "adminDeleteTemplate", "adminCreateBuild", "adminListBuilds", "adminGetBuild",
+    "adminCancelBuild",
     "createHost", "listHosts", "getHost", "deleteHost", "regenerateHostToken", "getHostDeletePreview",
     "listHostTags", "addHostTag", "removeHostTag", "registerHost", "refreshHostToken",
 ]

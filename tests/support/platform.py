@@ -7,6 +7,7 @@ developer's running instance or another platform started by the same run. Slot r
     10.201.100.0  the e2e session platform (64 slots)   10.201.110.0  test_crash.py
     10.201.120.0  test_postgres.py                      10.201.130.0, 10.201.140.0  test_multihost.py
     10.201.150.0  benchmarks (256 slots)                10.201.160.0  test_schema.py
+    10.201.170.0  test_builtin_templates.py
 
 A slot is a /30: 64 slots span a /24, 256 slots a /22 (10.201.150.0-10.201.153.255).
 """
@@ -155,6 +156,8 @@ def start_platform(data_dir=None, slot_base=SLOT_BASE, max_slots=MAX_SLOTS, dest
         WRENN_SLOT_BASE=slot_base,
         WRENN_DESTROY_ON_EXIT="true" if destroy_on_exit else "false",
         RUST_LOG=rust_log or os.environ.get("RUST_LOG", "info"),
+        # Built-in templates take minutes to build: only the tests about them ask for them.
+        WRENN_BUILTIN_TEMPLATES="none",
     )
     if max_slots is not None:
         env["WRENN_MAX_SLOTS"] = str(max_slots)

@@ -6,11 +6,29 @@ use crate::cmd;
 use crate::error::Result;
 use crate::images::path_str;
 
-/// Creates `overlay` on top of `base` (raw ext4), with a virtual size of at least `size_mb` MiB.
-/// The guest grows its filesystem to the device size at boot.
+/// Creates `overlay` on top of `base` (a raw ext4 image, or a `.qcow2` disk of a built
+/// template), with a virtual size of at least `size_mb` MiB. The guest grows its filesystem
+/// to the device size at boot.
 pub async fn create_overlay(base: &Path, overlay: &Path, size_mb: u32) -> Result<()> {
-    let base_mb = std::fs::metadata(base)?.len().div_ceil(1024 * 1024);
-    overlay_on(base, "raw", overlay, base_mb.max(size_mb as u64)).await
+    let base_mb = base_size_mb(base).await?;
+    overlay_on(base, format_of(base), overlay, base_mb.max(size_mb as u64)).await
+}
+
+/// `qcow2` for a `.qcow2` file, else `raw`.
+fn format_of(image: &Path) -> &'static str {
+    if image.extension().is_some_and(|e| e == "qcow2") {
+        "qcow2"
+    } else {
+        "raw"
+    }
+}
+
+/// The size of the disk an image holds, in MiB (a qcow2 file's virtual size).
+pub async fn base_size_mb(image: &Path) -> Result<u64> {
+    match format_of(image) {
+        "qcow2" => virtual_size_mb(image).await,
+        _ => Ok(std::fs::metadata(image)?.len().div_ceil(1024 * 1024)),
+    }
 }
 
 /// Creates `overlay` on top of a template snapshot's disk (itself a qcow2 overlay), with the

@@ -17,6 +17,8 @@ pub enum ErrorCode {
     AgentError,
     HostUnavailable,
     NoHostsAvailable,
+    /// The template is being built (503 until it is ready).
+    TemplateBuilding,
     NotImplemented,
     InvalidToken,
     AlreadyActivated,
@@ -46,6 +48,7 @@ impl ErrorCode {
             ErrorCode::AgentError => "agent_error",
             ErrorCode::HostUnavailable => "host_unavailable",
             ErrorCode::NoHostsAvailable => "no_hosts_available",
+            ErrorCode::TemplateBuilding => "template_building",
             ErrorCode::NotImplemented => "not_implemented",
             ErrorCode::InvalidToken => "invalid_token",
             ErrorCode::AlreadyActivated => "already_activated",
@@ -83,7 +86,9 @@ impl ErrorCode {
             ErrorCode::Internal => 500,
             ErrorCode::NotImplemented => 501,
             ErrorCode::AgentError => 502,
-            ErrorCode::HostUnavailable | ErrorCode::NoHostsAvailable => 503,
+            ErrorCode::HostUnavailable
+            | ErrorCode::NoHostsAvailable
+            | ErrorCode::TemplateBuilding => 503,
         }
     }
 }

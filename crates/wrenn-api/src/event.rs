@@ -26,12 +26,21 @@ pub enum EventKind {
     SnapshotDelete,
     #[serde(rename = "host.up")]
     HostUp,
+    /// Extension: a template build was submitted.
+    #[serde(rename = "template.build.create")]
+    BuildCreate,
+    /// Extension: a template build was cancelled.
+    #[serde(rename = "template.build.cancel")]
+    BuildCancel,
+    /// Extension: a template build ended (outcome success, or error with the reason).
+    #[serde(rename = "template.build.finish")]
+    BuildFinish,
     #[serde(rename = "host.down")]
     HostDown,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 9] = [
+    pub const ALL: [EventKind; 12] = [
         EventKind::CapsuleCreate,
         EventKind::CapsulePause,
         EventKind::CapsuleResume,
@@ -41,6 +50,9 @@ impl EventKind {
         EventKind::SnapshotDelete,
         EventKind::HostUp,
         EventKind::HostDown,
+        EventKind::BuildCreate,
+        EventKind::BuildCancel,
+        EventKind::BuildFinish,
     ];
 
     pub fn parse(s: &str) -> Option<Self> {
@@ -58,14 +70,24 @@ impl EventKind {
             EventKind::SnapshotDelete => "template.snapshot.delete",
             EventKind::HostUp => "host.up",
             EventKind::HostDown => "host.down",
+            EventKind::BuildCreate => "template.build.create",
+            EventKind::BuildCancel => "template.build.cancel",
+            EventKind::BuildFinish => "template.build.finish",
         }
     }
 
-    /// Events a notification channel may subscribe to: all but state changes.
+    /// Events a notification channel may subscribe to: the spec's list (all but state changes
+    /// and the build events, which only the admin event stream carries).
     pub fn for_channels() -> impl Iterator<Item = EventKind> {
-        Self::ALL
-            .into_iter()
-            .filter(|k| *k != EventKind::CapsuleStateChanged)
+        Self::ALL.into_iter().filter(|k| {
+            !matches!(
+                k,
+                EventKind::CapsuleStateChanged
+                    | EventKind::BuildCreate
+                    | EventKind::BuildCancel
+                    | EventKind::BuildFinish
+            )
+        })
     }
 }
 

@@ -11,7 +11,12 @@ pub mod prefix {
     pub const HOST: &str = "host-";
     pub const SNAPSHOT: &str = "snap-";
     pub const SESSION: &str = "ses-";
+    pub const BUILD: &str = "bld-";
 }
+
+/// The platform team: owns built templates and the capsules builds run in; nobody is a
+/// member.
+pub const PLATFORM_TEAM_ID: &str = "team-0000000000000000000000000";
 
 /// Number of base36 digits needed for any 128-bit number (36^25 > 2^128).
 const ID_DIGITS: usize = 25;

@@ -5,6 +5,7 @@
 
 pub mod account;
 pub mod audit;
+pub mod build;
 pub mod capsule;
 pub mod channel;
 pub mod error;
@@ -17,6 +18,7 @@ pub mod template;
 
 pub use account::*;
 pub use audit::*;
+pub use build::*;
 pub use capsule::*;
 pub use channel::*;
 pub use error::{ApiError, ErrorBody, ErrorCode};

@@ -17,6 +17,18 @@ pub struct Template {
     pub created_at: DateTime<Utc>,
     pub platform: bool,
     pub metadata: Option<BTreeMap<String, String>>,
+    /// Extension (the official SDK reads it): `minimal` and the built-in templates cannot be
+    /// deleted.
+    #[serde(default)]
+    pub protected: bool,
+    /// Extension, in the admin list only: the team that owns a team template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team_id: Option<String>,
+    /// Extension: the user and environment every capsule and exec from this template gets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_env: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

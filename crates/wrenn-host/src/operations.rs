@@ -117,6 +117,13 @@ host_operations! {
     fn delete_snapshot(snapshot_id: String) -> ();
     /// Metric points of a capsule (running ones live, paused ones as saved at pause).
     fn metrics(id: String, range: MetricsRange) -> Vec<MetricPoint>;
+    /// Keeps user snapshot `snapshot_id` in this host's template cache under `key` (a digest
+    /// of what made it), so a later control plane can adopt it instead of building it again.
+    /// The host adds what it boots with (kernel, envd, VMM, base images) to the key.
+    fn cache_template(snapshot_id: String, key: String) -> ();
+    /// Links the template cached under `key`, if this host has one, in as user snapshot
+    /// `snapshot_id`.
+    fn adopt_template(key: String, snapshot_id: String) -> Option<SnapshotMeta>;
 }
 
 fn answer<T: Serialize>(t: T) -> Result<serde_json::Value, HostError> {

@@ -62,6 +62,10 @@ pub struct DeadCapsule {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserSnapshot {
     pub id: String,
+    /// Boot its disk afresh instead of restoring its memory (a `base` template built from a
+    /// capsule): the capsule gets the requested shape.
+    #[serde(default)]
+    pub disk_only: bool,
 }
 
 /// What a user snapshot holds (also its `meta.json` on the host).

@@ -105,6 +105,9 @@ pub fn from_event(ev: &Event) -> Option<Record> {
         EventKind::SnapshotDelete => ("snapshot", "delete", Scope::Team),
         EventKind::HostDown => ("host", "marked_down", host_scope),
         EventKind::HostUp => ("host", "marked_up", host_scope),
+        EventKind::BuildCreate => ("build", "create", Scope::Admin),
+        EventKind::BuildCancel => ("build", "cancel", Scope::Admin),
+        EventKind::BuildFinish => ("build", "finish", Scope::Admin),
         EventKind::CapsuleStateChanged => return None,
     };
     let mut r =

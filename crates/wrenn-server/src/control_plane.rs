@@ -29,7 +29,8 @@ use crate::accounts::oauth::ProviderConfig;
 use crate::accounts::{AccountConfig, AccountService};
 use crate::audit::AuditLog;
 use crate::bootstrap::Bootstrap;
-use crate::capsules::CapsuleService;
+use crate::builds::{BuildConfig, BuildService};
+use crate::capsules::{CapsuleService, Emitter};
 use crate::channels::{ChannelConfig, ChannelService, ConfigCipher};
 use crate::clock::SystemClock;
 use crate::events::EventBus;
@@ -78,6 +79,12 @@ pub struct Config {
     pub telegram_api_url: String,
     pub channel_retry_delays: Vec<Duration>,
     pub channel_allow_private_targets: bool,
+    /// Template builds running at once (later ones wait `pending`).
+    pub build_concurrency: usize,
+    /// Built-in templates to build on start (`python`, `node`, `code-runner-beta`).
+    pub builtin_templates: Vec<String>,
+    /// A PEM bundle build guests trust besides their own CAs.
+    pub guest_ca_bundle: Option<PathBuf>,
 }
 
 /// A GitHub OAuth app.
@@ -214,14 +221,45 @@ impl ControlPlane {
             )))?,
             None => EventBus::local(),
         });
-        let capsules = Arc::new(CapsuleService::new(store.clone(), pool, events.clone()));
+        let capsules = Arc::new(CapsuleService::new(
+            store.clone(),
+            pool.clone(),
+            events.clone(),
+        ));
         capsules
             .reconcile()
             .await
             .map_err(|e| service_err("reconcile")(e.message))?;
+        let replica = replica_id(&c.data_dir)?;
+        store
+            .ensure_platform_team()
+            .await
+            .map_err(store_err("platform team"))?;
+        let builds = BuildService::new(
+            store.clone(),
+            capsules.clone(),
+            pool,
+            Emitter::new(store.clone(), events.clone()),
+            BuildConfig {
+                dir: c.data_dir.join("builds"),
+                replica: replica.clone(),
+                concurrency: c.build_concurrency,
+                guest_ca_bundle: c.guest_ca_bundle.clone(),
+            },
+            tasks.cancel.child_token(),
+        );
+        builds
+            .recover()
+            .await
+            .map_err(|e| service_err("interrupted builds")(e.message))?;
+        let followers = builds.clone();
+        tasks.every(Duration::from_secs(60), "build-followers", move || {
+            followers.prune_followers();
+            std::future::ready(Ok::<(), std::convert::Infallible>(()))
+        });
         keep_capsules_truthful(&mut tasks, &capsules, c.reconcile_interval);
         let stats = Arc::new(StatsService::new(store.clone(), c.stats_interval));
-        sample_stats(&mut tasks, &stats, &store, replica_id(&c.data_dir)?);
+        sample_stats(&mut tasks, &stats, &store, replica.clone());
 
         let base_url = c
             .public_url
@@ -260,6 +298,7 @@ impl ControlPlane {
             audit: AuditLog::new(store.clone()),
             store,
             capsules,
+            builds: builds.clone(),
             stats,
             key_usage: Default::default(),
             accounts,
@@ -268,6 +307,10 @@ impl ControlPlane {
             channels,
         };
         let (server, local_addr) = serve(c.listen, state, tasks.cancel.clone()).await?;
+        // After the API serves: `minimal` is ready now, the others build in the background.
+        if !c.builtin_templates.is_empty() {
+            tasks.spawn(builds.ensure_builtins(c.builtin_templates.clone()));
+        }
         Ok(ControlPlane {
             base_url,
             local_addr,
@@ -433,6 +476,26 @@ fn check(c: &Config) -> Result<(), StartError> {
     ] {
         if d.is_zero() {
             return Err(StartError::Config(format!("the {what} must be positive")));
+        }
+    }
+    if c.build_concurrency == 0 {
+        return Err(StartError::Config(
+            "build concurrency must be at least 1".into(),
+        ));
+    }
+    for name in &c.builtin_templates {
+        if !crate::builds::builtin::is_builtin(name) {
+            return Err(StartError::Config(format!(
+                "{name:?} is not a built-in template (python, node, code-runner-beta)"
+            )));
+        }
+    }
+    if let Some(p) = &c.guest_ca_bundle {
+        if std::fs::metadata(p).map(|m| !m.is_file()).unwrap_or(true) {
+            return Err(StartError::Config(format!(
+                "guest CA bundle {} is not a readable file",
+                p.display()
+            )));
         }
     }
     Ok(())

@@ -16,6 +16,7 @@
 pub mod accounts;
 mod audit;
 mod bootstrap;
+mod builds;
 mod capsules;
 mod channels;
 pub mod clock;
@@ -38,6 +39,7 @@ pub use hosts::pool::Overcommit;
 pub(crate) struct AppState {
     pub store: store::Store,
     pub capsules: Arc<capsules::CapsuleService>,
+    pub builds: Arc<builds::BuildService>,
     pub stats: Arc<stats::StatsService>,
     pub key_usage: Arc<http::auth::KeyUsage>,
     pub accounts: Arc<accounts::AccountService>,

@@ -525,11 +525,13 @@ async fn templates_are_unique_per_team(store: Store) {
         memory_mb: 1024,
         disk_size_mb: 5120,
         size_bytes: 123_456_789_012,
+        origin: Default::default(),
     };
     assert!(store.insert_template(&t).await.unwrap());
     assert!(!store
         .insert_template(&NewTemplate {
             snapshot_id: "snap-2",
+            origin: Default::default(),
             ..t
         })
         .await

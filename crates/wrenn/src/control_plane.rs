@@ -103,7 +103,26 @@ pub struct CpArgs {
     /// own network). Off: notifications go to public addresses only.
     #[arg(long, env = "WRENN_CHANNEL_ALLOW_PRIVATE_TARGETS")]
     channel_allow_private_targets: bool,
+    /// Built-in templates built in the background on start, when missing or out of date
+    /// (comma-separated, or `none`)
+    #[arg(
+        long,
+        env = "WRENN_BUILTIN_TEMPLATES",
+        default_value = "python,node,code-runner-beta"
+    )]
+    builtin_templates: String,
+    /// Template builds that run at once (later ones wait, `pending`)
+    #[arg(long, env = "WRENN_BUILD_CONCURRENCY", default_value_t = 2)]
+    build_concurrency: usize,
+    /// CA certificates (PEM) that build guests trust besides their own, for networks that
+    /// inspect TLS: `host` (this machine's store, /etc/ssl/certs/ca-certificates.crt), `none`,
+    /// or a file
+    #[arg(long, env = "WRENN_GUEST_CA_BUNDLE", default_value = "host")]
+    guest_ca_bundle: String,
 }
+
+/// The host's own CA store (Debian's layout).
+const HOST_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 #[derive(Clone, Debug)]
 struct Delays(Vec<std::time::Duration>);
@@ -170,6 +189,16 @@ impl CpArgs {
             telegram_api_url: self.telegram_api_url,
             channel_retry_delays: self.channel_retry_delays.0,
             channel_allow_private_targets: self.channel_allow_private_targets,
+            builtin_templates: match self.builtin_templates.trim() {
+                "" | "none" => Vec::new(),
+                list => list.split(',').map(|s| s.trim().to_string()).collect(),
+            },
+            build_concurrency: self.build_concurrency,
+            guest_ca_bundle: match self.guest_ca_bundle.as_str() {
+                "none" => None,
+                "host" => Some(PathBuf::from(HOST_CA_BUNDLE)).filter(|p| p.exists()),
+                path => Some(PathBuf::from(path)),
+            },
         })
     }
 }

@@ -46,6 +46,11 @@ impl CapsuleManager {
         from: Option<&UserSnapshot>,
     ) -> Result<CapsuleInfo> {
         let rootfs = match from {
+            // A built base template: its disk, booted like an image.
+            Some(s) if s.disk_only => {
+                self.snapshot_meta(&s.id)?;
+                self.snapshot_dir(&s.id).join("disk.qcow2")
+            }
             Some(_) => PathBuf::new(),
             None => self.images.rootfs_path(&spec.template).ok_or_else(|| {
                 HostError::InvalidRequest(format!(
@@ -55,8 +60,8 @@ impl CapsuleManager {
             })?,
         };
         let from_meta = match from {
-            Some(s) => Some(self.snapshot_meta(&s.id)?),
-            None => None,
+            Some(s) if !s.disk_only => Some(self.snapshot_meta(&s.id)?),
+            _ => None,
         };
         let entry = Arc::new(Entry {
             state: tokio::sync::Mutex::new(None),
@@ -214,7 +219,7 @@ impl CapsuleManager {
         record: &CapsuleRecord,
         rootfs: &std::path::Path,
     ) -> Result<TemplateSnapshot> {
-        let base_mb = std::fs::metadata(rootfs)?.len().div_ceil(1024 * 1024);
+        let base_mb = crate::disk::base_size_mb(rootfs).await?;
         let disk_mb = base_mb.max(u64::from(record.disk_size_mb));
         let key = {
             use sha2::{Digest, Sha256};

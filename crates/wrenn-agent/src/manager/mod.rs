@@ -393,6 +393,16 @@ impl Host for CapsuleManager {
     async fn metrics(&self, id: String, range: MetricsRange) -> Result<Vec<MetricPoint>> {
         self.metric_points(&id, range)
     }
+    async fn cache_template(&self, snapshot_id: String, key: String) -> Result<()> {
+        self.keep_in_cache(&snapshot_id, &key).await
+    }
+    async fn adopt_template(
+        &self,
+        key: String,
+        snapshot_id: String,
+    ) -> Result<Option<SnapshotMeta>> {
+        self.adopt_from_cache(&key, &snapshot_id).await
+    }
     async fn envd(&self, id: &str) -> Result<EnvdClient> {
         self.envd_of(id).await
     }

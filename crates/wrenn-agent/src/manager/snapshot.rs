@@ -154,3 +154,117 @@ impl CapsuleManager {
         let _ = tokio::fs::remove_dir_all(&dir).await;
     }
 }
+
+/// Files of a user snapshot (besides `meta.json`, written per copy).
+const SNAPSHOT_FILES: &[&str] = &["state", "disk.qcow2"];
+
+impl CapsuleManager {
+    /// The cache directory of templates made under `key` on this host as it boots today: the
+    /// key plus the kernel, the initramfs (envd), the VMM, the accelerator and every base
+    /// image, since a memory snapshot only restores under what made it.
+    fn cache_dir(&self, key: &str) -> Result<PathBuf> {
+        if key.is_empty() || key.len() > 128 || !key.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(HostError::InvalidRequest(format!(
+                "bad template cache key {key:?}"
+            )));
+        }
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        let mut parts = vec![
+            key.to_string(),
+            self.boot.initramfs.to_string_lossy().into_owned(),
+            self.boot.kernel.version.clone(),
+            self.vmm.version().to_string(),
+            self.vmm.accel().as_str().to_string(),
+        ];
+        for r in crate::images::TEMPLATES {
+            if let Some(p) = self.images.rootfs_path(r.name) {
+                parts.push(p.to_string_lossy().into_owned());
+            }
+        }
+        for p in parts {
+            h.update(p.as_bytes());
+            h.update([0]);
+        }
+        Ok(self
+            .cfg
+            .images_dir()
+            .join("templates")
+            .join(hex::encode(&h.finalize()[..16])))
+    }
+
+    /// Keeps a user snapshot's files in the template cache (hard links where the filesystem
+    /// allows, copies elsewhere). An existing entry stays as it is.
+    pub(crate) async fn keep_in_cache(&self, snapshot_id: &str, key: &str) -> Result<()> {
+        let meta = self.snapshot_meta(snapshot_id)?;
+        let dir = self.cache_dir(key)?;
+        if dir.join("meta.json").exists() {
+            return Ok(());
+        }
+        let src = self.snapshot_dir(snapshot_id);
+        let tmp = dir.with_extension(format!("tmp-{:08x}", rand::random::<u32>()));
+        let result = link_files(&src, &tmp, &meta).await;
+        let result = match result {
+            Ok(()) => std::fs::rename(&tmp, &dir).map_err(HostError::from),
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            let _ = tokio::fs::remove_dir_all(&tmp).await;
+        }
+        // Another agent sharing the images directory may have cached it first.
+        if dir.join("meta.json").exists() {
+            info!(snapshot_id, key, "template cached");
+            return Ok(());
+        }
+        result
+    }
+
+    /// The cached template made under `key`, linked in as user snapshot `snapshot_id`.
+    pub(crate) async fn adopt_from_cache(
+        &self,
+        key: &str,
+        snapshot_id: &str,
+    ) -> Result<Option<SnapshotMeta>> {
+        valid_snapshot_id(snapshot_id)?;
+        let dir = self.cache_dir(key)?;
+        let Ok(bytes) = std::fs::read(dir.join("meta.json")) else {
+            return Ok(None);
+        };
+        let mut meta: SnapshotMeta = serde_json::from_slice(&bytes)
+            .map_err(|e| HostError::Vmm(format!("cached template {key}: {e}")))?;
+        meta.id = snapshot_id.to_string();
+        let final_dir = self.snapshot_dir(snapshot_id);
+        if final_dir.exists() {
+            return Err(HostError::AlreadyExists(format!(
+                "snapshot {snapshot_id} exists"
+            )));
+        }
+        let tmp = final_dir.with_extension("tmp");
+        let _ = tokio::fs::remove_dir_all(&tmp).await;
+        if let Err(e) = link_files(&dir, &tmp, &meta).await {
+            let _ = tokio::fs::remove_dir_all(&tmp).await;
+            return Err(e);
+        }
+        std::fs::rename(&tmp, &final_dir)?;
+        info!(snapshot_id, key, "template adopted from the cache");
+        Ok(Some(meta))
+    }
+}
+
+/// Makes `to` hold `from`'s snapshot files (linked, else copied) and `meta` as its meta.json.
+async fn link_files(
+    from: &std::path::Path,
+    to: &std::path::Path,
+    meta: &SnapshotMeta,
+) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for f in SNAPSHOT_FILES {
+        let (a, b) = (from.join(f), to.join(f));
+        if std::fs::hard_link(&a, &b).is_err() {
+            tokio::fs::copy(&a, &b).await?;
+        }
+    }
+    let json = serde_json::to_vec_pretty(meta).map_err(|e| HostError::Io(e.into()))?;
+    std::fs::write(to.join("meta.json"), json)?;
+    Ok(())
+}

@@ -127,6 +127,30 @@ impl Emitter {
             .await;
     }
 
+    /// `template.build.finish`: success, or the reason the build failed.
+    pub async fn build_finished(
+        &self,
+        build_id: &str,
+        actor: &EventActor,
+        outcome: std::result::Result<(), &str>,
+    ) {
+        self.emit(Event {
+            event: EventKind::BuildFinish,
+            outcome: Some(if outcome.is_ok() { "success" } else { "error" }.into()),
+            resource: EventResource {
+                id: build_id.to_string(),
+                kind: "build".into(),
+            },
+            actor: actor.clone(),
+            metadata: Default::default(),
+            error: outcome.err().map(Into::into),
+            sandbox: None,
+            team_id: None,
+            timestamp: chrono::Utc::now(),
+        })
+        .await;
+    }
+
     /// An event about something other than a capsule (templates, hosts).
     pub async fn other(
         &self,

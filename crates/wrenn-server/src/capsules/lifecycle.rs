@@ -4,9 +4,10 @@
 use std::time::Duration;
 
 use tracing::{info, warn};
-use wrenn_api::id::{new_id, prefix};
+use wrenn_api::id::{new_id, prefix, PLATFORM_TEAM_ID};
 use wrenn_api::{
-    ApiError, Capsule, CapsuleSpec, CapsuleStatus, CreateCapsuleRequest, EventActor, EventKind,
+    ApiError, Capsule, CapsuleSpec, CapsuleStatus, CreateCapsuleRequest, ErrorCode, EventActor,
+    EventKind,
 };
 use wrenn_host::{Host, HostCapacity, Phase, UserSnapshot};
 
@@ -67,17 +68,72 @@ impl CapsuleService {
         if templates.contains(&spec.template) {
             return Ok((None, None));
         }
-        let Some(t) = self.store.template(team_id, &spec.template).await? else {
+        // The team's own snapshot templates first, then the platform's built templates.
+        let mut found = self.store.template(team_id, &spec.template).await?;
+        if found.is_none() {
+            found = self
+                .store
+                .template(PLATFORM_TEAM_ID, &spec.template)
+                .await?;
+            if found.is_some() && self.has_own_hosts(team_id).await? {
+                return Err(ApiError::invalid(format!(
+                    "template {:?} lives on the platform host that built it; teams on hosts of \
+                     their own cannot use built templates yet",
+                    spec.template
+                )));
+            }
+        }
+        let Some(t) = found else {
+            if let Some(b) = self.store.active_build_named(&spec.template).await? {
+                let b = b.build;
+                return Err(ApiError::new(
+                    ErrorCode::TemplateBuilding,
+                    format!(
+                        "template {:?} is being built (build {}: {}, step {} of {}); try again when it is ready",
+                        spec.template,
+                        b.id,
+                        b.status.as_str(),
+                        b.current_step,
+                        b.total_steps
+                    ),
+                ));
+            }
             return Err(ApiError::invalid(format!(
                 "unknown template {:?} (platform templates: {}; see GET /v1/snapshots for the team's)",
                 spec.template,
                 templates.join(", ")
             )));
         };
+        if t.template.kind == "base" {
+            // A built disk, booted afresh in the requested shape (at least the disk's size).
+            spec.disk_size_mb = spec.disk_size_mb.max(t.disk_size_mb);
+            let from = UserSnapshot {
+                id: t.snapshot_id,
+                disk_only: true,
+            };
+            return Ok((Some(from), Some(t.host_id)));
+        }
         spec.vcpus = t.template.vcpus.unwrap_or(spec.vcpus);
         spec.memory_mb = t.template.memory_mb.unwrap_or(spec.memory_mb);
         spec.disk_size_mb = t.disk_size_mb;
-        Ok((Some(UserSnapshot { id: t.snapshot_id }), Some(t.host_id)))
+        let from = UserSnapshot {
+            id: t.snapshot_id,
+            disk_only: false,
+        };
+        Ok((Some(from), Some(t.host_id)))
+    }
+
+    /// A BYOC team with hosts of its own (its capsules never go to shared hosts).
+    async fn has_own_hosts(&self, team_id: &str) -> Result<bool> {
+        if !self.store.team(team_id).await?.is_some_and(|t| t.byoc) {
+            return Ok(false);
+        }
+        Ok(self
+            .store
+            .hosts(None)
+            .await?
+            .iter()
+            .any(|h| h.team_id.as_deref() == Some(team_id)))
     }
 
     /// Starts destruction and waits briefly for it; repeating it is harmless.

@@ -1,7 +1,7 @@
 //! Snapshot templates (a team's named live snapshots) and capsule metrics.
 
 use tracing::{info, warn};
-use wrenn_api::id::{new_id, prefix};
+use wrenn_api::id::{new_id, prefix, PLATFORM_TEAM_ID};
 use wrenn_api::{
     validate_template_name, ApiError, CapsuleStatus, CreateSnapshotRequest, ErrorCode, EventActor,
     EventKind, Template,
@@ -9,7 +9,7 @@ use wrenn_api::{
 
 use super::{CapsuleService, OrLog, Result};
 use crate::error::from_host;
-use crate::store::NewTemplate;
+use crate::store::{NewTemplate, TemplateOrigin};
 
 impl CapsuleService {
     /// `POST /v1/snapshots`: a live snapshot of a running capsule (shown `snapshotting` for
@@ -22,7 +22,6 @@ impl CapsuleService {
         overwrite: bool,
         actor: &EventActor,
     ) -> Result<Template> {
-        use CapsuleStatus::*;
         let name = match req.name {
             Some(n) => n,
             None => format!("template-{:08x}", rand::random::<u32>()),
@@ -35,21 +34,87 @@ impl CapsuleService {
             .templates()
             .await
             .map_err(from_host)?;
-        if platform.contains(&name) {
+        if platform.contains(&name)
+            || (team_id != PLATFORM_TEAM_ID
+                && self
+                    .store
+                    .template(PLATFORM_TEAM_ID, &name)
+                    .await?
+                    .is_some())
+        {
             return Err(ApiError::new(
                 ErrorCode::AlreadyExists,
                 format!("{name:?} is a platform template"),
             ));
         }
-        let row = self.owned(team_id, &req.sandbox_id).await?;
-        let id = req.sandbox_id.as_str();
-        let host = self.pool.client_for(&row).await?;
+        self.owned(team_id, &req.sandbox_id).await?;
         if !overwrite && self.store.template(team_id, &name).await?.is_some() {
             return Err(ApiError::new(
                 ErrorCode::AlreadyExists,
                 format!("template {name:?} exists (use ?overwrite=true to replace it)"),
             ));
         }
+        let template = self
+            .snapshot_into(
+                team_id,
+                &req.sandbox_id,
+                &name,
+                TemplateOrigin::default(),
+                overwrite,
+            )
+            .await?;
+        self.events
+            .other(
+                EventKind::SnapshotCreate,
+                "template",
+                &name,
+                Some(team_id),
+                actor,
+                Some(true),
+            )
+            .await;
+        Ok(template)
+    }
+
+    /// A build's capsule becomes platform template `name` (a live snapshot; for a `base`
+    /// template only its disk is used). `replace` swaps out an existing template by that name
+    /// (built-in templates rebuilt after a recipe change).
+    pub async fn publish_template(
+        &self,
+        capsule_id: &str,
+        name: &str,
+        origin: TemplateOrigin,
+        replace: bool,
+    ) -> Result<Template> {
+        let t = self
+            .snapshot_into(PLATFORM_TEAM_ID, capsule_id, name, origin, replace)
+            .await?;
+        self.events
+            .other(
+                EventKind::SnapshotCreate,
+                "template",
+                name,
+                None,
+                &EventActor::system("template-build"),
+                Some(true),
+            )
+            .await;
+        Ok(t)
+    }
+
+    /// A live snapshot of a running capsule of `team_id`, recorded as the team's template
+    /// `name` (shown `snapshotting` for the moment it is frozen and copied; it runs on).
+    async fn snapshot_into(
+        &self,
+        team_id: &str,
+        id: &str,
+        name: &str,
+        origin: TemplateOrigin,
+        overwrite: bool,
+    ) -> Result<Template> {
+        use CapsuleStatus::*;
+        let row = self.owned(team_id, id).await?;
+        let host = self.pool.client_for(&row).await?;
         if !self.store.transition(id, &[Running], Snapshotting).await? {
             return Err(ApiError::invalid_state(format!(
                 "capsule {id} is {}, not running",
@@ -66,7 +131,7 @@ impl CapsuleService {
         let meta = taken.map_err(from_host)?;
         let new = NewTemplate {
             team_id,
-            name: &name,
+            name,
             snapshot_id: &snapshot_id,
             host_id: host.host_id(),
             source_capsule: id,
@@ -74,9 +139,10 @@ impl CapsuleService {
             memory_mb: meta.memory_mb,
             disk_size_mb: meta.disk_mb as u32,
             size_bytes: meta.size_bytes,
+            origin,
         };
         let replaced = if overwrite {
-            self.store.delete_template(team_id, &name).await?
+            self.store.delete_template(team_id, name).await?
         } else {
             None
         };
@@ -96,22 +162,12 @@ impl CapsuleService {
             self.delete_snapshot_files(&old.host_id, &old.snapshot_id)
                 .await;
         }
-        info!(capsule_id = %id, template = %name, snapshot_id, size_bytes = meta.size_bytes, "snapshot template created");
-        self.events
-            .other(
-                EventKind::SnapshotCreate,
-                "template",
-                &name,
-                Some(team_id),
-                actor,
-                Some(true),
-            )
-            .await;
+        info!(capsule_id = %id, template = %name, snapshot_id, size_bytes = meta.size_bytes, "template created");
         Ok(self
             .store
-            .template(team_id, &name)
+            .template(team_id, name)
             .await?
-            .ok_or_else(|| ApiError::internal("snapshot template vanished"))?
+            .ok_or_else(|| ApiError::internal("template vanished"))?
             .template)
     }
 
@@ -171,18 +227,23 @@ impl CapsuleService {
                     created_at: t.built_at,
                     platform: true,
                     metadata: None,
+                    protected: true,
+                    team_id: None,
+                    default_user: None,
+                    default_env: None,
                 });
             }
         }
-        if kind != Some("base") {
-            out.extend(
-                self.store
-                    .list_templates(team_id)
-                    .await?
-                    .into_iter()
-                    .map(|t| t.template),
-            );
+        let mut stored = self.store.list_templates(PLATFORM_TEAM_ID).await?;
+        if team_id != PLATFORM_TEAM_ID {
+            stored.extend(self.store.list_templates(team_id).await?);
         }
+        out.extend(
+            stored
+                .into_iter()
+                .map(|t| t.template)
+                .filter(|t| kind.is_none_or(|k| k == t.kind)),
+        );
         Ok(out)
     }
 
@@ -208,6 +269,15 @@ impl CapsuleService {
                 format!("{name:?} is a platform template and cannot be deleted"),
             ));
         }
+        if team_id != PLATFORM_TEAM_ID
+            && self.store.template(team_id, name).await?.is_none()
+            && self.store.template(PLATFORM_TEAM_ID, name).await?.is_some()
+        {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!("{name:?} is a platform template and cannot be deleted"),
+            ));
+        }
         let row = self
             .store
             .delete_template(team_id, name)
@@ -220,7 +290,7 @@ impl CapsuleService {
                 EventKind::SnapshotDelete,
                 "template",
                 name,
-                Some(team_id),
+                (team_id != PLATFORM_TEAM_ID).then_some(team_id),
                 actor,
                 Some(true),
             )

@@ -234,6 +234,9 @@ impl Notification {
             Some(EventKind::SnapshotDelete) => "snapshot deleted",
             Some(EventKind::HostUp) => "is back up",
             Some(EventKind::HostDown) => "is down",
+            Some(EventKind::BuildCreate) => "submitted",
+            Some(EventKind::BuildCancel) => "cancelled",
+            Some(EventKind::BuildFinish) => "finished",
             Some(EventKind::CapsuleStateChanged) | None => &self.event,
         };
         let mut s = format!("[Wrenn] {} {} {what}", self.resource.kind, self.resource.id);

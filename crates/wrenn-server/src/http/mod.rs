@@ -5,6 +5,7 @@ mod accounts;
 mod admin;
 mod audit;
 pub(crate) mod auth;
+mod builds;
 mod capsules;
 mod channels;
 mod events;
@@ -233,6 +234,20 @@ fn team_routes() -> Router<AppState> {
         .route("/v1/admin/teams", get(admin::teams))
         .route("/v1/admin/teams/{id}", delete(admin::delete_team))
         .route("/v1/admin/teams/{id}/byoc", put(admin::set_byoc))
+        .route(
+            "/v1/admin/builds",
+            post(builds::create)
+                .get(builds::list)
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route("/v1/admin/builds/{id}", get(builds::get))
+        .route("/v1/admin/builds/{id}/cancel", post(builds::cancel))
+        .route("/v1/admin/builds/{id}/stream", get(builds::stream))
+        .route("/v1/admin/templates", get(builds::templates))
+        .route(
+            "/v1/admin/templates/{name}",
+            delete(builds::delete_template),
+        )
 }
 
 /// Host records and the agents' own calls.
@@ -254,33 +269,12 @@ async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI_YAML)
 }
 
-/// Path prefixes of spec operations this version does not serve yet (README's status table).
-const NOT_YET: &[&str] = &["/v1/admin/", "/v1/capsules/"];
-
+/// Every path of the spec is served: anything else is an unknown endpoint.
 async fn fallback(uri: Uri) -> HttpError {
-    let path = uri.path();
-    if NOT_YET.iter().any(|p| path.starts_with(p)) && spec_has_path(path) {
-        return HttpError(ApiError::new(
-            ErrorCode::NotImplemented,
-            format!("{path} is part of the API but not available yet in this version of Wrenn"),
-        ));
-    }
-    HttpError(ApiError::not_found(format!("no such endpoint: {path}")))
-}
-
-/// True when `path` matches one of the spec's path templates (`{param}` matches one segment).
-fn spec_has_path(path: &str) -> bool {
-    let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
-    OPENAPI_YAML
-        .lines()
-        .filter_map(|l| l.strip_prefix("  /").and_then(|p| p.strip_suffix(':')))
-        .any(|template| {
-            let t: Vec<&str> = std::iter::once("").chain(template.split('/')).collect();
-            t.len() == segs.len()
-                && t.iter()
-                    .zip(&segs)
-                    .all(|(t, s)| (t.starts_with('{') && !s.is_empty()) || t == s)
-        })
+    HttpError(ApiError::not_found(format!(
+        "no such endpoint: {}",
+        uri.path()
+    )))
 }
 
 async fn method_not_allowed() -> impl IntoResponse {
@@ -317,19 +311,5 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
         serde_json::from_slice(body)
             .map(ApiJson)
             .map_err(|e| HttpError(ApiError::invalid(format!("invalid JSON body: {e}"))))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn spec_paths_are_recognised() {
-        assert!(spec_has_path("/v1/capsules/cl-x/pause"));
-        assert!(spec_has_path("/v1/teams"));
-        assert!(spec_has_path("/v1/hosts/host-1/tags/gpu"));
-        assert!(!spec_has_path("/v1/capsules/cl-x/nonsense"));
-        assert!(!spec_has_path("/v1/nope"));
     }
 }

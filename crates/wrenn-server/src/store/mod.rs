@@ -7,6 +7,7 @@
 
 mod api_keys;
 mod audit;
+mod builds;
 mod capsules;
 mod channels;
 mod hosts;
@@ -27,6 +28,7 @@ use sqlx::Row;
 
 pub use api_keys::{ApiKeyOwner, ApiKeyRow};
 pub use audit::{audit_ts, AuditQuery};
+pub use builds::{BuildRow, NewBuild};
 pub use capsules::CapsuleRow;
 pub use channels::ChannelRow;
 pub use hosts::HostSpecs;
@@ -34,7 +36,7 @@ pub use oauth::OAuthUser;
 pub use sessions::{NewSession, SessionContext, SessionRow};
 pub use stats::TeamLoad;
 pub use teams::{MemberRow, NewTeam, OwnedTeam, TeamRow, TeamSummary};
-pub use templates::{NewTemplate, TemplateRow};
+pub use templates::{NewTemplate, TemplateOrigin, TemplateRow};
 pub use users::UserRow;
 
 #[derive(Debug, thiserror::Error)]

@@ -67,6 +67,20 @@ fn team_row(r: &AnyRow) -> Result<TeamRow> {
 impl Store {
     // ---- teams --------------------------------------------------------------------------
 
+    /// The platform team (owner of built templates and of the capsules builds run in; it has
+    /// no members), created on first start.
+    pub async fn ensure_platform_team(&self) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO teams (id, name, slug, created_at) VALUES ($1, 'Platform', $1, $2) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(wrenn_api::id::PLATFORM_TEAM_ID)
+        .bind(ts(Utc::now()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Creates a team with `owner` as its owner.
     pub async fn create_team(
         &self,

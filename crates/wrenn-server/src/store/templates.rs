@@ -1,4 +1,7 @@
-//! Team snapshot templates.
+//! Templates in the database: teams' snapshot templates, and the platform team's built
+//! templates (`snapshot` with memory, or `base`: a disk booted afresh).
+
+use std::collections::BTreeMap;
 
 use chrono::Utc;
 use sqlx::any::AnyRow;
@@ -15,6 +18,35 @@ pub struct TemplateRow {
     pub snapshot_id: String,
     pub host_id: String,
     pub disk_size_mb: u32,
+    pub build_id: Option<String>,
+    pub cache_key: Option<String>,
+}
+
+/// Where a template came from and what it gives its capsules.
+#[derive(Debug, Clone)]
+pub struct TemplateOrigin {
+    /// `snapshot` (memory included: restored as saved) or `base` (the disk, booted afresh).
+    pub kind: &'static str,
+    pub default_user: Option<String>,
+    pub default_env: BTreeMap<String, String>,
+    pub build_id: Option<String>,
+    pub protected: bool,
+    /// For built-in templates: what they were made from.
+    pub cache_key: Option<String>,
+}
+
+impl Default for TemplateOrigin {
+    /// A team's live snapshot.
+    fn default() -> Self {
+        Self {
+            kind: "snapshot",
+            default_user: None,
+            default_env: BTreeMap::new(),
+            build_id: None,
+            protected: false,
+            cache_key: None,
+        }
+    }
 }
 
 /// What a new snapshot template records.
@@ -28,12 +60,19 @@ pub struct NewTemplate<'a> {
     pub memory_mb: u32,
     pub disk_size_mb: u32,
     pub size_bytes: u64,
+    pub origin: TemplateOrigin,
 }
 
-const COLUMNS: &str =
-    "team_id, name, kind, snapshot_id, host_id, vcpus, memory_mb, disk_size_mb, size_bytes, created_at";
+const COLUMNS: &str = "team_id, name, kind, snapshot_id, host_id, vcpus, memory_mb, disk_size_mb, \
+     size_bytes, created_at, default_user, default_env, build_id, protected, cache_key";
 
 fn from_row(r: &AnyRow) -> Result<TemplateRow> {
+    let team_id: String = r.try_get("team_id")?;
+    let default_env: Option<String> = r.try_get("default_env")?;
+    let default_env: Option<BTreeMap<String, String>> = default_env
+        .map(|s| serde_json::from_str(&s))
+        .transpose()
+        .map_err(|e| super::StoreError::Corrupt(format!("templates.default_env: {e}")))?;
     Ok(TemplateRow {
         template: Template {
             name: r.try_get("name")?,
@@ -42,23 +81,34 @@ fn from_row(r: &AnyRow) -> Result<TemplateRow> {
             memory_mb: Some(r.try_get::<i64, _>("memory_mb")? as u32),
             size_bytes: r.try_get("size_bytes")?,
             created_at: parse_ts(&r.try_get::<String, _>("created_at")?)?,
-            platform: false,
+            platform: team_id == wrenn_api::id::PLATFORM_TEAM_ID,
             metadata: None,
+            protected: r.try_get::<i64, _>("protected")? != 0,
+            team_id: None,
+            default_user: r.try_get("default_user")?,
+            default_env,
         },
-        team_id: r.try_get("team_id")?,
+        team_id,
         snapshot_id: r.try_get("snapshot_id")?,
         host_id: r.try_get("host_id")?,
         disk_size_mb: r.try_get::<i64, _>("disk_size_mb")? as u32,
+        build_id: r.try_get("build_id")?,
+        cache_key: r.try_get("cache_key")?,
     })
 }
 
 impl Store {
-    /// Inserts a snapshot template; `false` when the team already has one by that name.
+    /// Inserts a template; `false` when the team already has one by that name.
     pub async fn insert_template(&self, t: &NewTemplate<'_>) -> Result<bool> {
+        let o = &t.origin;
+        let env = (!o.default_env.is_empty())
+            .then(|| serde_json::to_string(&o.default_env).unwrap_or_default());
         let done = sqlx::query(
             "INSERT INTO templates (team_id, name, kind, snapshot_id, host_id, source_capsule, vcpus, \
-             memory_mb, disk_size_mb, size_bytes, created_at) \
-             VALUES ($1, $2, 'snapshot', $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING",
+             memory_mb, disk_size_mb, size_bytes, created_at, default_user, default_env, build_id, \
+             protected, cache_key) \
+             VALUES ($1, $2, $11, $3, $4, $5, $6, $7, $8, $9, $10, $12, $13, $14, $15, $16) \
+             ON CONFLICT DO NOTHING",
         )
         .bind(t.team_id)
         .bind(t.name)
@@ -70,6 +120,12 @@ impl Store {
         .bind(t.disk_size_mb as i64)
         .bind(t.size_bytes as i64)
         .bind(ts(Utc::now()))
+        .bind(o.kind)
+        .bind(o.default_user.as_deref())
+        .bind(env)
+        .bind(o.build_id.as_deref())
+        .bind(o.protected as i64)
+        .bind(o.cache_key.as_deref())
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -93,6 +149,18 @@ impl Store {
             "SELECT {COLUMNS} FROM templates WHERE team_id = $1 ORDER BY created_at, name"
         ))
         .bind(team_id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(from_row)
+        .collect()
+    }
+
+    /// Every team's templates (platform admins).
+    pub async fn list_all_templates(&self) -> Result<Vec<TemplateRow>> {
+        sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM templates ORDER BY created_at, team_id, name"
+        ))
         .fetch_all(&self.pool)
         .await?
         .iter()
