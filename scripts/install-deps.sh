@@ -96,3 +96,9 @@ if [[ -z "${WRENN_TEST_REDIS_URL:-}" ]] && ! port_open 6379; then
   for _ in $(seq 50); do port_open 6379 && break; sleep 0.1; done
   port_open 6379 || { echo "Redis did not start on 127.0.0.1:6379" >&2; exit 1; }
 fi
+
+# Builds from OCI images are tested against a real local registry (Debian's docker-registry,
+# started by the test itself on a port of its own, with htpasswd from apache2-utils).
+if ! command -v docker-registry >/dev/null || ! command -v htpasswd >/dev/null; then
+  apt_install docker-registry apache2-utils
+fi

@@ -23,6 +23,7 @@ mod images;
 mod manager;
 mod metrics;
 pub mod net;
+mod oci;
 pub mod uplink;
 pub mod vmm;
 

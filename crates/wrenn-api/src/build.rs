@@ -98,7 +98,10 @@ pub const MAX_LOG_BYTES: usize = 64 * 1024;
 pub struct Build {
     pub id: String,
     pub name: String,
-    pub base_template: String,
+    /// The template the build starts from; `null` when it starts from an OCI image.
+    pub base_template: Option<String>,
+    /// Extension: the OCI image the build starts from instead of a template.
+    pub base_image: Option<String>,
     pub recipe: Vec<String>,
     pub healthcheck: Option<String>,
     pub vcpus: u32,
@@ -131,6 +134,11 @@ pub struct Build {
 pub struct CreateBuildRequest {
     pub name: Option<String>,
     pub base_template: Option<String>,
+    /// An OCI image reference (`registry/repository:tag` or `@sha256:…`) to start from instead
+    /// of a template.
+    pub base_image: Option<String>,
+    /// Credentials for `base_image`'s registry (kept in memory only, never stored).
+    pub registry_auth: Option<RegistryAuth>,
     #[serde(default)]
     pub recipe: Vec<String>,
     pub healthcheck: Option<String>,
@@ -140,6 +148,22 @@ pub struct CreateBuildRequest {
     #[serde(default)]
     pub skip_pre_post: bool,
 }
+
+/// HTTP basic credentials of an OCI registry.
+#[derive(Clone, Deserialize)]
+pub struct RegistryAuth {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for RegistryAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RegistryAuth({}, <hidden>)", self.username)
+    }
+}
+
+/// Longest OCI image reference.
+pub const MAX_IMAGE_REFERENCE: usize = 255;
 
 /// Largest build archive (multipart `archive` part).
 pub const MAX_BUILD_ARCHIVE_BYTES: u64 = 100 * 1024 * 1024;

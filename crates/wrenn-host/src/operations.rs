@@ -124,6 +124,15 @@ host_operations! {
     /// Links the template cached under `key`, if this host has one, in as user snapshot
     /// `snapshot_id`.
     fn adopt_template(key: String, snapshot_id: String) -> Option<SnapshotMeta>;
+    /// Pulls OCI image `reference` and makes it a disk of `disk_mb` MiB stored as user snapshot
+    /// `snapshot_id` (boot it with `disk_only`). Its user, environment and working directory
+    /// become the defaults of commands in capsules booted from it.
+    fn import_image(
+        reference: String,
+        credentials: Option<RegistryCredentials>,
+        snapshot_id: String,
+        disk_mb: u64,
+    ) -> ImportedImage;
 }
 
 fn answer<T: Serialize>(t: T) -> Result<serde_json::Value, HostError> {

@@ -68,6 +68,30 @@ pub struct UserSnapshot {
     pub disk_only: bool,
 }
 
+/// How to log in to an OCI registry (HTTP basic; the password is never logged).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryCredentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for RegistryCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryCredentials")
+            .field("username", &self.username)
+            .field("password", &"<hidden>")
+            .finish()
+    }
+}
+
+/// An OCI image made into a disk on the host, stored like a user snapshot (disk only).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImportedImage {
+    pub meta: SnapshotMeta,
+    /// What the host did (manifest digest, layers), for the build's log.
+    pub notes: Vec<String>,
+}
+
 /// What a user snapshot holds (also its `meta.json` on the host).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SnapshotMeta {

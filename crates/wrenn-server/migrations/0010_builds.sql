@@ -1,11 +1,13 @@
 -- Template builds (admin): a recipe run step by step in a capsule, ending in a platform
--- template. `recipe` and `logs` are JSON arrays; `archive` is the uploaded build context
+-- template. `base_template` is '' for a build from an OCI image (`base_image`). `recipe` and
+-- `logs` are JSON arrays; `archive` is the uploaded build context
 -- waiting on the control plane (cleared when the build ends); `replica` is the control-plane
 -- replica running it (a replica that restarts fails only its own interrupted builds).
 CREATE TABLE builds (
     id            TEXT PRIMARY KEY,
     name          TEXT NOT NULL,
     base_template TEXT NOT NULL,
+    base_image    TEXT,
     recipe        TEXT NOT NULL,
     healthcheck   TEXT,
     vcpus         INTEGER NOT NULL,

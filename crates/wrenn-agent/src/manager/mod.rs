@@ -31,8 +31,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 use wrenn_api::{CapsuleSpec, MetricPoint, MetricsRange};
 use wrenn_host::{
-    BaseTemplate, CapsuleInfo, DeadCapsule, Host, HostCapacity, HostError, Phase, SnapshotMeta,
-    UserSnapshot,
+    BaseTemplate, CapsuleInfo, DeadCapsule, Host, HostCapacity, HostError, ImportedImage, Phase,
+    RegistryCredentials, SnapshotMeta, UserSnapshot,
 };
 
 use crate::config::AgentConfig;
@@ -402,6 +402,16 @@ impl Host for CapsuleManager {
         snapshot_id: String,
     ) -> Result<Option<SnapshotMeta>> {
         self.adopt_from_cache(&key, &snapshot_id).await
+    }
+    async fn import_image(
+        &self,
+        reference: String,
+        credentials: Option<RegistryCredentials>,
+        snapshot_id: String,
+        disk_mb: u64,
+    ) -> Result<ImportedImage> {
+        self.import_oci(&reference, credentials.as_ref(), &snapshot_id, disk_mb)
+            .await
     }
     async fn envd(&self, id: &str) -> Result<EnvdClient> {
         self.envd_of(id).await

@@ -268,3 +268,75 @@ async fn link_files(
     std::fs::write(to.join("meta.json"), json)?;
     Ok(())
 }
+
+impl CapsuleManager {
+    /// Pulls an OCI image and stores it as a disk-only user snapshot (see `oci`). Nothing is
+    /// left behind when it fails.
+    pub(crate) async fn import_oci(
+        &self,
+        reference: &str,
+        credentials: Option<&wrenn_host::RegistryCredentials>,
+        snapshot_id: &str,
+        disk_mb: u64,
+    ) -> Result<wrenn_host::ImportedImage> {
+        valid_snapshot_id(snapshot_id)?;
+        if !(512..=1024 * 1024).contains(&disk_mb) {
+            return Err(HostError::InvalidRequest(format!(
+                "bad disk size {disk_mb} MiB"
+            )));
+        }
+        let final_dir = self.snapshot_dir(snapshot_id);
+        if final_dir.exists() {
+            return Err(HostError::AlreadyExists(format!(
+                "snapshot {snapshot_id} exists"
+            )));
+        }
+        let work = self.cfg.data_dir.join("imports").join(snapshot_id);
+        let tmp = final_dir.with_extension("tmp");
+        let _ = tokio::fs::remove_dir_all(&work).await;
+        let _ = tokio::fs::remove_dir_all(&tmp).await;
+        std::fs::create_dir_all(&work)?;
+        std::fs::create_dir_all(&tmp)?;
+        let started = Instant::now();
+        let mut notes = Vec::new();
+        let made = async {
+            let root = work.join("rootfs");
+            let config = crate::oci::pull(reference, credentials, &work, &root, &mut notes).await?;
+            let defaults = crate::oci::defaults(&config, &root);
+            crate::oci::make_disk(&root, &defaults, disk_mb, &tmp.join("disk.qcow2")).await?;
+            let meta = SnapshotMeta {
+                id: snapshot_id.to_string(),
+                vcpus: 1,
+                memory_mb: 512,
+                disk_mb,
+                size_bytes: std::fs::metadata(tmp.join("disk.qcow2"))?.len(),
+            };
+            let json = serde_json::to_vec_pretty(&meta).map_err(|e| HostError::Io(e.into()))?;
+            std::fs::write(tmp.join("meta.json"), json)?;
+            std::fs::rename(&tmp, &final_dir)?;
+            Ok::<_, HostError>(meta)
+        }
+        .await;
+        let _ = tokio::fs::remove_dir_all(&work).await;
+        match made {
+            Ok(meta) => {
+                notes.push(format!(
+                    "disk of {disk_mb} MiB made in {} ms ({} MiB allocated)",
+                    started.elapsed().as_millis(),
+                    meta.size_bytes >> 20
+                ));
+                info!(
+                    snapshot_id,
+                    reference,
+                    ms = started.elapsed().as_millis() as u64,
+                    "OCI image imported"
+                );
+                Ok(wrenn_host::ImportedImage { meta, notes })
+            }
+            Err(e) => {
+                let _ = tokio::fs::remove_dir_all(&tmp).await;
+                Err(e)
+            }
+        }
+    }
+}

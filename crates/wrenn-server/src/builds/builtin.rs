@@ -24,6 +24,8 @@ pub struct Builtin {
     pub recipe: &'static [&'static str],
     pub healthcheck: Option<&'static str>,
     pub memory_mb: u32,
+    /// No package-list refresh or apt clean-up (recipes that install nothing with apt).
+    pub skip_pre_post: bool,
 }
 
 /// In build order (each after its base).
@@ -42,6 +44,7 @@ pub const BUILTINS: &[Builtin] = &[
         ],
         healthcheck: None,
         memory_mb: 1024,
+        skip_pre_post: false,
     },
     Builtin {
         name: "node",
@@ -54,6 +57,7 @@ pub const BUILTINS: &[Builtin] = &[
         ],
         healthcheck: None,
         memory_mb: 1024,
+        skip_pre_post: true,
     },
     Builtin {
         name: "code-runner-beta",
@@ -66,6 +70,7 @@ pub const BUILTINS: &[Builtin] = &[
         ],
         healthcheck: Some("--interval=2s --start-period=5s curl -sf http://127.0.0.1:8888/api/status"),
         memory_mb: 1024,
+        skip_pre_post: true,
     },
 ];
 
@@ -79,12 +84,14 @@ impl Builtin {
         CreateBuildRequest {
             name: Some(self.name.into()),
             base_template: Some(self.base.into()),
+            base_image: None,
+            registry_auth: None,
             recipe: self.recipe.iter().map(|s| s.to_string()).collect(),
             healthcheck: self.healthcheck.map(Into::into),
             vcpus: Some(1),
             memory_mb: Some(self.memory_mb),
             disk_size_mb: None,
-            skip_pre_post: false,
+            skip_pre_post: self.skip_pre_post,
         }
     }
 }

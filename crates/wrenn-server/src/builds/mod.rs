@@ -69,6 +69,8 @@ pub struct BuildService {
     cfg: BuildConfig,
     /// Cancellation of each build this process runs or queues.
     running: Mutex<HashMap<String, CancellationToken>>,
+    /// Registry credentials of queued and running builds (memory only: never stored).
+    credentials: Mutex<HashMap<String, wrenn_host::RegistryCredentials>>,
     slots: Arc<Semaphore>,
     /// Stops every build when the control plane stops (they end `failed` on the next start).
     shutdown: CancellationToken,
@@ -77,7 +79,10 @@ pub struct BuildService {
 /// A build as submitted, checked.
 pub struct BuildPlan {
     pub name: String,
+    /// `""` when the build starts from `base_image`.
     pub base_template: String,
+    pub base_image: Option<String>,
+    pub registry_auth: Option<wrenn_api::RegistryAuth>,
     pub recipe: Vec<String>,
     pub steps: Vec<recipe::Step>,
     pub healthcheck: Option<String>,
@@ -105,12 +110,19 @@ impl BuildService {
             live: LiveLogs::default(),
             cfg,
             running: Mutex::new(HashMap::new()),
+            credentials: Mutex::new(HashMap::new()),
             shutdown,
         })
     }
 
     fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, CancellationToken>> {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn credentials(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, wrenn_host::RegistryCredentials>> {
+        self.credentials.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Checks a request: name, base, recipe, health check and shape (400 naming what is wrong;
@@ -137,7 +149,7 @@ impl BuildService {
                 format!("build {} is already making template {name:?}", b.build.id),
             ));
         }
-        if !platform.contains(&plan.base_template) {
+        if plan.base_image.is_none() && !platform.contains(&plan.base_template) {
             return Err(ApiError::invalid(format!(
                 "unknown base_template {:?} (platform templates: {})",
                 plan.base_template,
@@ -199,6 +211,7 @@ impl BuildService {
             id: &id,
             name: &plan.name,
             base_template: &plan.base_template,
+            base_image: plan.base_image.as_deref(),
             recipe: &plan.recipe,
             healthcheck: plan.healthcheck.as_deref(),
             vcpus: plan.vcpus,
@@ -220,7 +233,16 @@ impl BuildService {
                 return Err(e.into());
             }
         };
-        info!(build_id = %id, template = %plan.name, base = %plan.base_template, steps = plan.steps.len(), "build queued");
+        if let Some(a) = &plan.registry_auth {
+            self.credentials().insert(
+                id.clone(),
+                wrenn_host::RegistryCredentials {
+                    username: a.username.clone(),
+                    password: a.password.clone(),
+                },
+            );
+        }
+        info!(build_id = %id, template = %plan.name, base = %plan.base_template, image = ?plan.base_image, steps = plan.steps.len(), "build queued");
         self.events
             .other(
                 EventKind::BuildCreate,
@@ -266,6 +288,7 @@ impl BuildService {
         tokio::spawn(async move {
             me.run(&id, token).await;
             me.running().remove(&id);
+            me.credentials().remove(&id);
             me.live.close(&id);
         });
     }
@@ -450,9 +473,26 @@ fn plan_fields(req: CreateBuildRequest) -> Result<BuildPlan> {
         .name
         .ok_or_else(|| ApiError::invalid("name is required"))?;
     validate_template_name(&name).map_err(ApiError::invalid)?;
-    let base_template = req.base_template.unwrap_or_else(|| "minimal".into());
-    validate_template_name(&base_template)
-        .map_err(|e| ApiError::invalid(format!("base_template: {e}")))?;
+    let (base_template, base_image) = match (req.base_template, req.base_image) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "give base_template or base_image, not both",
+            ))
+        }
+        (None, Some(image)) => {
+            validate_image_reference(&image)?;
+            (String::new(), Some(image))
+        }
+        (template, None) => {
+            let t = template.unwrap_or_else(|| "minimal".into());
+            validate_template_name(&t)
+                .map_err(|e| ApiError::invalid(format!("base_template: {e}")))?;
+            (t, None)
+        }
+    };
+    if req.registry_auth.is_some() && base_image.is_none() {
+        return Err(ApiError::invalid("registry_auth goes with base_image"));
+    }
     if req.recipe.is_empty() {
         return Err(ApiError::invalid(
             "recipe must hold at least one instruction",
@@ -483,6 +523,8 @@ fn plan_fields(req: CreateBuildRequest) -> Result<BuildPlan> {
     Ok(BuildPlan {
         name,
         base_template,
+        base_image,
+        registry_auth: req.registry_auth,
         recipe: req.recipe,
         steps,
         healthcheck: req.healthcheck,
@@ -493,12 +535,30 @@ fn plan_fields(req: CreateBuildRequest) -> Result<BuildPlan> {
     })
 }
 
+/// An OCI image reference, roughly: `[registry/]repository[:tag][@digest]` without spaces
+/// (the host parses it fully when it pulls).
+fn validate_image_reference(r: &str) -> Result<()> {
+    let ok = !r.is_empty()
+        && r.len() <= wrenn_api::MAX_IMAGE_REFERENCE
+        && r.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-/:@".contains(c))
+        && !r.starts_with(['/', ':', '@', '-', '.']);
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!(
+            "base_image {r:?} is not an image reference (registry/repository:tag)"
+        )))
+    }
+}
+
 /// What a build makes, as a digest: equal digests make equal templates (the built-in
 /// templates are rebuilt when their recipe changes, and only then).
 fn recipe_hash(plan: &BuildPlan, archive: Option<&Path>) -> Result<String> {
     let mut h = Sha256::new();
     for part in [
         plan.base_template.as_str(),
+        plan.base_image.as_deref().unwrap_or(""),
         plan.healthcheck.as_deref().unwrap_or(""),
         &format!(
             "{}/{}/{}/{}",

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use envd_client::{CommandSpec, EnvdClient, ExecEvent, ExecSpec, StartSpec, TemplateDefaults};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use wrenn_api::id::PLATFORM_TEAM_ID;
+use wrenn_api::id::{new_id, prefix, PLATFORM_TEAM_ID};
 use wrenn_api::{
     ApiError, BuildLog, BuildPhase, BuildStatus, CapsuleStatus, CreateCapsuleRequest, EventActor,
     MAX_LOG_BYTES,
@@ -127,6 +127,8 @@ struct Run<'a> {
     logs: Vec<BuildLog>,
     /// The build's capsule, set as soon as it exists so clean-up finds it after a cancel.
     capsule: Arc<Mutex<Option<String>>>,
+    /// The disk an OCI image was made into (host, snapshot id), removed after the build.
+    image: Arc<Mutex<Option<(String, String)>>>,
 }
 
 impl BuildService {
@@ -168,11 +170,13 @@ impl BuildService {
             },
         );
         let capsule = Arc::new(Mutex::new(None));
+        let image = Arc::new(Mutex::new(None));
         let mut run = Run {
             svc: self,
             row,
             logs: Vec::new(),
             capsule: capsule.clone(),
+            image: image.clone(),
         };
         let started = Instant::now();
         let outcome = tokio::select! {
@@ -182,6 +186,14 @@ impl BuildService {
         let capsule_id = capsule.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some(c) = &capsule_id {
             self.destroy_capsule(c).await;
+        }
+        let imported = image.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some((host_id, snapshot_id)) = imported {
+            if let Some(h) = self.pool.get(&host_id) {
+                if let Err(e) = h.delete_snapshot(snapshot_id).await {
+                    warn!(build_id = id, error = %e, "cannot remove an imported image");
+                }
+            }
         }
         if let Some(a) = &run.row.archive {
             let _ = std::fs::remove_file(a);
@@ -244,7 +256,9 @@ impl BuildService {
                 Ok(None) => return Err(format!("build {id} vanished")),
                 Err(e) => return Err(format!("database: {e}")),
             };
-            let base = &row.build.base_template;
+            let Some(base) = &row.build.base_template else {
+                return Ok(()); // an OCI image: pulled when the build runs
+            };
             let names = self
                 .platform_template_names()
                 .await
@@ -397,22 +411,96 @@ impl Run<'_> {
         }
     }
 
+    /// Pulls the build's OCI image onto a platform host as a disk (a pre-build step), and
+    /// boots the build's capsule from it.
+    async fn capsule_from_image(
+        &mut self,
+        image: &str,
+        req: CreateCapsuleRequest,
+        actor: &EventActor,
+    ) -> Result<wrenn_api::Capsule, Stop> {
+        let mut spec = req.validate().map_err(Stop::Failed)?;
+        spec.template = format!("oci:{image}");
+        let host = self.svc.pool.place(PLATFORM_TEAM_ID, &spec).await?;
+        let snapshot_id = new_id(prefix::SNAPSHOT);
+        let phase = BuildPhase::PreBuild;
+        let n = self.next_step(phase);
+        let label = format!("pull {image}");
+        self.begin(phase, n, &label);
+        let started = Instant::now();
+        let credentials = self.svc.credentials().get(&self.row.build.id).cloned();
+        let imported = host
+            .import_image(
+                image.to_string(),
+                credentials,
+                snapshot_id.clone(),
+                u64::from(self.row.build.disk_size_mb),
+            )
+            .await;
+        let imported = match imported {
+            Ok(i) => i,
+            Err(e) => {
+                let why = e.to_string();
+                self.end(
+                    phase,
+                    n,
+                    &label,
+                    String::new(),
+                    why.clone(),
+                    None,
+                    false,
+                    started,
+                )
+                .await;
+                return Err(step_failed(phase, n, &why));
+            }
+        };
+        // The image's disk goes once the build's capsule (which sits on it) is gone.
+        *self.image.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((host.host_id().to_string(), snapshot_id.clone()));
+        let notes = imported.notes.join("\n") + "\n";
+        self.end(
+            phase,
+            n,
+            &label,
+            notes,
+            String::new(),
+            Some(0),
+            true,
+            started,
+        )
+        .await;
+        let from = wrenn_host::UserSnapshot {
+            id: snapshot_id,
+            disk_only: true,
+        };
+        Ok(self
+            .svc
+            .capsules
+            .create_from_disk(PLATFORM_TEAM_ID, spec, from, host, actor)
+            .await?)
+    }
+
     /// Starts the build's capsule and waits until it runs.
     async fn start_capsule(&mut self) -> Result<(String, EnvdClient), Stop> {
-        let b = &self.row.build;
+        let b = self.row.build.clone();
         let req = CreateCapsuleRequest {
-            template: Some(b.base_template.clone()),
+            template: b.base_template.clone(),
             vcpus: Some(b.vcpus.into()),
             memory_mb: Some(b.memory_mb.into()),
             disk_size_mb: Some(b.disk_size_mb.into()),
             timeout_sec: Some(0),
         };
         let actor = EventActor::system("template-build");
-        let capsule = self
-            .svc
-            .capsules
-            .create(PLATFORM_TEAM_ID, req, &actor)
-            .await?;
+        let capsule = match &b.base_image {
+            Some(image) => self.capsule_from_image(image, req, &actor).await?,
+            None => {
+                self.svc
+                    .capsules
+                    .create(PLATFORM_TEAM_ID, req, &actor)
+                    .await?
+            }
+        };
         // No await between the create and this line: a cancel cannot lose the capsule.
         *self.capsule.lock().unwrap_or_else(|p| p.into_inner()) = Some(capsule.id.clone());
         let row = self.svc.store.capsule(&capsule.id).await?;

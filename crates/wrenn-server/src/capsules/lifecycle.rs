@@ -33,6 +33,31 @@ impl CapsuleService {
             Some(h) => self.pool.online(h).await?,
             None => self.pool.place(team_id, &spec).await?,
         };
+        self.start(team_id, spec, from, host, actor).await
+    }
+
+    /// Boots a capsule from a disk already on `host` (an imported OCI image: `from` with
+    /// `disk_only`), recorded under `template` as its template's name.
+    pub async fn create_from_disk(
+        &self,
+        team_id: &str,
+        spec: CapsuleSpec,
+        from: UserSnapshot,
+        host: HostHandle,
+        actor: &EventActor,
+    ) -> Result<Capsule> {
+        self.start(team_id, spec, Some(from), host, actor).await
+    }
+
+    /// Records the capsule as `starting` on `host` and boots it in the background.
+    async fn start(
+        &self,
+        team_id: &str,
+        spec: CapsuleSpec,
+        from: Option<UserSnapshot>,
+        host: HostHandle,
+        actor: &EventActor,
+    ) -> Result<Capsule> {
         fits(&spec, &host.capacity().await.map_err(from_host)?)?;
         let id = new_id(prefix::CAPSULE);
         let row = self

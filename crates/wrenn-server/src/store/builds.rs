@@ -23,7 +23,9 @@ pub struct BuildRow {
 pub struct NewBuild<'a> {
     pub id: &'a str,
     pub name: &'a str,
+    /// `""` for a build from an OCI image.
     pub base_template: &'a str,
+    pub base_image: Option<&'a str>,
     pub recipe: &'a [String],
     pub healthcheck: Option<&'a str>,
     pub vcpus: u32,
@@ -37,7 +39,7 @@ pub struct NewBuild<'a> {
     pub created_by: &'a str,
 }
 
-const COLUMNS: &str = "id, name, base_template, recipe, healthcheck, vcpus, memory_mb, disk_size_mb, \
+const COLUMNS: &str = "id, name, base_template, base_image, recipe, healthcheck, vcpus, memory_mb, disk_size_mb, \
      skip_pre_post, status, current_step, total_steps, logs, error, sandbox_id, host_id, \
      default_user, default_env, recipe_hash, archive, builtin, created_at, started_at, completed_at";
 
@@ -60,7 +62,8 @@ fn from_row(r: &AnyRow) -> Result<BuildRow> {
         build: Build {
             id: r.try_get("id")?,
             name: r.try_get("name")?,
-            base_template: r.try_get("base_template")?,
+            base_template: Some(r.try_get::<String, _>("base_template")?).filter(|b| !b.is_empty()),
+            base_image: r.try_get("base_image")?,
             recipe: json(r, "recipe")?,
             template_type: if healthcheck.is_some() {
                 "snapshot"
@@ -114,8 +117,8 @@ impl Store {
         sqlx::query(
             "INSERT INTO builds (id, name, base_template, recipe, healthcheck, vcpus, memory_mb, \
              disk_size_mb, skip_pre_post, status, current_step, total_steps, logs, recipe_hash, \
-             archive, builtin, created_by, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', 0, $10, '[]', $11, $12, $13, $14, $15)",
+             archive, builtin, created_by, created_at, base_image) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', 0, $10, '[]', $11, $12, $13, $14, $15, $16)",
         )
         .bind(b.id)
         .bind(b.name)
@@ -132,6 +135,7 @@ impl Store {
         .bind(b.builtin as i64)
         .bind(b.created_by)
         .bind(ts(Utc::now()))
+        .bind(b.base_image)
         .execute(&self.pool)
         .await?;
         self.build(b.id)
