@@ -11,7 +11,7 @@ import zipfile
 import httpx
 import pytest
 
-from tests.support.platform import start_platform, stop_platform
+from tests.support.platform import images_dir, start_platform, stop_platform
 from tests.support.qemu import vmm_processes
 from tests.support.waits import wait_status
 from conftest import admin_browser, new_user, platform_env
@@ -184,7 +184,14 @@ def test_recipe_with_healthcheck_makes_a_template_with_everything_running(platfo
     assert_error(admin.delete(f"/v1/admin/templates/{name}"), 404, "not_found")
 
 
-def test_base_template_boots_its_disk_in_any_shape(admin, api):
+def derived_snapshots(platform):
+    """Per-shape template snapshots (shared image cache) made from this platform's disks."""
+    root = images_dir() / "snapshots"
+    return [d for d in root.iterdir()
+            if (d / "source").exists() and (d / "source").read_text().startswith(str(platform.data_dir))]
+
+
+def test_base_template_boots_its_disk_in_any_shape(platform, admin, api):
     name = unique("e2e-base")
     r = submit(admin, {"name": name, "skip_pre_post": True, "recipe": [
         "RUN echo baked > /etc/baked.txt",
@@ -207,6 +214,8 @@ def test_base_template_boots_its_disk_in_any_shape(admin, api):
         wait_status(api, c["id"], {"stopped"}, timeout=30)
     # Other tests of the session's platform expect no snapshot files but their own.
     assert admin.delete(f"/v1/admin/templates/{name}").status_code == 204
+    # The per-shape template snapshots booted from its disk went with it.
+    assert derived_snapshots(platform) == []
 
 
 def test_cancel_mid_step_leaves_nothing(platform, admin):

@@ -210,6 +210,8 @@ def test_registry_credentials_and_pull_failures(registries, admin, api):
 
 def test_nothing_is_left_on_the_host(platform, registries):
     """After the builds above: no import work directory, no image disk, no template files."""
+    from test_builds import derived_snapshots
+    assert derived_snapshots(platform) == []
     imports = platform.data_dir / "imports"
     assert not imports.exists() or list(imports.iterdir()) == []
     deadline = time.time() + 30

@@ -83,9 +83,16 @@ def envd_bin(wrenn=None):
     return static if static.is_file() or d.parent == (ROOT / "target").resolve() else d / "envd"
 
 
+# Guest images and built templates are cached machine-wide, keyed by what made them (recipes,
+# kernel, envd, VMM): every checkout and every run on a machine shares them, so only the first
+# run builds them (the built-in templates take minutes under TCG).
+IMAGE_CACHE = "/var/cache/wrenn-tests/images"
+
+
 def images_dir():
-    """Guest kernel, initramfs and template images, shared by every platform of a run."""
-    return Path(os.environ.get("WRENN_IMAGES_DIR", str(ROOT / "target/wrenn-images")))
+    """Guest kernel, initramfs and template images, shared by every platform of every run on
+    this machine (WRENN_IMAGES_DIR overrides)."""
+    return Path(os.environ.get("WRENN_IMAGES_DIR", IMAGE_CACHE))
 
 
 def wait_serving(base_url, proc, log_path, timeout=60, what="the platform", ready=None):

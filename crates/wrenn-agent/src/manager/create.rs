@@ -262,6 +262,8 @@ impl CapsuleManager {
         lock(&self.slots).remove(&slot.index);
         match result {
             Ok(()) => {
+                // What it was made from: removed with it when that goes (a built template).
+                std::fs::write(tmp.join("source"), rootfs.to_string_lossy().as_bytes())?;
                 std::fs::rename(&tmp, &snap.dir)?;
                 info!(template = %record.template, key, ms = started.elapsed().as_millis() as u64, "template snapshot ready");
                 Ok(snap)

@@ -152,6 +152,27 @@ impl CapsuleManager {
             }
         }
         let _ = tokio::fs::remove_dir_all(&dir).await;
+        self.remove_derived_snapshots(&dir.join("disk.qcow2"));
+    }
+}
+
+impl CapsuleManager {
+    /// Removes the per-shape template snapshots made from `source` (a deleted built template's
+    /// disk). No capsule uses them: every capsule made from them names that template's
+    /// snapshot, which is only deleted once the last of them is gone.
+    fn remove_derived_snapshots(&self, source: &std::path::Path) {
+        let root = self.cfg.images_dir().join("snapshots");
+        let Ok(dirs) = std::fs::read_dir(&root) else {
+            return;
+        };
+        let source = source.to_string_lossy();
+        for d in dirs.flatten() {
+            let made_from = std::fs::read_to_string(d.path().join("source")).unwrap_or_default();
+            if made_from == source {
+                info!(dir = %d.path().display(), "removing a template snapshot of a deleted template");
+                let _ = std::fs::remove_dir_all(d.path());
+            }
+        }
     }
 }
 
@@ -170,16 +191,23 @@ impl CapsuleManager {
         }
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
+        // File names, not paths: they carry the digests of what they were built from, and the
+        // cache stays valid when the images directory moves.
+        let name = |p: &std::path::Path| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
         let mut parts = vec![
             key.to_string(),
-            self.boot.initramfs.to_string_lossy().into_owned(),
+            name(&self.boot.initramfs),
             self.boot.kernel.version.clone(),
             self.vmm.version().to_string(),
             self.vmm.accel().as_str().to_string(),
         ];
         for r in crate::images::TEMPLATES {
             if let Some(p) = self.images.rootfs_path(r.name) {
-                parts.push(p.to_string_lossy().into_owned());
+                parts.push(name(&p));
             }
         }
         for p in parts {
