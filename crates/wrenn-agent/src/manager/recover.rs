@@ -11,6 +11,11 @@ use super::sampling::Sampler;
 use super::{lock, tail, CapsuleManager, CapsuleRecord, Entry, SAVED_STATE};
 use crate::net::{self, Slot};
 
+/// Health checks of a VM found running after a restart before it is given up on.
+const RECOVERY_HEALTH_ATTEMPTS: u32 = 4;
+/// How long one of them may take.
+const RECOVERY_HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 impl CapsuleManager {
     /// Removes what interrupted snapshot builds left: half-written user snapshots, and
     /// template snapshot builds nobody holds the lock of any more (with their VM).
@@ -137,9 +142,23 @@ impl CapsuleManager {
     ) -> Option<CapsuleRecord> {
         let saved = dir.join(SAVED_STATE);
         let alive = record.vm.as_ref().is_some_and(|vm| self.vmm.is_alive(vm));
+        // A live guest on a busy host may miss one answer: a VM is only given up on after
+        // several attempts (each bounded), never on one slow reply.
         let healthy = |r: &CapsuleRecord| {
             let client = self.envd_for(r);
-            async move { client.health().await.is_ok() }
+            async move {
+                for attempt in 0..RECOVERY_HEALTH_ATTEMPTS {
+                    if attempt > 0 {
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    }
+                    let answer =
+                        tokio::time::timeout(RECOVERY_HEALTH_TIMEOUT, client.health()).await;
+                    if matches!(answer, Ok(Ok(_))) {
+                        return true;
+                    }
+                }
+                false
+            }
         };
         let to_paused = |mut r: CapsuleRecord| async move {
             if let Some(vm) = r.vm.take() {
