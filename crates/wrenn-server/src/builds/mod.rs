@@ -33,7 +33,6 @@ use wrenn_api::{
 };
 
 use crate::capsules::{CapsuleService, Emitter};
-use crate::error::from_host;
 use crate::hosts::pool::HostPool;
 use crate::store::{BuildRow, NewBuild, Store};
 pub use live::{Follower, LiveEvent, LiveLogs};
@@ -168,13 +167,7 @@ impl BuildService {
     /// Names of every template a build may start from or collide with: the hosts' base
     /// images and the platform team's built templates.
     async fn platform_template_names(&self) -> Result<Vec<String>> {
-        let mut names = self
-            .pool
-            .any()
-            .await?
-            .templates()
-            .await
-            .map_err(from_host)?;
+        let mut names = self.pool.base_image_names().await?;
         for t in self.store.list_templates(PLATFORM_TEAM_ID).await? {
             names.push(t.template.name);
         }
@@ -440,13 +433,7 @@ impl BuildService {
     /// the hosts' base images and the built-in templates). Capsules already created from it
     /// keep running: its files stay on the host until the last of them is gone.
     pub async fn delete_template(&self, name: &str, actor: &EventActor) -> Result<()> {
-        let host_templates = self
-            .pool
-            .any()
-            .await?
-            .templates()
-            .await
-            .map_err(from_host)?;
+        let host_templates = self.pool.base_image_names().await?;
         if host_templates.iter().any(|t| t == name) {
             return Err(ApiError::forbidden(format!(
                 "{name:?} is a host base image and cannot be deleted"

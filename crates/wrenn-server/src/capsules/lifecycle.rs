@@ -83,13 +83,7 @@ impl CapsuleService {
         team_id: &str,
         spec: &mut CapsuleSpec,
     ) -> Result<(Option<UserSnapshot>, Option<String>)> {
-        let templates = self
-            .pool
-            .any()
-            .await?
-            .templates()
-            .await
-            .map_err(from_host)?;
+        let templates = self.pool.base_image_names().await?;
         if templates.contains(&spec.template) {
             return Ok((None, None));
         }

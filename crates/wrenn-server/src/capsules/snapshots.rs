@@ -27,13 +27,7 @@ impl CapsuleService {
             None => format!("template-{:08x}", rand::random::<u32>()),
         };
         validate_template_name(&name).map_err(ApiError::invalid)?;
-        let platform = self
-            .pool
-            .any()
-            .await?
-            .templates()
-            .await
-            .map_err(from_host)?;
+        let platform = self.pool.base_image_names().await?;
         if platform.contains(&name)
             || (team_id != PLATFORM_TEAM_ID
                 && self
@@ -256,11 +250,8 @@ impl CapsuleService {
     ) -> Result<()> {
         if self
             .pool
-            .any()
+            .base_image_names()
             .await?
-            .templates()
-            .await
-            .map_err(from_host)?
             .iter()
             .any(|t| t == name)
         {

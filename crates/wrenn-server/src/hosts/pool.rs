@@ -200,6 +200,15 @@ impl HostPool {
         Err(no_hosts())
     }
 
+    /// Names of the base images the hosts boot (`minimal`), as an online host reports them.
+    pub async fn base_image_names(&self) -> Result<Vec<String>, ApiError> {
+        self.any()
+            .await?
+            .templates()
+            .await
+            .map_err(crate::error::from_host)
+    }
+
     /// The host a new capsule of `team_id` with `spec` goes to.
     pub async fn place(&self, team_id: &str, spec: &CapsuleSpec) -> Result<HostHandle, ApiError> {
         let hosts: Vec<HostRecord> = self
