@@ -229,7 +229,10 @@ impl CapsuleManager {
         let entries: Vec<_> = lock(&self.capsules).values().cloned().collect();
         let mut out = Vec::new();
         for e in entries {
-            if let Ok(state) = e.state.try_lock() {
+            // Short holds (metrics sampling, finding a guest's address) are waited for: a
+            // capsule skipped here looks vanished to the control plane's reconciler. Long ones
+            // (create, pause, resume, snapshot, destroy) are in states it does not check.
+            if let Ok(state) = tokio::time::timeout(LIST_LOCK_WAIT, e.state.lock()).await {
                 if let Some(r) = state.as_ref() {
                     out.push(self.info(r));
                 }
@@ -335,6 +338,9 @@ fn running<'a>(
         .ok_or_else(|| HostError::InvalidState(format!("capsule {id} has no VM")))?;
     Ok((record, vm))
 }
+
+/// How long listing waits for a capsule's entry held by someone else.
+const LIST_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding one of these short critical sections cannot leave the maps

