@@ -16,6 +16,7 @@ pub mod builtin;
 pub mod live;
 pub mod recipe;
 mod runner;
+mod steps;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
