@@ -219,6 +219,9 @@ impl CapsuleManager {
     /// Finds running capsules whose VM died under them (killed, crashed, out of memory),
     /// removes what is left of each, and reports them with the reason.
     pub(crate) async fn reap_dead_vms(&self) -> Vec<DeadCapsule> {
+        // Deleted snapshots whose collection was put off (a capsule was busy at that moment)
+        // are retried on every pass, so none outlives its capsules for long.
+        self.collect_deleted_snapshots().await;
         let entries: Vec<(String, Arc<Entry>)> = lock(&self.capsules)
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))

@@ -135,6 +135,21 @@ impl CapsuleManager {
         Ok(())
     }
 
+    /// Collects every snapshot marked deleted (see [`Self::collect_snapshot`]).
+    pub(super) async fn collect_deleted_snapshots(&self) {
+        let Ok(dirs) = std::fs::read_dir(self.cfg.data_dir.join("snapshots")) else {
+            return;
+        };
+        let deleted: Vec<String> = dirs
+            .flatten()
+            .filter(|d| d.path().join("deleted").exists())
+            .filter_map(|d| d.file_name().to_str().map(str::to_string))
+            .collect();
+        for id in deleted {
+            self.collect_snapshot(&id).await;
+        }
+    }
+
     /// Removes a deleted snapshot's files once no capsule on this host uses them.
     pub(super) async fn collect_snapshot(&self, snapshot_id: &str) {
         let dir = self.snapshot_dir(snapshot_id);
