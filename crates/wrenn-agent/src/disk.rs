@@ -58,6 +58,26 @@ async fn overlay_on(base: &Path, format: &str, overlay: &Path, size_mb: u64) -> 
     Ok(())
 }
 
+/// Makes a raw ext4 image of `size_mb` MiB at `image` holding the tree under `dir` (a template's
+/// root filesystem, labelled `rootfs` as the guest's init expects).
+pub async fn ext4_from_dir(dir: &Path, image: &Path, size_mb: u64) -> Result<()> {
+    cmd::run(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-L",
+            "rootfs",
+            "-d",
+            path_str(dir)?,
+            path_str(image)?,
+            &format!("{size_mb}M"),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
 /// Copies a disk and every layer under it into one standalone qcow2 (allocated data only).
 pub async fn flatten(top: &Path, out: &Path) -> Result<()> {
     cmd::run(

@@ -351,20 +351,7 @@ impl ImageStore {
         bar.set_message(format!("writing the {} ext4 image", r.name));
         let tmp = dir.join(format!("{}-{hash}.ext4.tmp", r.name));
         let _ = std::fs::remove_file(&tmp);
-        cmd::run(
-            "mkfs.ext4",
-            &[
-                "-q",
-                "-F",
-                "-L",
-                "rootfs",
-                "-d",
-                path_str(&stage)?,
-                path_str(&tmp)?,
-                &format!("{}M", r.size_mb),
-            ],
-        )
-        .await?;
+        crate::disk::ext4_from_dir(&stage, &tmp, u64::from(r.size_mb)).await?;
         std::fs::rename(&tmp, &target)?;
         tokio::fs::remove_dir_all(&stage).await?;
         bar.finish_with_message(format!("guest image {} ready", r.name));

@@ -311,21 +311,9 @@ pub async fn make_disk(
     let raw = out.with_extension("ext4");
     let _ = std::fs::remove_file(&raw);
     let made = async {
-        cmd::run(
-            "mkfs.ext4",
-            &[
-                "-q",
-                "-F",
-                "-L",
-                "rootfs",
-                "-d",
-                path_str(root)?,
-                path_str(&raw)?,
-                &format!("{disk_mb}M"),
-            ],
-        )
-        .await
-        .map_err(|e| HostError::Image(format!("making the image's filesystem: {e}")))?;
+        crate::disk::ext4_from_dir(root, &raw, disk_mb)
+            .await
+            .map_err(|e| HostError::Image(format!("making the image's filesystem: {e}")))?;
         cmd::run(
             "qemu-img",
             &[
