@@ -1,4 +1,4 @@
-"""The built-in templates (`python`, `node`; `code-runner-beta` once guests run numpy), built by the platform's own
+"""The built-in templates (`python`, `node`, `code-runner-beta`), built by the platform's own
 build pipeline after `wrenn up` serves, used through the official SDK; then adopted from the
 host's template cache by a second platform with a fresh database.
 
@@ -17,9 +17,7 @@ from test_capsules import assert_error
 wrenn = pytest.importorskip("wrenn")
 
 SLOT_BASE = "10.201.170.0"
-# code-runner-beta is left out until guests get a CPU model numpy's wheels run on under TCG
-# (they need x86-64-v2; QEMU's default TCG CPU lacks it: "Illegal instruction").
-BUILTINS = ["python", "node"]
+BUILTINS = ["python", "node", "code-runner-beta"]
 # Building all three from nothing under TCG; a warm cache takes seconds.
 BUILD_TIMEOUT = 60 * 60
 
@@ -83,6 +81,20 @@ def test_builtin_templates_are_built_and_usable(mail_sink, github, receiver):
             v = c.commands.run("node --version").stdout.strip()
             assert v.startswith("v24."), v
             assert c.commands.run("npm --version").exit_code == 0
+        finally:
+            c.destroy()
+        # The SDK's code runner: its template is a snapshot with the Jupyter server already
+        # running (started by the recipe), its kernelspec named `wrenn`, the data stack importable
+        # (numpy's wheels need x86-64-v2, so this also checks the guests' CPU model).
+        assert templates["code-runner-beta"]["type"] == "snapshot", templates["code-runner-beta"]
+        from wrenn.code_runner import Capsule as CodeRunner
+        c = CodeRunner(**kw)
+        try:
+            r = c.commands.run("curl -sf http://127.0.0.1:8888/api/kernelspecs")
+            assert r.exit_code == 0 and '"wrenn"' in r.stdout, r
+            r = c.commands.run("python3 -c 'import numpy, pandas, matplotlib, seaborn, requests; "
+                               "print(int(numpy.arange(10).sum()), len(pandas.DataFrame({\"a\": [1, 2]})))'")
+            assert (r.exit_code, r.stdout) == (0, "45 2\n"), r
         finally:
             c.destroy()
     finally:

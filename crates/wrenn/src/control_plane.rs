@@ -104,9 +104,12 @@ pub struct CpArgs {
     #[arg(long, env = "WRENN_CHANNEL_ALLOW_PRIVATE_TARGETS")]
     channel_allow_private_targets: bool,
     /// Built-in templates built in the background on start, when missing or out of date
-    /// (comma-separated: python, node, code-runner-beta; or `none`). code-runner-beta is not
-    /// built by default yet: its numpy needs CPU features the TCG guest CPU lacks
-    #[arg(long, env = "WRENN_BUILTIN_TEMPLATES", default_value = "python,node")]
+    /// (comma-separated: python, node, code-runner-beta; or `none`)
+    #[arg(
+        long,
+        env = "WRENN_BUILTIN_TEMPLATES",
+        default_value = "python,node,code-runner-beta"
+    )]
     builtin_templates: String,
     /// Template builds that run at once (later ones wait, `pending`)
     #[arg(long, env = "WRENN_BUILD_CONCURRENCY", default_value_t = 2)]

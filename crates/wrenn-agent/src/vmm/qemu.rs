@@ -31,6 +31,16 @@ random.trust_cpu=on cryptomgr.notests";
 pub const VM_NICE: libc::c_int = 5;
 const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(8);
 
+/// The virtual CPU guests see. TCG's default (`qemu64`) lacks SSE4.2 and POPCNT (x86-64-v2),
+/// which current numpy, pandas and most PyPI wheels require ("Illegal instruction" at import);
+/// `max` is everything TCG can emulate (QEMU 7.2: up to AVX2). Under KVM the host's own CPU.
+fn cpu_model(accel: Accel) -> &'static str {
+    match accel {
+        Accel::Tcg => "max",
+        Accel::Kvm => "host",
+    }
+}
+
 pub struct QemuVmm {
     binary: String,
     version: String,
@@ -58,18 +68,22 @@ impl QemuVmm {
                 ))
             })?;
         let text = String::from_utf8_lossy(&out.stdout);
-        let version = text
-            .lines()
-            .next()
-            .and_then(|l| l.split("version ").nth(1))
-            .and_then(|v| v.split_whitespace().next())
-            .map(|v| format!("qemu {v}"))
-            .unwrap_or_else(|| "qemu unknown".to_string());
         let accel = match choice {
             AccelChoice::Tcg => Accel::Tcg,
             AccelChoice::Kvm => Accel::Kvm,
             AccelChoice::Auto => cached_probe(binary, kernel, initramfs, cache_dir).await,
         };
+        // The CPU model is part of the version: a state saved under one model does not restore
+        // under another, so every snapshot key that names the VMM changes with it.
+        let version = format!(
+            "qemu {} cpu={}",
+            text.lines()
+                .next()
+                .and_then(|l| l.split("version ").nth(1))
+                .and_then(|v| v.split_whitespace().next())
+                .unwrap_or("unknown"),
+            cpu_model(accel)
+        );
         let tsc_khz = match accel {
             Accel::Tcg => host_tsc_khz().await,
             Accel::Kvm => None,
@@ -130,6 +144,8 @@ impl QemuVmm {
             "memory-backend=mem".into(),
             "-smp".into(),
             cfg.vcpus.to_string(),
+            "-cpu".into(),
+            cpu_model(self.accel).into(),
             // Appended to, so a resumed capsule's console follows on from before its pause.
             "-chardev".into(),
             format!(
