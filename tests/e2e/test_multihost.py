@@ -310,3 +310,94 @@ def test_an_agent_pauses_its_capsules_while_the_control_plane_is_away(cluster):
     assert out["stdout"].strip() == "kept", out
     assert c.delete(f"/v1/capsules/{cid}").status_code in (200, 202, 204)
     wait_capsule(c, cid, {"stopped"})
+
+
+def test_templates_built_on_one_host_boot_on_another(cluster):
+    """A template built on host a is copied to host b (each file checked by digest) when a
+    capsule is placed there: here a BYOC team whose only host is b. Placement otherwise prefers
+    a holder; deleting the template removes every host's files once its capsules are gone."""
+    from test_builds import submit, wait_build
+
+    url, admin = cluster["url"], cluster["admin"]
+    c = httpx.Client(base_url=url, headers={"X-API-Key": cluster["key"]}, timeout=120)
+    r = admin.post("/v1/hosts", json={"type": "regular", "provider": "bare-metal"})
+    assert r.status_code == 201, r.text
+    a_id = r.json()["host"]["id"]
+    cluster["agents"].append(Agent("a", url, token=r.json()["registration_token"]))
+    wait_host(admin, a_id, "online")
+
+    # Built on a (the only host): a snapshot template with a process running, and a base one.
+    suffix = str(int(time.time()) % 100000)
+    snap_name, base_name = f"copied-snap-{suffix}", f"copied-base-{suffix}"
+    builds = []
+    for name, health in ((snap_name, "test -f /etc/marker"), (base_name, None)):
+        cfg = {"name": name, "base_template": "minimal", "skip_pre_post": True,
+               "recipe": ["RUN echo built-on-a > /etc/marker",
+                          "START sh -c 'exec sleep 86400'",
+                          "ENV GREETING=hello"]}
+        if health:
+            cfg["healthcheck"] = health
+        r = submit(admin, cfg)
+        assert r.status_code in (200, 201, 202), r.text
+        builds.append(r.json()["id"])
+    for bid in builds:
+        b = wait_build(admin, bid, timeout=600)
+        assert b["status"] == "success", b
+    templates = {t["name"]: t for t in admin.get("/v1/admin/templates").json()}
+    assert templates[snap_name]["type"] == "snapshot" and templates[base_name]["type"] == "base"
+
+    # The team's only host becomes b (BYOC): its capsules can only run there.
+    team = admin.get("/v1/me").json()["team_id"]
+    assert admin.put(f"/v1/admin/teams/{team}/byoc", json={"byoc": True}).status_code == 204
+    r = admin.post("/v1/hosts", json={"type": "byoc", "team_id": team})
+    assert r.status_code == 201, r.text
+    b_id = r.json()["host"]["id"]
+    cluster["agents"].append(Agent("b", url, token=r.json()["registration_token"]))
+    wait_host(admin, b_id, "online")
+    agents = {x.name: x for x in cluster["agents"]}
+
+    def snapshots_on(agent):
+        d = agent.data_dir / "snapshots"
+        return {p.name for p in d.iterdir() if (p / "meta.json").exists()} if d.exists() else set()
+
+    held_by_a = snapshots_on(agents["a"])
+    assert len(held_by_a) == 2 and snapshots_on(agents["b"]) == set()
+
+    cids = []
+    for name in (snap_name, base_name, snap_name):
+        r = c.post("/v1/capsules", json={"template": name, "timeout_sec": 600})
+        assert r.status_code == 202, r.text
+        cid = r.json()["id"]
+        cids.append(cid)
+        assert wait_capsule(c, cid, {"running", "error"}, timeout=300) == "running", c.get(f"/v1/capsules/{cid}").json()
+        assert cid in agents["b"].capsule_dirs()
+        out = c.post(f"/v1/capsules/{cid}/exec", json={"cmd": "cat /etc/marker; echo $GREETING; pgrep -x sleep >/dev/null && echo running"}).json()
+        expect = "built-on-a\nhello\n" + ("running\n" if name == snap_name else "")
+        assert out["stdout"] == expect, (name, out)
+    # b got both snapshots once each (the second capsule of the snapshot template found it).
+    assert snapshots_on(agents["b"]) == held_by_a
+    b_log = agents["b"].log_path.read_text()
+    assert b_log.count("snapshot copied to this host") == 2, b_log[-3000:]
+    # The base template's copy is its disk alone; the snapshot template's holds its memory.
+    kinds = []
+    for sid in held_by_a:
+        files = {p.name for p in (agents["b"].data_dir / "snapshots" / sid).iterdir()}
+        assert {"disk.qcow2", "meta.json"} <= files, files
+        kinds.append("state" in files)
+    assert sorted(kinds) == [False, True], kinds
+    assert not any((agents["b"].data_dir / "transfers").glob("*")), "a transfer was left behind"
+
+    # Deleting the templates keeps their running capsules; their files go once those do.
+    for name in (snap_name, base_name):
+        assert admin.delete(f"/v1/admin/templates/{name}").status_code == 204
+    out = c.post(f"/v1/capsules/{cids[0]}/exec", json={"cmd": "cat /etc/marker"}).json()
+    assert out["stdout"] == "built-on-a\n", out
+    assert snapshots_on(agents["a"]) == set(), "the builder's files stay though no capsule uses them"
+    for cid in cids:
+        assert c.delete(f"/v1/capsules/{cid}").status_code in (200, 202, 204)
+    for cid in cids:
+        assert wait_capsule(c, cid, {"stopped"}) == "stopped"
+    deadline = time.time() + 30
+    while snapshots_on(agents["b"]) and time.time() < deadline:
+        time.sleep(0.5)
+    assert snapshots_on(agents["b"]) == set(), "copies outlived their template and capsules"

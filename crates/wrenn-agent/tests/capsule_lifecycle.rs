@@ -294,3 +294,124 @@ fn kill_qemu(id: &str) {
     }
     panic!("qemu of {id} did not die");
 }
+
+/// A snapshot copied between two agents: the receiver keeps a file only when it has the
+/// manifest's size and SHA-256, installs nothing while a file is missing, and leaves no
+/// transfer behind either way. (Files are written by hand: the copy does not look inside.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_copies_are_checked_by_digest() {
+    use futures_util::StreamExt;
+    use wrenn_host::{ByteStream, SnapshotMeta};
+
+    fn stream(chunks: Vec<&'static [u8]>) -> ByteStream {
+        futures_util::stream::iter(chunks.into_iter().map(|c| Ok(bytes::Bytes::from_static(c))))
+            .boxed()
+    }
+    async fn collect(mut s: ByteStream) -> Vec<u8> {
+        let mut v = Vec::new();
+        while let Some(c) = s.next().await {
+            v.extend_from_slice(&c.unwrap());
+        }
+        v
+    }
+
+    let mut from_cfg = config("agent-copy-from");
+    from_cfg.slot_base = std::net::Ipv4Addr::new(10, 201, 240, 0);
+    let mut to_cfg = config("agent-copy-to");
+    to_cfg.slot_base = std::net::Ipv4Addr::new(10, 201, 250, 0);
+    let (from, to) = (
+        CapsuleManager::start(from_cfg.clone()).await.unwrap(),
+        CapsuleManager::start(to_cfg.clone()).await.unwrap(),
+    );
+    let id = "snap-copytest";
+    let dir = from_cfg.data_dir.join("snapshots").join(id);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("disk.qcow2"), b"the disk").unwrap();
+    std::fs::write(dir.join("state"), b"the memory").unwrap();
+    let meta = SnapshotMeta {
+        id: id.into(),
+        vcpus: 1,
+        memory_mb: 512,
+        disk_mb: 1024,
+        size_bytes: 18,
+    };
+    std::fs::write(dir.join("meta.json"), serde_json::to_vec(&meta).unwrap()).unwrap();
+
+    let manifest = from.snapshot_manifest(id.into()).await.unwrap();
+    let names: Vec<&str> = manifest.files.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(names, ["state", "disk.qcow2"]);
+    let disk = manifest.files[1].clone();
+    let body = from.read_snapshot_file(id, "disk.qcow2").await.unwrap();
+    assert_eq!(collect(body).await, b"the disk");
+    assert!(from.read_snapshot_file(id, "../meta.json").await.is_err());
+    assert!(!to.holds_snapshot(id.into()).await.unwrap());
+
+    let transfers = to_cfg.data_dir.join("transfers");
+    let leftovers = || -> Vec<PathBuf> {
+        std::fs::read_dir(&transfers)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+            .map(|e| e.path())
+            .collect()
+    };
+    // Same size, other bytes; short; long: refused, nothing kept.
+    for bad in [
+        vec![b"the dusk" as &[u8]],
+        vec![b"the"],
+        vec![b"the disk", b"!"],
+    ] {
+        let e = to
+            .write_snapshot_file("xfer-1", &disk, stream(bad))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, HostError::InvalidRequest(_)), "{e}");
+        assert_eq!(leftovers(), Vec::<PathBuf>::new());
+    }
+    // The disk alone, as for a base template: installed without the memory.
+    to.write_snapshot_file("xfer-1", &disk, stream(vec![b"the ", b"disk"]))
+        .await
+        .unwrap();
+    let mut missing = manifest.clone();
+    assert!(to
+        .install_snapshot("xfer-1".into(), missing.clone())
+        .await
+        .is_err());
+    assert!(!to.holds_snapshot(id.into()).await.unwrap());
+    assert!(
+        leftovers().is_empty(),
+        "a failed install drops the transfer"
+    );
+
+    to.write_snapshot_file("xfer-2", &disk, stream(vec![b"the disk"]))
+        .await
+        .unwrap();
+    missing.files.retain(|f| f.name == "disk.qcow2");
+    let installed = to.install_snapshot("xfer-2".into(), missing).await.unwrap();
+    assert_eq!(installed, meta);
+    assert!(to.holds_snapshot(id.into()).await.unwrap());
+    let copy = to_cfg.data_dir.join("snapshots").join(id);
+    assert_eq!(std::fs::read(copy.join("disk.qcow2")).unwrap(), b"the disk");
+    assert!(!copy.join("state").exists());
+    assert!(leftovers().is_empty());
+
+    // Memory made under another machine does not restore here: refused.
+    let mut foreign = manifest.clone();
+    foreign.meta.id = "snap-copytest2".into();
+    foreign.machine = "qemu 1.0 cpu=pentium / tcg / kernel 2.6".into();
+    let state = manifest.files[0].clone();
+    to.write_snapshot_file("xfer-3", &state, stream(vec![b"the memory"]))
+        .await
+        .unwrap();
+    to.write_snapshot_file("xfer-3", &disk, stream(vec![b"the disk"]))
+        .await
+        .unwrap();
+    let e = to
+        .install_snapshot("xfer-3".into(), foreign)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("made under"), "{e}");
+    assert!(!to.holds_snapshot("snap-copytest2".into()).await.unwrap());
+    assert!(leftovers().is_empty());
+}

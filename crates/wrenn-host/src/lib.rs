@@ -5,9 +5,10 @@
 //!   `CapsuleManager` implements it in its own process; [`RemoteHost`] implements it for an
 //!   agent on another machine.
 //! - [`HostError`]: what went wrong, the same on both sides of the network.
-//! - [`serve`] and [`RemoteHost`]: the gRPC transport (tonic, mutual TLS). Its service has two
-//!   methods whatever the number of operations: `Call` (any operation, as JSON) and `Tunnel`
-//!   (the bytes of one envd connection).
+//! - [`serve`] and [`RemoteHost`]: the gRPC transport (tonic, mutual TLS). Its service has four
+//!   methods whatever the number of operations: `Call` (any operation, as JSON), `Tunnel`
+//!   (the bytes of one envd connection), and `ReadFile`/`WriteFile` (one file of a snapshot
+//!   copied between hosts).
 //!
 //! Adding a host operation: one line in `operations.rs`, its body in the agent's manager.
 

@@ -36,6 +36,23 @@ macro_rules! host_operations {
             /// terminals, files): TCP through the capsule's network slot on its own host, a
             /// tunnel through the agent from anywhere else.
             async fn envd(&self, id: &str) -> Result<EnvdClient, HostError>;
+
+            /// The bytes of file `file` (`state` or `disk.qcow2`) of snapshot `snapshot_id`
+            /// held on this host: the source of a copy to another host.
+            async fn read_snapshot_file(
+                &self,
+                snapshot_id: &str,
+                file: &str,
+            ) -> Result<ByteStream, HostError>;
+
+            /// Receives one file of snapshot copy `transfer` (see [`Host::install_snapshot`]);
+            /// kept only when it matches `digest`, otherwise nothing of it stays.
+            async fn write_snapshot_file(
+                &self,
+                transfer: &str,
+                digest: &FileDigest,
+                body: ByteStream,
+            ) -> Result<(), HostError>;
         }
 
         /// One host operation with its arguments, as it crosses the wire.
@@ -76,6 +93,23 @@ macro_rules! host_operations {
 
                     async fn envd(&self, id: &str) -> Result<EnvdClient, HostError> {
                         self.dial_envd(id)
+                    }
+
+                    async fn read_snapshot_file(
+                        &self,
+                        snapshot_id: &str,
+                        file: &str,
+                    ) -> Result<ByteStream, HostError> {
+                        self.read_file(snapshot_id, file).await
+                    }
+
+                    async fn write_snapshot_file(
+                        &self,
+                        transfer: &str,
+                        digest: &FileDigest,
+                        body: ByteStream,
+                    ) -> Result<(), HostError> {
+                        self.write_file(transfer, digest, body).await
                     }
                 }
             };
@@ -133,6 +167,17 @@ host_operations! {
         snapshot_id: String,
         disk_mb: u64,
     ) -> ImportedImage;
+    /// Whether this host holds snapshot `snapshot_id` (not deleted).
+    fn holds_snapshot(snapshot_id: String) -> bool;
+    /// The files of snapshot `snapshot_id` with their digests, for a copy to another host.
+    fn snapshot_manifest(snapshot_id: String) -> SnapshotManifest;
+    /// Makes the files received for `transfer` ([`Host::write_snapshot_file`]) snapshot
+    /// `manifest.meta.id` on this host, once every file of the manifest has arrived intact; a
+    /// memory snapshot only when it was made under this host's machine. Holding it already is
+    /// success (the transfer's files are dropped).
+    fn install_snapshot(transfer: String, manifest: SnapshotManifest) -> SnapshotMeta;
+    /// Drops what transfer `transfer` received so far (a copy that failed).
+    fn abort_transfer(transfer: String) -> ();
 }
 
 fn answer<T: Serialize>(t: T) -> Result<serde_json::Value, HostError> {

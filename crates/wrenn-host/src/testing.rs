@@ -306,6 +306,28 @@ impl FakeHost {
     }
 
     /// A client for the capsule's in-memory guest agent (running capsules only).
+    /// The double holds no files: copying snapshots between hosts is tested with real agents.
+    pub(crate) async fn read_file(
+        &self,
+        snapshot_id: &str,
+        _file: &str,
+    ) -> Result<crate::ByteStream, HostError> {
+        Err(HostError::NotFound(format!(
+            "FakeHost holds no files of {snapshot_id}"
+        )))
+    }
+
+    pub(crate) async fn write_file(
+        &self,
+        transfer: &str,
+        _digest: &crate::FileDigest,
+        _body: crate::ByteStream,
+    ) -> Result<(), HostError> {
+        Err(HostError::InvalidRequest(format!(
+            "FakeHost keeps no files (transfer {transfer})"
+        )))
+    }
+
     pub(crate) fn dial_envd(&self, id: &str) -> Result<EnvdClient, HostError> {
         self.lock().calls.push(format!("envd {id}"));
         self.with_capsule(id, |c| match c.phase {

@@ -102,3 +102,28 @@ pub struct SnapshotMeta {
     pub disk_mb: u64,
     pub size_bytes: u64,
 }
+
+/// One file of a snapshot as it is copied between hosts: the receiver keeps it only when it
+/// has exactly this size and SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileDigest {
+    /// `state` or `disk.qcow2`.
+    pub name: String,
+    pub size: u64,
+    /// Lowercase hex.
+    pub sha256: String,
+}
+
+/// What a snapshot is made of, as its holder describes it for a copy to another host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotManifest {
+    pub meta: SnapshotMeta,
+    pub files: Vec<FileDigest>,
+    /// The VMM, CPU model, accelerator and kernel the saved memory (`state`) was made under;
+    /// it restores only under the same.
+    pub machine: String,
+}
+
+/// The bytes of a file crossing between hosts, in chunks.
+pub type ByteStream =
+    futures_util::stream::BoxStream<'static, Result<bytes::Bytes, crate::HostError>>;

@@ -542,11 +542,34 @@ async fn templates_are_unique_per_team(store: Store) {
     assert_eq!(row.template.vcpus, Some(2));
     assert_eq!(store.list_templates("team-1").await.unwrap().len(), 1);
     assert!(store.template("team-2", "py").await.unwrap().is_none());
+    // Copies on other hosts: recorded once, orphaned when their template goes.
+    for _ in 0..2 {
+        store
+            .add_template_copy("snap-1", "host-b", 5_000_000_000)
+            .await
+            .unwrap();
+    }
+    store
+        .add_template_copy("snap-1", "host-c", 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.template_copies("snap-1").await.unwrap(),
+        ["host-b", "host-c"]
+    );
+    assert!(store.orphaned_template_copies().await.unwrap().is_empty());
     assert!(store
         .delete_template("team-1", "py")
         .await
         .unwrap()
         .is_some());
+    let orphans = store.orphaned_template_copies().await.unwrap();
+    assert_eq!(orphans.len(), 2, "{orphans:?}");
+    store
+        .remove_template_copy("snap-1", "host-b")
+        .await
+        .unwrap();
+    assert_eq!(store.template_copies("snap-1").await.unwrap(), ["host-c"]);
     assert!(store
         .delete_template("team-1", "py")
         .await

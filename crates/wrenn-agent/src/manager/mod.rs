@@ -2,7 +2,8 @@
 //! the [`Host`] boundary.
 //!
 //! Split by concern: `create` (boot or restore a new capsule, template snapshots),
-//! `lifecycle` (destroy, pause, resume), `snapshot` (user snapshots), `recover` (re-adopting
+//! `lifecycle` (destroy, pause, resume), `snapshot` (user snapshots), `transfer` (copying
+//! snapshots between hosts), `recover` (re-adopting
 //! VMs after an agent restart, reaping dead ones), `sampling` (metrics).
 //!
 //! Invariants:
@@ -19,6 +20,7 @@ mod lifecycle;
 mod recover;
 mod sampling;
 mod snapshot;
+mod transfer;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -31,8 +33,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 use wrenn_api::{CapsuleSpec, MetricPoint, MetricsRange};
 use wrenn_host::{
-    BaseTemplate, CapsuleInfo, DeadCapsule, Host, HostCapacity, HostError, ImportedImage, Phase,
-    RegistryCredentials, SnapshotMeta, UserSnapshot,
+    BaseTemplate, ByteStream, CapsuleInfo, DeadCapsule, FileDigest, Host, HostCapacity, HostError,
+    ImportedImage, Phase, RegistryCredentials, SnapshotManifest, SnapshotMeta, UserSnapshot,
 };
 
 use crate::config::AgentConfig;
@@ -419,7 +421,34 @@ impl Host for CapsuleManager {
         self.import_oci(&reference, credentials.as_ref(), &snapshot_id, disk_mb)
             .await
     }
+    async fn holds_snapshot(&self, snapshot_id: String) -> Result<bool> {
+        self.holds(&snapshot_id)
+    }
+    async fn snapshot_manifest(&self, snapshot_id: String) -> Result<SnapshotManifest> {
+        self.manifest_of(&snapshot_id).await
+    }
+    async fn install_snapshot(
+        &self,
+        transfer: String,
+        manifest: SnapshotManifest,
+    ) -> Result<SnapshotMeta> {
+        self.install_transfer(&transfer, &manifest).await
+    }
+    async fn abort_transfer(&self, transfer: String) -> Result<()> {
+        self.drop_transfer(&transfer).await
+    }
     async fn envd(&self, id: &str) -> Result<EnvdClient> {
         self.envd_of(id).await
+    }
+    async fn read_snapshot_file(&self, snapshot_id: &str, file: &str) -> Result<ByteStream> {
+        self.open_snapshot_file(snapshot_id, file).await
+    }
+    async fn write_snapshot_file(
+        &self,
+        transfer: &str,
+        digest: &FileDigest,
+        body: ByteStream,
+    ) -> Result<()> {
+        self.receive_snapshot_file(transfer, digest, body).await
     }
 }

@@ -222,6 +222,7 @@ impl CapsuleManager {
         // Deleted snapshots whose collection was put off (a capsule was busy at that moment)
         // are retried on every pass, so none outlives its capsules for long.
         self.collect_deleted_snapshots().await;
+        self.collect_stale_transfers().await;
         let entries: Vec<(String, Arc<Entry>)> = lock(&self.capsules)
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))

@@ -12,7 +12,7 @@ use crate::error::Result;
 use crate::net;
 
 /// Snapshot ids become directory names: letters, digits and dashes only.
-fn valid_snapshot_id(id: &str) -> Result<()> {
+pub(super) fn valid_snapshot_id(id: &str) -> Result<()> {
     if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
     {
         return Err(HostError::InvalidRequest(format!("bad snapshot id {id:?}")));
@@ -192,7 +192,7 @@ impl CapsuleManager {
 }
 
 /// Files of a user snapshot (besides `meta.json`, written per copy).
-const SNAPSHOT_FILES: &[&str] = &["state", "disk.qcow2"];
+pub(super) const SNAPSHOT_FILES: &[&str] = &["state", "disk.qcow2"];
 
 impl CapsuleManager {
     /// The cache directory of templates made under `key` on this host as it boots today: the

@@ -12,9 +12,10 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::Request;
 
 use super::generated::agent_client::AgentClient;
-use super::{TlsMaterial, CAPSULE_ID_KEY};
+use super::{ReadFileArgs, TlsMaterial, WriteFileArgs, ARGS_KEY, CAPSULE_ID_KEY};
 use crate::error::HostError;
 use crate::operations::Call;
+use crate::{ByteStream, FileDigest};
 
 /// A host agent on another machine.
 #[derive(Clone)]
@@ -58,6 +59,59 @@ impl RemoteHost {
         Ok(self.client.clone().call(call).await?.into_inner())
     }
 
+    /// One file of a snapshot on the agent, streamed.
+    pub(crate) async fn read_file(
+        &self,
+        snapshot_id: &str,
+        file: &str,
+    ) -> Result<ByteStream, HostError> {
+        let mut req = Request::new(Bytes::new());
+        set_args(
+            &mut req,
+            &ReadFileArgs {
+                snapshot_id: snapshot_id.to_string(),
+                file: file.to_string(),
+            },
+        )?;
+        let body = self.client.clone().read_file(req).await?.into_inner();
+        Ok(Box::pin(body.map(|r| r.map_err(HostError::from))))
+    }
+
+    /// Streams one file of a snapshot copy to the agent. An error of `body` ends the upload
+    /// (the agent then finds the file short and keeps nothing) and is the answer.
+    pub(crate) async fn write_file(
+        &self,
+        transfer: &str,
+        digest: &FileDigest,
+        body: ByteStream,
+    ) -> Result<(), HostError> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+        let pump = tokio::spawn(async move {
+            let mut body = body;
+            while let Some(chunk) = body.next().await {
+                // The agent stopped reading: its answer says why.
+                if tx.send(chunk?).await.is_err() {
+                    break;
+                }
+            }
+            Ok::<(), HostError>(())
+        });
+        let chunks = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let mut req = Request::new(chunks);
+        set_args(
+            &mut req,
+            &WriteFileArgs {
+                transfer: transfer.to_string(),
+                digest: digest.clone(),
+            },
+        )?;
+        let answer = self.client.clone().write_file(req).await;
+        pump.await
+            .map_err(|e| HostError::Vmm(format!("upload task: {e}")))??;
+        answer?;
+        Ok(())
+    }
+
     /// The guest agent of capsule `id`, reached through the agent's tunnel.
     pub(crate) fn dial_envd(&self, id: &str) -> Result<EnvdClient, HostError> {
         Ok(EnvdClient::remote(Arc::new(Tunnel {
@@ -65,6 +119,17 @@ impl RemoteHost {
             capsule: id.to_string(),
         })))
     }
+}
+
+/// Puts a file method's arguments in the request's metadata.
+fn set_args<T, A: serde::Serialize>(req: &mut Request<T>, args: &A) -> Result<(), HostError> {
+    let json = serde_json::to_string(args)
+        .map_err(|e| HostError::InvalidRequest(format!("arguments: {e}")))?;
+    let value = json
+        .parse()
+        .map_err(|_| HostError::InvalidRequest("arguments are not valid metadata".into()))?;
+    req.metadata_mut().insert(ARGS_KEY, value);
+    Ok(())
 }
 
 /// Dials a capsule's envd through its agent.

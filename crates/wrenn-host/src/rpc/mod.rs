@@ -3,7 +3,8 @@
 //! The control plane calls the agent. `Call` carries one host operation as JSON and answers
 //! with its result (an error as JSON in the status message); `Tunnel` is a bidirectional byte
 //! stream the agent connects to one capsule's envd, so the control plane's `EnvdClient` works
-//! unchanged across the network. The agent's server certificate and the control plane's client
+//! unchanged across the network. `ReadFile` and `WriteFile` stream one file of a snapshot out
+//! of and into an agent, so the control plane can copy a template between hosts. The agent's server certificate and the control plane's client
 //! certificate are both signed by the platform CA; each side accepts only the other's.
 
 mod client;
@@ -20,6 +21,22 @@ pub use server::serve;
 
 /// Metadata key naming the capsule a tunnel is for.
 const CAPSULE_ID_KEY: &str = "x-capsule-id";
+/// Metadata key holding the JSON arguments of `ReadFile` and `WriteFile`.
+const ARGS_KEY: &str = "x-args";
+
+/// `ReadFile`'s arguments.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ReadFileArgs {
+    snapshot_id: String,
+    file: String,
+}
+
+/// `WriteFile`'s arguments.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct WriteFileArgs {
+    transfer: String,
+    digest: crate::FileDigest,
+}
 
 /// PEM material for one side of the mutual TLS.
 #[derive(Debug, Clone)]

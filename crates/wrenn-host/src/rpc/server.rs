@@ -14,7 +14,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::generated::agent_server::{Agent, AgentServer};
-use super::{TlsMaterial, CAPSULE_ID_KEY};
+use super::{ReadFileArgs, TlsMaterial, WriteFileArgs, ARGS_KEY, CAPSULE_ID_KEY};
 use crate::error::HostError;
 use crate::operations::Call;
 use crate::Host;
@@ -67,6 +67,39 @@ impl Agent for AgentService {
             .map(|r| r.map_err(|e| Status::unavailable(format!("envd: {e}"))));
         Ok(Response::new(Box::pin(out) as Self::TunnelStream))
     }
+
+    type ReadFileStream = Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send>>;
+
+    async fn read_file(&self, r: Request<Bytes>) -> Result<Response<Self::ReadFileStream>, Status> {
+        let a: ReadFileArgs = args(r.metadata())?;
+        let body = self
+            .host
+            .read_snapshot_file(&a.snapshot_id, &a.file)
+            .await?;
+        Ok(Response::new(
+            Box::pin(body.map(|r| r.map_err(Status::from))) as Self::ReadFileStream,
+        ))
+    }
+
+    async fn write_file(&self, r: Request<Streaming<Bytes>>) -> Result<Response<Bytes>, Status> {
+        let a: WriteFileArgs = args(r.metadata())?;
+        let body = r
+            .into_inner()
+            .map(|r| r.map_err(|s| HostError::Unreachable(format!("upload: {}", s.message()))));
+        self.host
+            .write_snapshot_file(&a.transfer, &a.digest, Box::pin(body))
+            .await?;
+        Ok(Response::new(Bytes::new()))
+    }
+}
+
+/// The JSON arguments a file method carries in its metadata.
+fn args<T: serde::de::DeserializeOwned>(meta: &tonic::metadata::MetadataMap) -> Result<T, Status> {
+    let raw = meta
+        .get(ARGS_KEY)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| Status::invalid_argument("missing x-args"))?;
+    serde_json::from_str(raw).map_err(|e| Status::invalid_argument(format!("bad x-args: {e}")))
 }
 
 /// Serves `host` on `addr` with mutual TLS until `shutdown` completes.

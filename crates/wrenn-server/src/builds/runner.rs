@@ -359,7 +359,7 @@ impl Run<'_> {
     ) -> Result<wrenn_api::Capsule, Stop> {
         let mut spec = req.validate().map_err(Stop::Failed)?;
         spec.template = format!("oci:{image}");
-        let host = self.svc.pool.place(PLATFORM_TEAM_ID, &spec).await?;
+        let host = self.svc.pool.place(PLATFORM_TEAM_ID, &spec, &[]).await?;
         let snapshot_id = new_id(prefix::SNAPSHOT);
         let phase = BuildPhase::PreBuild;
         let n = self.next_step(phase);

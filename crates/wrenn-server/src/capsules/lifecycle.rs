@@ -1,6 +1,7 @@
 //! Create, destroy, pause and resume: the database row moves first, the host works in the
 //! background, and the outcome is recorded, published and audited.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::{info, warn};
@@ -13,6 +14,7 @@ use wrenn_host::{Host, HostCapacity, Phase, UserSnapshot};
 
 use super::{CapsuleService, Emitter, OrLog, PauseReason, Result};
 use crate::error::from_host;
+use crate::hosts::copies::{CopyPlan, TemplateCopies};
 use crate::hosts::pool::HostHandle;
 use crate::store::Store;
 
@@ -28,12 +30,22 @@ impl CapsuleService {
         actor: &EventActor,
     ) -> Result<Capsule> {
         let mut spec = req.validate().map_err(ApiError::invalid)?;
-        let (from, pinned) = self.resolve_template(team_id, &mut spec).await?;
-        let host = match &pinned {
+        let t = self.resolve_template(team_id, &mut spec).await?;
+        let host = match &t.pinned {
             Some(h) => self.pool.online(h).await?,
-            None => self.pool.place(team_id, &spec).await?,
+            None => {
+                let holders = t.copy.as_ref().map(|c| c.holders.as_slice());
+                self.pool
+                    .place(team_id, &spec, holders.unwrap_or_default())
+                    .await?
+            }
         };
-        self.start(team_id, spec, from, host, actor).await
+        // Placed where the template is not (yet): its files are copied there before the boot.
+        let copy = t
+            .copy
+            .filter(|c| !c.holders.iter().any(|h| h == host.host_id()))
+            .map(|c| (self.copies.clone(), c));
+        self.start(team_id, spec, t.from, host, actor, copy).await
     }
 
     /// Boots a capsule from a disk already on `host` (an imported OCI image: `from` with
@@ -46,7 +58,8 @@ impl CapsuleService {
         host: HostHandle,
         actor: &EventActor,
     ) -> Result<Capsule> {
-        self.start(team_id, spec, Some(from), host, actor).await
+        self.start(team_id, spec, Some(from), host, actor, None)
+            .await
     }
 
     /// Records the capsule as `starting` on `host` and boots it in the background.
@@ -57,6 +70,7 @@ impl CapsuleService {
         from: Option<UserSnapshot>,
         host: HostHandle,
         actor: &EventActor,
+        copy: Option<(Arc<TemplateCopies>, CopyPlan)>,
     ) -> Result<Capsule> {
         fits(&spec, &host.capacity().await.map_err(from_host)?)?;
         let id = new_id(prefix::CAPSULE);
@@ -71,38 +85,43 @@ impl CapsuleService {
             actor: actor.clone(),
             host,
             id,
+            copy,
         };
         tokio::spawn(boot.run(spec, from));
         Ok(row.capsule)
     }
 
-    /// A platform template as it is, or one of the team's snapshots (whose machine it
-    /// restores, on the host that holds it): the snapshot and its host, if any.
+    /// Which template a create boots: a hosts' base image (`minimal`: every host has it), one
+    /// of the team's snapshots (restored with its machine, on the host that holds it), or a
+    /// platform template built from a recipe (on any host: copied where it is placed).
     pub(super) async fn resolve_template(
         &self,
         team_id: &str,
         spec: &mut CapsuleSpec,
-    ) -> Result<(Option<UserSnapshot>, Option<String>)> {
+    ) -> Result<ResolvedTemplate> {
         let templates = self.pool.base_image_names().await?;
         if templates.contains(&spec.template) {
-            return Ok((None, None));
+            return Ok(ResolvedTemplate::default());
         }
-        // The team's own snapshot templates first, then the platform's built templates.
-        let mut found = self.store.template(team_id, &spec.template).await?;
-        if found.is_none() {
-            found = self
-                .store
-                .template(PLATFORM_TEAM_ID, &spec.template)
-                .await?;
-            if found.is_some() && self.has_own_hosts(team_id).await? {
-                return Err(ApiError::invalid(format!(
-                    "template {:?} lives on the platform host that built it; teams on hosts of \
-                     their own cannot use built templates yet",
-                    spec.template
-                )));
-            }
+        if let Some(t) = self.store.template(team_id, &spec.template).await? {
+            // A team snapshot is restored as saved, on its host.
+            spec.vcpus = t.template.vcpus.unwrap_or(spec.vcpus);
+            spec.memory_mb = t.template.memory_mb.unwrap_or(spec.memory_mb);
+            spec.disk_size_mb = t.disk_size_mb;
+            return Ok(ResolvedTemplate {
+                from: Some(UserSnapshot {
+                    id: t.snapshot_id,
+                    disk_only: t.template.kind == "base",
+                }),
+                pinned: Some(t.host_id),
+                copy: None,
+            });
         }
-        let Some(t) = found else {
+        let Some(t) = self
+            .store
+            .template(PLATFORM_TEAM_ID, &spec.template)
+            .await?
+        else {
             if let Some(b) = self.store.active_build_named(&spec.template).await? {
                 let b = b.build;
                 return Err(ApiError::new(
@@ -123,36 +142,29 @@ impl CapsuleService {
                 templates.join(", ")
             )));
         };
-        if t.template.kind == "base" {
+        let disk_only = t.template.kind == "base";
+        if disk_only {
             // A built disk, booted afresh in the requested shape (at least the disk's size).
             spec.disk_size_mb = spec.disk_size_mb.max(t.disk_size_mb);
-            let from = UserSnapshot {
-                id: t.snapshot_id,
-                disk_only: true,
-            };
-            return Ok((Some(from), Some(t.host_id)));
+        } else {
+            spec.vcpus = t.template.vcpus.unwrap_or(spec.vcpus);
+            spec.memory_mb = t.template.memory_mb.unwrap_or(spec.memory_mb);
+            spec.disk_size_mb = t.disk_size_mb;
         }
-        spec.vcpus = t.template.vcpus.unwrap_or(spec.vcpus);
-        spec.memory_mb = t.template.memory_mb.unwrap_or(spec.memory_mb);
-        spec.disk_size_mb = t.disk_size_mb;
-        let from = UserSnapshot {
-            id: t.snapshot_id,
-            disk_only: false,
-        };
-        Ok((Some(from), Some(t.host_id)))
-    }
-
-    /// A BYOC team with hosts of its own (its capsules never go to shared hosts).
-    async fn has_own_hosts(&self, team_id: &str) -> Result<bool> {
-        if !self.store.team(team_id).await?.is_some_and(|t| t.byoc) {
-            return Ok(false);
-        }
-        Ok(self
-            .store
-            .hosts(None)
-            .await?
-            .iter()
-            .any(|h| h.team_id.as_deref() == Some(team_id)))
+        let mut holders = vec![t.host_id];
+        holders.extend(self.store.template_copies(&t.snapshot_id).await?);
+        Ok(ResolvedTemplate {
+            from: Some(UserSnapshot {
+                id: t.snapshot_id.clone(),
+                disk_only,
+            }),
+            pinned: None,
+            copy: Some(CopyPlan {
+                snapshot_id: t.snapshot_id,
+                holders,
+                with_memory: !disk_only,
+            }),
+        })
     }
 
     /// Starts destruction and waits briefly for it; repeating it is harmless.
@@ -412,12 +424,25 @@ fn fits(spec: &CapsuleSpec, cap: &HostCapacity) -> Result<()> {
 }
 
 /// A create the host works on in the background.
+/// What a create boots from (see [`CapsuleService::resolve_template`]).
+#[derive(Debug, Default)]
+pub(super) struct ResolvedTemplate {
+    /// The snapshot restored or booted (`None`: a base image).
+    from: Option<UserSnapshot>,
+    /// The only host that can run it.
+    pinned: Option<String>,
+    /// Where its files are, to copy them to the host it is placed on.
+    copy: Option<CopyPlan>,
+}
+
 struct Boot {
     store: Store,
     events: Emitter,
     actor: EventActor,
     host: HostHandle,
     id: String,
+    /// The template's files to bring to `host` first.
+    copy: Option<(Arc<TemplateCopies>, CopyPlan)>,
 }
 
 impl Boot {
@@ -428,8 +453,15 @@ impl Boot {
             actor,
             host,
             id,
+            copy,
         } = self;
-        let info = match host.create(id.clone(), spec, from).await {
+        let created = async {
+            if let Some((copies, plan)) = &copy {
+                copies.ensure(&host, plan).await?;
+            }
+            host.create(id.clone(), spec, from).await
+        };
+        let info = match created.await {
             Ok(info) => info,
             Err(e) => {
                 warn!(capsule_id = %id, error = %e, "capsule failed to start");

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use wrenn_api::{ApiError, Capsule, CapsuleStatus, ErrorCode};
 
 use crate::events::EventBus;
+use crate::hosts::copies::TemplateCopies;
 use crate::hosts::pool::HostPool;
 use crate::store::{CapsuleRow, Store};
 pub use activity::{Activity, Busy};
@@ -52,6 +53,7 @@ pub struct CapsuleService {
     pool: Arc<HostPool>,
     activity: Activity,
     events: Emitter,
+    copies: Arc<TemplateCopies>,
 }
 
 /// Why a capsule is paused (kept in its row).
@@ -79,6 +81,7 @@ impl CapsuleService {
         Self {
             activity: Activity::new(store.clone()),
             events: Emitter::new(store.clone(), bus),
+            copies: Arc::new(TemplateCopies::new(store.clone(), pool.clone())),
             store,
             pool,
         }

@@ -36,9 +36,13 @@ impl CapsuleService {
     /// The periodic reconciler: for every online host, capsules the database says run but the
     /// host does not hold turn `error`, and VMs the host holds for capsules that no longer
     /// exist (or are recorded as ended) are destroyed. Capsules that changed in the last
-    /// minute are left alone (an operation may be in flight); every fix is logged.
+    /// minute are left alone (an operation may be in flight); every fix is logged. Copies of
+    /// deleted templates whose host was away at the time are deleted now.
     pub async fn reconcile_pass(&self) -> Result<()> {
         use CapsuleStatus::*;
+        if let Err(e) = self.copies.collect_orphans().await {
+            warn!(error = %e, "cannot collect copies of deleted templates");
+        }
         let settle = chrono::Utc::now() - chrono::Duration::seconds(60);
         for host in self.pool.all() {
             let Ok(client) = self.pool.online(host.host_id()).await else {

@@ -276,6 +276,8 @@ impl CapsuleService {
             .ok_or_else(|| ApiError::not_found(format!("template {name:?} not found")))?;
         self.delete_snapshot_files(&row.host_id, &row.snapshot_id)
             .await;
+        // Copies on other hosts go too (each kept by its host while capsules use it).
+        self.copies.delete_all(&row.snapshot_id).await;
         self.events
             .other(
                 EventKind::SnapshotDelete,

@@ -10,6 +10,7 @@
 //!   capsules that were running (or on their way) become `missing`; its next heartbeat brings it
 //!   back `online` and reconciles them against what the agent really runs.
 
+pub mod copies;
 pub mod pki;
 pub mod pool;
 

@@ -209,8 +209,14 @@ impl HostPool {
             .map_err(crate::error::from_host)
     }
 
-    /// The host a new capsule of `team_id` with `spec` goes to.
-    pub async fn place(&self, team_id: &str, spec: &CapsuleSpec) -> Result<HostHandle, ApiError> {
+    /// The host a new capsule of `team_id` with `spec` goes to; among those with room, hosts
+    /// in `prefer` (holding its template) first.
+    pub async fn place(
+        &self,
+        team_id: &str,
+        spec: &CapsuleSpec,
+        prefer: &[String],
+    ) -> Result<HostHandle, ApiError> {
         let hosts: Vec<HostRecord> = self
             .store
             .hosts(None)
@@ -220,15 +226,24 @@ impl HostPool {
             .collect();
         let byoc = self.store.team(team_id).await?.is_some_and(|t| t.byoc);
         let reserved = self.store.reserved_by_host().await?;
-        let id =
-            choose(&hosts, &reserved, team_id, byoc, spec, self.overcommit).ok_or_else(no_hosts)?;
+        let id = choose(
+            &hosts,
+            &reserved,
+            team_id,
+            byoc,
+            spec,
+            self.overcommit,
+            prefer,
+        )
+        .ok_or_else(no_hosts)?;
         self.get(&id).ok_or_else(no_hosts)
     }
 }
 
 /// Placement: among `hosts` (connected ones), the online host with room for `spec` that is least
-/// loaded afterwards. A BYOC team with hosts of its own uses only those; everyone else the
-/// shared (regular) hosts. `reserved` is (vCPUs, MiB) per host.
+/// loaded afterwards, a host in `prefer` (it holds the capsule's template: no copy needed) over
+/// any other. A BYOC team with hosts of its own uses only those; everyone else the shared
+/// (regular) hosts. `reserved` is (vCPUs, MiB) per host.
 pub fn choose(
     hosts: &[HostRecord],
     reserved: &HashMap<String, (i64, i64)>,
@@ -236,6 +251,7 @@ pub fn choose(
     team_byoc: bool,
     spec: &CapsuleSpec,
     overcommit: Overcommit,
+    prefer: &[String],
 ) -> Option<String> {
     let own: Vec<&HostRecord> = hosts
         .iter()
@@ -246,7 +262,7 @@ pub fn choose(
     } else {
         hosts.iter().filter(|h| h.team_id.is_none()).collect()
     };
-    let mut best: Option<(f64, &HostRecord)> = None;
+    let mut best: Option<((bool, f64), &HostRecord)> = None;
     for h in candidates
         .into_iter()
         .filter(|h| h.status == HostStatus::Online)
@@ -260,8 +276,9 @@ pub fn choose(
             continue;
         }
         let load = (cpu_after / cap_cpu).max(mem_after / cap_mem);
-        if best.is_none_or(|(l, _)| load < l) {
-            best = Some((load, h));
+        let rank = (!prefer.contains(&h.id), load);
+        if best.is_none_or(|(r, _)| rank < r) {
+            best = Some((rank, h));
         }
     }
     best.map(|(_, h)| h.id.clone())
@@ -315,6 +332,46 @@ mod tests {
     };
 
     #[test]
+    fn a_host_holding_the_template_wins_while_it_has_room() {
+        let hosts = [
+            host("a", None, "online", 4, 4096),
+            host("b", None, "online", 4, 4096),
+        ];
+        let mut reserved = HashMap::new();
+        reserved.insert("a".to_string(), (2, 1024));
+        let holders = ["a".to_string()];
+        // Busier, but it holds the template: no copy.
+        assert_eq!(
+            choose(
+                &hosts,
+                &reserved,
+                "t",
+                false,
+                &spec(1, 512),
+                EXACT,
+                &holders
+            )
+            .as_deref(),
+            Some("a")
+        );
+        // Full: the other host gets the capsule (and a copy of the template).
+        reserved.insert("a".to_string(), (4, 1024));
+        assert_eq!(
+            choose(
+                &hosts,
+                &reserved,
+                "t",
+                false,
+                &spec(1, 512),
+                EXACT,
+                &holders
+            )
+            .as_deref(),
+            Some("b")
+        );
+    }
+
+    #[test]
     fn least_loaded_host_with_room_wins() {
         let hosts = [
             host("a", None, "online", 4, 4096),
@@ -323,17 +380,17 @@ mod tests {
         let mut reserved = HashMap::new();
         reserved.insert("a".to_string(), (2, 1024));
         assert_eq!(
-            choose(&hosts, &reserved, "t", false, &spec(1, 512), EXACT).as_deref(),
+            choose(&hosts, &reserved, "t", false, &spec(1, 512), EXACT, &[]).as_deref(),
             Some("b")
         );
         reserved.insert("b".to_string(), (3, 3584));
         assert_eq!(
-            choose(&hosts, &reserved, "t", false, &spec(1, 512), EXACT).as_deref(),
+            choose(&hosts, &reserved, "t", false, &spec(1, 512), EXACT, &[]).as_deref(),
             Some("a")
         );
         // Nobody has room for 3 more vCPUs… unless overcommitted.
         assert_eq!(
-            choose(&hosts, &reserved, "t", false, &spec(3, 512), EXACT),
+            choose(&hosts, &reserved, "t", false, &spec(3, 512), EXACT, &[]),
             None
         );
         let loose = Overcommit {
@@ -341,7 +398,7 @@ mod tests {
             memory: 1.0,
         };
         assert_eq!(
-            choose(&hosts, &reserved, "t", false, &spec(3, 512), loose).as_deref(),
+            choose(&hosts, &reserved, "t", false, &spec(3, 512), loose, &[]).as_deref(),
             Some("a")
         );
     }
@@ -354,7 +411,15 @@ mod tests {
             host("c", None, "pending", 8, 8192),
         ];
         assert_eq!(
-            choose(&hosts, &HashMap::new(), "t", false, &spec(1, 512), EXACT),
+            choose(
+                &hosts,
+                &HashMap::new(),
+                "t",
+                false,
+                &spec(1, 512),
+                EXACT,
+                &[]
+            ),
             None
         );
     }
@@ -368,27 +433,27 @@ mod tests {
         ];
         let none = HashMap::new();
         assert_eq!(
-            choose(&hosts, &none, "t1", true, &spec(1, 512), EXACT).as_deref(),
+            choose(&hosts, &none, "t1", true, &spec(1, 512), EXACT, &[]).as_deref(),
             Some("mine")
         );
         // Full own hosts: no spill-over onto shared ones.
         let mut full = HashMap::new();
         full.insert("mine".to_string(), (2, 2048));
         assert_eq!(
-            choose(&hosts, &full, "t1", true, &spec(1, 512), EXACT),
+            choose(&hosts, &full, "t1", true, &spec(1, 512), EXACT, &[]),
             None
         );
         // Other teams, and a BYOC team without hosts of its own, use the shared hosts only.
         assert_eq!(
-            choose(&hosts, &none, "t3", false, &spec(1, 512), EXACT).as_deref(),
+            choose(&hosts, &none, "t3", false, &spec(1, 512), EXACT, &[]).as_deref(),
             Some("shared")
         );
         assert_eq!(
-            choose(&hosts, &none, "t3", true, &spec(1, 512), EXACT).as_deref(),
+            choose(&hosts, &none, "t3", true, &spec(1, 512), EXACT, &[]).as_deref(),
             Some("shared")
         );
         assert_eq!(
-            choose(&hosts, &none, "t1", false, &spec(1, 512), EXACT).as_deref(),
+            choose(&hosts, &none, "t1", false, &spec(1, 512), EXACT, &[]).as_deref(),
             Some("shared")
         );
     }

@@ -182,3 +182,62 @@ impl Store {
         Ok(Some(row))
     }
 }
+
+/// Copies of template snapshots on other hosts (`template_copies`).
+impl Store {
+    /// Records that `host_id` holds a copy of `snapshot_id` (idempotent).
+    pub async fn add_template_copy(
+        &self,
+        snapshot_id: &str,
+        host_id: &str,
+        size_bytes: u64,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO template_copies (snapshot_id, host_id, size_bytes, created_at) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (snapshot_id, host_id) DO NOTHING",
+        )
+        .bind(snapshot_id)
+        .bind(host_id)
+        .bind(i64::try_from(size_bytes).unwrap_or(i64::MAX))
+        .bind(ts(Utc::now()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Hosts holding a copy of `snapshot_id`.
+    pub async fn template_copies(&self, snapshot_id: &str) -> Result<Vec<String>> {
+        let rows = sqlx::query(
+            "SELECT host_id FROM template_copies WHERE snapshot_id = $1 ORDER BY created_at, host_id",
+        )
+        .bind(snapshot_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok(r.try_get::<String, _>("host_id")?))
+            .collect()
+    }
+
+    /// (snapshot, host) of copies whose template is gone: still to be deleted on their host.
+    pub async fn orphaned_template_copies(&self) -> Result<Vec<(String, String)>> {
+        let rows = sqlx::query(
+            "SELECT c.snapshot_id, c.host_id FROM template_copies c \
+             WHERE NOT EXISTS (SELECT 1 FROM templates t WHERE t.snapshot_id = c.snapshot_id) \
+             ORDER BY c.created_at",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("snapshot_id")?, r.try_get("host_id")?)))
+            .collect()
+    }
+
+    pub async fn remove_template_copy(&self, snapshot_id: &str, host_id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM template_copies WHERE snapshot_id = $1 AND host_id = $2")
+            .bind(snapshot_id)
+            .bind(host_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
