@@ -386,6 +386,13 @@ def test_templates_built_on_one_host_boot_on_another(cluster):
         kinds.append("state" in files)
     assert sorted(kinds) == [False, True], kinds
     assert not any((agents["b"].data_dir / "transfers").glob("*")), "a transfer was left behind"
+    # Their disk use counts every host's files: the builder's, the copy, the per-shape snapshot
+    # b made to boot the base template.
+    listed = {t["name"]: t for t in admin.get("/v1/admin/templates").json()}
+    snap, base = listed[snap_name], listed[base_name]
+    assert snap["disk_usage_bytes"] == 2 * snap["size_bytes"], snap
+    assert base["disk_usage_bytes"] > base["size_bytes"], base
+    assert listed["minimal"]["disk_usage_bytes"] > listed["minimal"]["size_bytes"], listed["minimal"]
 
     # Deleting the templates keeps their running capsules; their files go once those do.
     for name in (snap_name, base_name):

@@ -47,6 +47,8 @@ pub struct AgentConfig {
     pub boot_timeout: std::time::Duration,
     /// Restore creates from template snapshots (made on first use) instead of cold-booting.
     pub template_snapshots: bool,
+    /// Per-shape template snapshots unused this long are removed (`None`: kept forever).
+    pub shape_snapshot_idle: Option<std::time::Duration>,
 }
 
 impl AgentConfig {
@@ -62,6 +64,7 @@ impl AgentConfig {
             qemu_binary: "qemu-system-x86_64".to_string(),
             boot_timeout: std::time::Duration::from_secs(25),
             template_snapshots: true,
+            shape_snapshot_idle: Some(std::time::Duration::from_secs(24 * 3600)),
         }
     }
 

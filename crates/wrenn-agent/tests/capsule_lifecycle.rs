@@ -415,3 +415,65 @@ async fn snapshot_copies_are_checked_by_digest() {
     assert!(!to.holds_snapshot("snap-copytest2".into()).await.unwrap());
     assert!(leftovers().is_empty());
 }
+
+/// Per-shape template snapshots carry their users: one is never collected while a capsule sits
+/// on it, and is collected once unused (here with no idle time); the next create makes it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unused_shape_snapshots_are_collected() {
+    let mut cfg = config("agent-shape-gc");
+    cfg.slot_base = std::net::Ipv4Addr::new(10, 201, 236, 0);
+    cfg.max_slots = 4;
+    let mgr = CapsuleManager::start(cfg).await.unwrap();
+    // A shape of its own (384 MiB), so its snapshot is this test's.
+    let spec = CreateCapsuleRequest {
+        memory_mb: Some(384),
+        ..Default::default()
+    }
+    .validate()
+    .unwrap();
+    let id = "cl-agenttest0000000000000000007";
+    let ours = |list: Vec<wrenn_host::ShapeSnapshot>| {
+        list.into_iter()
+            .filter(|s| s.image.as_deref() == Some("minimal") && s.users > 0)
+            .collect::<Vec<_>>()
+    };
+    mgr.create(id.into(), spec.clone(), None).await.unwrap();
+    let used = ours(mgr.shape_snapshots().await.unwrap());
+    let mine = used
+        .iter()
+        .find(|s| s.users == 1)
+        .expect("the capsule's snapshot lists it as a user")
+        .clone();
+    assert!(mine.bytes > 0 && mine.last_used.is_some(), "{mine:?}");
+    let removed = mgr.collect_shape_snapshots(std::time::Duration::ZERO).await;
+    assert!(
+        !removed.iter().any(|d| d.ends_with(&mine.key)),
+        "a snapshot in use was collected"
+    );
+    let out = exec(&mgr, id, sh("echo alive")).await.unwrap();
+    assert_eq!(out.stdout, b"alive\n");
+
+    assert!(mgr.destroy(id.into()).await.unwrap());
+    let after = mgr.shape_snapshots().await.unwrap();
+    let now = after.iter().find(|s| s.key == mine.key).unwrap();
+    assert_eq!(now.users, 0);
+    let removed = mgr.collect_shape_snapshots(std::time::Duration::ZERO).await;
+    assert!(
+        removed.iter().any(|d| d.ends_with(&mine.key)),
+        "{removed:?}"
+    );
+    assert!(!mgr
+        .shape_snapshots()
+        .await
+        .unwrap()
+        .iter()
+        .any(|s| s.key == mine.key));
+
+    // Made again on the next create of that shape.
+    mgr.create(id.into(), spec, None).await.unwrap();
+    assert_eq!(
+        exec(&mgr, id, sh("echo again")).await.unwrap().stdout,
+        b"again\n"
+    );
+    assert!(mgr.destroy(id.into()).await.unwrap());
+}

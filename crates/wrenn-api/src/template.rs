@@ -29,6 +29,11 @@ pub struct Template {
     pub default_user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_env: Option<BTreeMap<String, String>>,
+    /// Extension, in the admin list only: bytes the template takes on the hosts that answered
+    /// (its files where it was made and every copy, plus the per-shape snapshots capsules
+    /// restore from).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_usage_bytes: Option<i64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

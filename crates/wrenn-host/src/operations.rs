@@ -178,6 +178,8 @@ host_operations! {
     fn install_snapshot(transfer: String, manifest: SnapshotManifest) -> SnapshotMeta;
     /// Drops what transfer `transfer` received so far (a copy that failed).
     fn abort_transfer(transfer: String) -> ();
+    /// The per-shape template snapshots this host holds (disk use, users, last use).
+    fn shape_snapshots() -> Vec<ShapeSnapshot>;
 }
 
 fn answer<T: Serialize>(t: T) -> Result<serde_json::Value, HostError> {

@@ -51,6 +51,22 @@ pub struct BaseTemplate {
     pub built_at: DateTime<Utc>,
 }
 
+/// A per-shape template snapshot on a host (made on the first create of a template in one
+/// vcpus/memory/disk shape; every later one restores it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShapeSnapshot {
+    pub key: String,
+    /// Made from this base image (`minimal`)…
+    pub image: Option<String>,
+    /// …or from this built base template's snapshot.
+    pub snapshot_id: Option<String>,
+    /// Allocated on disk.
+    pub bytes: u64,
+    /// Capsules on their way or alive that sit on it.
+    pub users: u32,
+    pub last_used: Option<DateTime<Utc>>,
+}
+
 /// A capsule whose VM died under it, and why (already cleaned up on its host).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeadCapsule {

@@ -558,6 +558,10 @@ async fn templates_are_unique_per_team(store: Store) {
         ["host-b", "host-c"]
     );
     assert!(store.orphaned_template_copies().await.unwrap().is_empty());
+    assert_eq!(
+        store.template_copy_bytes("snap-1").await.unwrap(),
+        5_000_000_001
+    );
     assert!(store
         .delete_template("team-1", "py")
         .await

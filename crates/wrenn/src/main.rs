@@ -89,6 +89,9 @@ pub struct HostArgs {
     /// every capsule; saves the snapshots' disk space, costs ~1.5 s per create).
     #[arg(long, env = "WRENN_TEMPLATE_SNAPSHOTS", default_value_t = true, action = clap::ArgAction::Set)]
     template_snapshots: bool,
+    /// Remove a per-shape template snapshot no capsule has used for this many hours (0: never)
+    #[arg(long, env = "WRENN_TEMPLATE_SNAPSHOT_IDLE_HOURS", default_value_t = 24)]
+    template_snapshot_idle_hours: u64,
 }
 
 impl HostArgs {
@@ -110,6 +113,8 @@ impl HostArgs {
         cfg.max_slots = self.max_slots;
         cfg.debian_mirror = self.debian_mirror.clone();
         cfg.template_snapshots = self.template_snapshots;
+        cfg.shape_snapshot_idle = (self.template_snapshot_idle_hours > 0)
+            .then(|| std::time::Duration::from_secs(self.template_snapshot_idle_hours * 3600));
         Ok(cfg)
     }
 }

@@ -37,6 +37,20 @@ impl TemplateSnapshot {
     }
 }
 
+/// Marks template snapshot `dir` as used by capsule `id` (a file in its `users/`).
+fn use_template_snapshot(dir: &std::path::Path, id: &str) -> Result<()> {
+    let users = dir.join("users");
+    std::fs::create_dir_all(&users)?;
+    std::fs::write(users.join(id), b"")?;
+    Ok(())
+}
+
+/// Capsule `id` no longer uses template snapshot `dir`. The `users/` directory's modification
+/// time is thereby the snapshot's last use.
+pub(super) fn release_template_snapshot(dir: &std::path::Path, id: &str) {
+    let _ = std::fs::remove_file(dir.join("users").join(id));
+}
+
 impl CapsuleManager {
     /// Boots a capsule and returns once envd answers. On any failure nothing is left behind.
     pub(crate) async fn create_capsule(
@@ -100,6 +114,7 @@ impl CapsuleManager {
             vm_gone: CancellationToken::new(),
             disk: None,
             snapshot: from.map(|s| s.id.clone()),
+            template_snapshot: None,
         };
         let started = Instant::now();
         if let Some(meta) = &from_meta {
@@ -171,7 +186,11 @@ impl CapsuleManager {
             return self.cold_boot(record, rootfs).await;
         }
         match self.template_snapshot(record, rootfs).await {
-            Ok(snap) => self.restore_from_template(record, &snap).await,
+            Ok(snap) => {
+                record.template_snapshot = Some(snap.dir.clone());
+                self.persist(record)?;
+                self.restore_from_template(record, &snap).await
+            }
             Err(e) => {
                 warn!(capsule_id = %record.id, error = %e, "no template snapshot; cold-booting");
                 self.cold_boot(record, rootfs).await
@@ -242,12 +261,12 @@ impl CapsuleManager {
             dir: root.join(&key),
             disk_mb,
         };
-        if snap.state().exists() {
-            return Ok(snap);
-        }
         std::fs::create_dir_all(&root)?;
+        // Under the lock: the collector (`housekeeping`) removes a snapshot only under it and
+        // only without users, so one found here stays until this capsule lets go of it.
         let _lock = crate::images::DirLock::acquire(root.join(format!("{key}.lock"))).await?;
         if snap.state().exists() {
+            use_template_snapshot(&snap.dir, &record.id)?;
             return Ok(snap);
         }
         let slot = self
@@ -265,6 +284,7 @@ impl CapsuleManager {
                 // What it was made from: removed with it when that goes (a built template).
                 std::fs::write(tmp.join("source"), rootfs.to_string_lossy().as_bytes())?;
                 std::fs::rename(&tmp, &snap.dir)?;
+                use_template_snapshot(&snap.dir, &record.id)?;
                 info!(template = %record.template, key, ms = started.elapsed().as_millis() as u64, "template snapshot ready");
                 Ok(snap)
             }

@@ -3,7 +3,7 @@
 //!
 //! Split by concern: `create` (boot or restore a new capsule, template snapshots),
 //! `lifecycle` (destroy, pause, resume), `snapshot` (user snapshots), `transfer` (copying
-//! snapshots between hosts), `recover` (re-adopting
+//! snapshots between hosts), `housekeeping` (unused per-shape template snapshots), `recover` (re-adopting
 //! VMs after an agent restart, reaping dead ones), `sampling` (metrics).
 //!
 //! Invariants:
@@ -16,6 +16,7 @@
 //!   on each other. Guest operations hold the lock only to read where envd is.
 
 mod create;
+mod housekeeping;
 mod lifecycle;
 mod recover;
 mod sampling;
@@ -34,7 +35,8 @@ use tracing::warn;
 use wrenn_api::{CapsuleSpec, MetricPoint, MetricsRange};
 use wrenn_host::{
     BaseTemplate, ByteStream, CapsuleInfo, DeadCapsule, FileDigest, Host, HostCapacity, HostError,
-    ImportedImage, Phase, RegistryCredentials, SnapshotManifest, SnapshotMeta, UserSnapshot,
+    ImportedImage, Phase, RegistryCredentials, ShapeSnapshot, SnapshotManifest, SnapshotMeta,
+    UserSnapshot,
 };
 
 use crate::config::AgentConfig;
@@ -85,6 +87,10 @@ struct CapsuleRecord {
     /// The user snapshot this capsule was created from (its disk sits on that snapshot's).
     #[serde(default)]
     snapshot: Option<String>,
+    /// The per-shape template snapshot its disk and memory sit on (it holds a marker there in
+    /// `users/`, so the snapshot is not collected while this capsule exists).
+    #[serde(default)]
+    template_snapshot: Option<PathBuf>,
     /// Cancelled when this VM stops: fails every open connection to its envd at once.
     #[serde(skip)]
     vm_gone: CancellationToken,
@@ -103,6 +109,8 @@ pub struct CapsuleManager {
     capsules: Mutex<HashMap<String, Arc<Entry>>>,
     slots: Mutex<BTreeSet<u32>>,
     metrics: Mutex<HashMap<String, Sampler>>,
+    /// When unused per-shape template snapshots were last collected.
+    collected_at: Mutex<Option<std::time::Instant>>,
 }
 
 impl CapsuleManager {
@@ -131,6 +139,7 @@ impl CapsuleManager {
             capsules: Mutex::new(HashMap::new()),
             slots: Mutex::new(BTreeSet::new()),
             metrics: Mutex::new(HashMap::new()),
+            collected_at: Mutex::new(None),
         });
         mgr.recover().await;
         let weak = Arc::downgrade(&mgr);
@@ -299,6 +308,9 @@ impl CapsuleManager {
         }
         net::destroy(&r.slot).await;
         let _ = tokio::fs::remove_dir_all(self.capsule_dir(&r.id)).await;
+        if let Some(dir) = &r.template_snapshot {
+            create::release_template_snapshot(dir, &r.id);
+        }
         let _ = tokio::fs::remove_file(self.cfg.run_dir().join(format!("{}.qmp", r.id))).await;
         let _ = tokio::fs::remove_file(self.cfg.run_dir().join(format!("{}.life", r.id))).await;
         lock(&self.slots).remove(&r.slot.index);
@@ -436,6 +448,9 @@ impl Host for CapsuleManager {
     }
     async fn abort_transfer(&self, transfer: String) -> Result<()> {
         self.drop_transfer(&transfer).await
+    }
+    async fn shape_snapshots(&self) -> Result<Vec<ShapeSnapshot>> {
+        Ok(self.shape_snapshots())
     }
     async fn envd(&self, id: &str) -> Result<EnvdClient> {
         self.envd_of(id).await

@@ -223,6 +223,7 @@ impl CapsuleManager {
         // are retried on every pass, so none outlives its capsules for long.
         self.collect_deleted_snapshots().await;
         self.collect_stale_transfers().await;
+        self.collect_shape_snapshots_now_and_then().await;
         let entries: Vec<(String, Arc<Entry>)> = lock(&self.capsules)
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))

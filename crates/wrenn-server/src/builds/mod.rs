@@ -419,11 +419,25 @@ impl BuildService {
 
     /// `GET /v1/admin/templates`: every team's templates and the platform's (with `team_id`).
     pub async fn list_all_templates(&self) -> Result<Vec<Template>> {
+        let usage = self.capsules.template_disk_usage().await?;
+        let rows = self.store.list_all_templates().await?;
+        let platform_snapshots: std::collections::HashMap<&str, &str> = rows
+            .iter()
+            .filter(|t| t.team_id == PLATFORM_TEAM_ID)
+            .map(|t| (t.template.name.as_str(), t.snapshot_id.as_str()))
+            .collect();
         let mut out = self.capsules.list_templates(PLATFORM_TEAM_ID, None).await?;
-        for t in self.store.list_all_templates().await? {
+        for t in &mut out {
+            t.disk_usage_bytes = Some(match platform_snapshots.get(t.name.as_str()) {
+                Some(id) => usage.snapshots.get(*id).copied().unwrap_or(t.size_bytes),
+                None => usage.images.get(&t.name).copied().unwrap_or(0),
+            });
+        }
+        for t in &rows {
             if t.team_id != PLATFORM_TEAM_ID {
-                let mut tpl = t.template;
-                tpl.team_id = Some(t.team_id);
+                let mut tpl = t.template.clone();
+                tpl.team_id = Some(t.team_id.clone());
+                tpl.disk_usage_bytes = usage.snapshots.get(&t.snapshot_id).copied();
                 out.push(tpl);
             }
         }

@@ -225,6 +225,7 @@ impl CapsuleService {
                     team_id: None,
                     default_user: None,
                     default_env: None,
+                    disk_usage_bytes: None,
                 });
             }
         }
@@ -305,5 +306,62 @@ impl CapsuleService {
                 host_id, "snapshot files stay: their host is not connected"
             ),
         }
+    }
+}
+
+/// Bytes templates take on the hosts, by base image name and by snapshot id (see
+/// [`CapsuleService::template_disk_usage`]).
+#[derive(Debug, Default)]
+pub struct TemplateDiskUsage {
+    pub images: std::collections::HashMap<String, i64>,
+    pub snapshots: std::collections::HashMap<String, i64>,
+}
+
+/// How long the admin template list waits for each host's answer.
+const USAGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl CapsuleService {
+    /// What templates take on disk: every online host's base images and per-shape template
+    /// snapshots (hosts that do not answer within [`USAGE_TIMEOUT`] are left out), plus each
+    /// stored template's files where it was made and its copies (from the database).
+    pub async fn template_disk_usage(&self) -> Result<TemplateDiskUsage> {
+        let mut usage = TemplateDiskUsage::default();
+        let mut asks = tokio::task::JoinSet::new();
+        for host in self.pool.all() {
+            if self.pool.online(host.host_id()).await.is_err() {
+                continue;
+            }
+            asks.spawn(async move {
+                tokio::time::timeout(USAGE_TIMEOUT, async {
+                    Ok::<_, wrenn_host::HostError>((
+                        host.base_templates().await?,
+                        host.shape_snapshots().await?,
+                    ))
+                })
+                .await
+            });
+        }
+        while let Some(answer) = asks.join_next().await {
+            let Ok(Ok(Ok((images, shapes)))) = answer else {
+                continue;
+            };
+            for i in images {
+                *usage.images.entry(i.name).or_default() += i.size_bytes as i64;
+            }
+            for s in shapes {
+                let bytes = s.bytes as i64;
+                if let Some(name) = s.image {
+                    *usage.images.entry(name).or_default() += bytes;
+                } else if let Some(id) = s.snapshot_id {
+                    *usage.snapshots.entry(id).or_default() += bytes;
+                }
+            }
+        }
+        for t in self.store.list_all_templates().await? {
+            let copies = self.store.template_copy_bytes(&t.snapshot_id).await?;
+            *usage.snapshots.entry(t.snapshot_id).or_default() +=
+                t.template.size_bytes.saturating_add(copies);
+        }
+        Ok(usage)
     }
 }

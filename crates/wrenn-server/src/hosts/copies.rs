@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tracing::{info, warn};
-use wrenn_host::{Host, HostError, SnapshotMeta};
+use wrenn_host::{Host, HostError};
 
 use super::pool::{HostHandle, HostPool};
 use crate::store::Store;
@@ -112,7 +112,7 @@ impl TemplateCopies {
             };
             let started = std::time::Instant::now();
             match copy_snapshot(&*source, &**dest, id, plan.with_memory).await {
-                Ok(meta) => {
+                Ok(bytes) => {
                     info!(
                         snapshot_id = %id,
                         from = holder,
@@ -122,7 +122,7 @@ impl TemplateCopies {
                     );
                     if let Err(e) = self
                         .store
-                        .add_template_copy(id, dest.host_id(), meta.size_bytes)
+                        .add_template_copy(id, dest.host_id(), bytes)
                         .await
                     {
                         warn!(snapshot_id = %id, host_id = dest.host_id(), error = %e, "cannot record a template copy");
@@ -198,14 +198,14 @@ impl TemplateCopies {
     }
 }
 
-/// Copies snapshot `snapshot_id` from `from` to `to` (only its disk unless `with_memory`).
-/// Whatever fails, `to` keeps nothing of it.
+/// Copies snapshot `snapshot_id` from `from` to `to` (only its disk unless `with_memory`);
+/// the bytes copied. Whatever fails, `to` keeps nothing of it.
 pub async fn copy_snapshot(
     from: &dyn Host,
     to: &dyn Host,
     snapshot_id: &str,
     with_memory: bool,
-) -> Result<SnapshotMeta, HostError> {
+) -> Result<u64, HostError> {
     let mut manifest = deadline(
         MANIFEST_TIMEOUT,
         "snapshot_manifest",
@@ -232,7 +232,8 @@ pub async fn copy_snapshot(
             "install_snapshot",
             to.install_snapshot(transfer.clone(), manifest.clone()),
         )
-        .await
+        .await?;
+        Ok(manifest.files.iter().map(|f| f.size).sum())
     }
     .await;
     if copied.is_err() {

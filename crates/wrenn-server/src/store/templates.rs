@@ -87,6 +87,7 @@ fn from_row(r: &AnyRow) -> Result<TemplateRow> {
             team_id: None,
             default_user: r.try_get("default_user")?,
             default_env,
+            disk_usage_bytes: None,
         },
         team_id,
         snapshot_id: r.try_get("snapshot_id")?,
@@ -230,6 +231,19 @@ impl Store {
         rows.iter()
             .map(|r| Ok((r.try_get("snapshot_id")?, r.try_get("host_id")?)))
             .collect()
+    }
+
+    /// Bytes of every copy of `snapshot_id` (summed here: PostgreSQL sums BIGINTs as NUMERIC).
+    pub async fn template_copy_bytes(&self, snapshot_id: &str) -> Result<i64> {
+        let rows = sqlx::query("SELECT size_bytes FROM template_copies WHERE snapshot_id = $1")
+            .bind(snapshot_id)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut total = 0i64;
+        for r in &rows {
+            total = total.saturating_add(r.try_get::<i64, _>("size_bytes")?);
+        }
+        Ok(total)
     }
 
     pub async fn remove_template_copy(&self, snapshot_id: &str, host_id: &str) -> Result<()> {
