@@ -62,6 +62,17 @@ def test_live_snapshot_and_capsules_restored_from_it(platform, api, running_caps
             assert any(p["pid"] == counter and p.get("tag") == "counter" for p in procs), procs
             guest_now = int(run(api, c["id"], "date +%s")["stdout"])
             assert abs(guest_now - time.time()) < 3
+        # A clone's memory is the snapshot's RAM file mapped copy-on-write (split off on the first
+        # restore): pausing and resuming it keeps what it holds.
+        assert any((d / "memory" / "ram").exists() for d in (platform.data_dir / "snapshots").iterdir())
+        cid = clones[0]["id"]
+        run(api, cid, "echo before-pause > /tmp/mem.txt")
+        assert api.post(f"/v1/capsules/{cid}/pause").status_code == 202
+        wait_status(api, cid, {"paused"}, timeout=60)
+        assert api.post(f"/v1/capsules/{cid}/resume").status_code in (200, 202)
+        wait_status(api, cid, {"running"}, timeout=60)
+        out = run(api, cid, "cat /tmp/mem.txt; sha256sum -c /root/ram.sum")
+        assert out["stdout"].startswith("before-pause\n") and "OK" in out["stdout"], out
         # Clones are independent of each other.
         run(api, clones[0]["id"], "echo mine > /root/own.txt")
         assert run(api, clones[1]["id"], "cat /root/own.txt")["exit_code"] != 0

@@ -106,6 +106,11 @@ pub trait Vmm: Send + Sync {
     /// With `ignore_shared`, RAM comes from `cfg.memory`'s file instead of the state.
     async fn restore(&self, cfg: &VmConfig, state: &Path, ignore_shared: bool)
         -> Result<VmProcess>;
+    /// Loads a whole state [`Vmm::save`] wrote (devices and RAM) into a VM whose RAM is the
+    /// shared file of `cfg.memory`, and writes the devices again to `state_out` without the
+    /// RAM, which stays in the file; the guest never runs meanwhile, and the VM exits after.
+    /// The file and `state_out` then restore like a template snapshot (`ignore_shared`).
+    async fn split_memory(&self, cfg: &VmConfig, state_in: &Path, state_out: &Path) -> Result<()>;
     /// Asks the VMM to exit cleanly (disk images closed); kills it if it will not.
     async fn shutdown(&self, vm: &VmProcess) -> Result<()>;
     /// One line about a VM's state for an error message (run state, where the vCPU is).

@@ -468,6 +468,30 @@ impl Vmm for QemuVmm {
         Ok(vm)
     }
 
+    async fn split_memory(&self, cfg: &VmConfig, state_in: &Path, state_out: &Path) -> Result<()> {
+        let vm = self.spawn(cfg, true).await?;
+        let result = async {
+            let mut qmp = self.qmp(&vm).await?;
+            set_ignore_shared(&mut qmp, false).await?;
+            let uri = format!(
+                "exec:cat {}",
+                crate::images::sh_quote(crate::images::path_str(state_in)?)
+            );
+            qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })))
+                .await?;
+            wait_migration(&mut qmp, "loading the saved guest").await?;
+            // Still frozen (never `cont`): nothing in the guest moved since it was saved.
+            save_with(&mut qmp, state_out, true).await
+        }
+        .await;
+        let _ = self.stop(&vm).await;
+        result.map_err(|e| {
+            let log = std::fs::read_to_string(cfg.dir.join("qemu.log")).unwrap_or_default();
+            let last = log.lines().rev().take(3).collect::<Vec<_>>().join(" | ");
+            HostError::Vmm(format!("{e}; qemu: {last}"))
+        })
+    }
+
     async fn shutdown(&self, vm: &VmProcess) -> Result<()> {
         if let Ok(mut qmp) = self.qmp(vm).await {
             let _ = qmp.execute("quit", None).await;
