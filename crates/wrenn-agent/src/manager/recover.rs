@@ -17,14 +17,28 @@ const RECOVERY_HEALTH_ATTEMPTS: u32 = 4;
 const RECOVERY_HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 impl CapsuleManager {
-    /// Removes what interrupted snapshot builds left: half-written user snapshots, and
-    /// template snapshot builds nobody holds the lock of any more (with their VM).
+    /// Removes what interrupted snapshot builds left: half-written user snapshots and memory
+    /// splits, and template snapshot builds nobody holds the lock of any more (with their VMs).
     pub(super) async fn remove_interrupted_snapshots(&self) {
         if let Ok(rd) = std::fs::read_dir(self.cfg.data_dir.join("snapshots")) {
             for p in rd.flatten().map(|e| e.path()) {
                 if p.extension().is_some_and(|x| x == "tmp") {
                     warn!(dir = %p.display(), "removing an interrupted snapshot");
                     let _ = tokio::fs::remove_dir_all(&p).await;
+                    continue;
+                }
+                // A memory split cut short (`split_snapshot_memory`), with its frozen VM.
+                let split = p.join("memory.tmp");
+                if split.exists() {
+                    let Some(_lock) = crate::images::DirLock::try_acquire(&p.join("memory.lock"))
+                    else {
+                        continue; // another agent is splitting it right now
+                    };
+                    for (pid, _) in self.vmm.find_vms(&split.to_string_lossy()) {
+                        self.vmm.kill(pid).await;
+                    }
+                    warn!(dir = %split.display(), "removing an interrupted memory split");
+                    let _ = tokio::fs::remove_dir_all(&split).await;
                 }
             }
         }
