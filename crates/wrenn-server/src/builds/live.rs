@@ -43,6 +43,9 @@ pub enum LiveEvent {
         status: BuildStatus,
         error: Option<String>,
     },
+    /// The follower fell behind by `missed` events and is cut off (it can reconnect: the
+    /// record holds every finished step). Never published: a follower's own.
+    Lagged { missed: u64 },
 }
 
 struct Channel {
@@ -78,6 +81,7 @@ impl LiveLogs {
             // A new step (or the end of one) starts a new backlog.
             LiveEvent::Step { .. } => ch.backlog = vec![ev.clone()],
             LiveEvent::Log(_) | LiveEvent::Status { .. } => ch.backlog.clear(),
+            LiveEvent::Lagged { .. } => return,
             LiveEvent::Output { .. } => {
                 if ch.backlog.len() >= BACKLOG_EVENTS {
                     // Keep the step's start; drop its oldest output.

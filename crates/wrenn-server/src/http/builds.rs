@@ -182,32 +182,19 @@ pub async fn stream(
             .filter(|e| !already(e, &recorded))
             .map(|e| sse(kind(e), e)),
     );
-    let rx = follower.rx;
-    let live = stream::unfold(
-        (rx, recorded, false),
-        |(mut rx, recorded, done)| async move {
-            if done {
-                return None;
-            }
-            loop {
-                match rx.recv().await {
-                    Ok(e) if already(&e, &recorded) => continue,
-                    Ok(e) => {
-                        let end =
-                            matches!(&e, LiveEvent::Status { status, .. } if status.is_final());
-                        return Some((sse(kind(&e), &e), (rx, recorded, end)));
-                    }
-                    Err(RecvError::Lagged(n)) => {
-                        let ev = SseEvent::default()
-                            .event("lagged")
-                            .data(serde_json::json!({ "missed": n }).to_string());
-                        return Some((ev, (rx, recorded, true)));
-                    }
-                    Err(RecvError::Closed) => return None,
-                }
-            }
-        },
-    );
+    let follow = Follow {
+        rx: follower.rx,
+        recorded,
+        pending: std::collections::VecDeque::new(),
+        poll: tokio::time::interval(RECORD_POLL),
+        builds: s.builds.clone(),
+        id: id.clone(),
+        done: false,
+    };
+    let live = stream::unfold(follow, |mut f| async move {
+        let e = f.next().await?;
+        Some((sse(kind(&e), &e), f))
+    });
     let closing = s.events.closed();
     Ok(Sse::new(
         stream::iter(first)
@@ -219,6 +206,80 @@ pub async fn stream(
     .keep_alive(KeepAlive::new().interval(KEEPALIVE).text("keepalive")))
 }
 
+/// How often a follower also reads the build's record: a build another replica runs
+/// publishes its live events there, not here, so its step ends and final status come from
+/// the record (the running step's output is only seen on the replica running it).
+const RECORD_POLL: Duration = Duration::from_secs(1);
+
+/// A follower's live part: the live channel of this replica, merged with the record.
+struct Follow {
+    rx: tokio::sync::broadcast::Receiver<LiveEvent>,
+    /// Step ends already sent.
+    recorded: Vec<(wrenn_api::BuildPhase, u32)>,
+    /// Read from the record, still to send.
+    pending: std::collections::VecDeque<LiveEvent>,
+    poll: tokio::time::Interval,
+    builds: std::sync::Arc<crate::builds::BuildService>,
+    id: String,
+    done: bool,
+}
+
+impl Follow {
+    /// The next event; `None` once the final status went out (or the follower lagged).
+    async fn next(&mut self) -> Option<LiveEvent> {
+        loop {
+            if self.done {
+                return None;
+            }
+            if let Some(e) = self.pending.pop_front() {
+                return Some(self.sent(e));
+            }
+            tokio::select! {
+                got = self.rx.recv() => match got {
+                    Ok(e) if already(&e, &self.recorded) => continue,
+                    Ok(e) => return Some(self.sent(e)),
+                    Err(RecvError::Lagged(n)) => {
+                        self.done = true;
+                        return Some(LiveEvent::Lagged { missed: n });
+                    }
+                    // Nothing more here: the record tells the rest.
+                    Err(RecvError::Closed) => self.poll_record().await,
+                },
+                _ = self.poll.tick() => self.poll_record().await,
+            }
+        }
+    }
+
+    /// Queues the record's step ends not sent yet, then its status if final.
+    async fn poll_record(&mut self) {
+        let Ok(b) = self.builds.get(&self.id).await else {
+            return;
+        };
+        for l in b.logs {
+            if !self.recorded.contains(&(l.phase, l.step)) {
+                self.pending.push_back(LiveEvent::Log(l));
+            }
+        }
+        if b.status.is_final() {
+            self.pending.push_back(LiveEvent::Status {
+                status: b.status,
+                error: b.error,
+            });
+        }
+    }
+
+    fn sent(&mut self, e: LiveEvent) -> LiveEvent {
+        match &e {
+            LiveEvent::Log(l) if !self.recorded.contains(&(l.phase, l.step)) => {
+                self.recorded.push((l.phase, l.step));
+            }
+            LiveEvent::Status { status, .. } if status.is_final() => self.done = true,
+            _ => {}
+        }
+        e
+    }
+}
+
 /// A live step end the follower already read from the record.
 fn already(e: &LiveEvent, recorded: &[(wrenn_api::BuildPhase, u32)]) -> bool {
     match e {
@@ -226,7 +287,7 @@ fn already(e: &LiveEvent, recorded: &[(wrenn_api::BuildPhase, u32)]) -> bool {
         LiveEvent::Step { phase, step, .. } | LiveEvent::Output { phase, step, .. } => {
             recorded.contains(&(*phase, *step))
         }
-        LiveEvent::Status { .. } => false,
+        LiveEvent::Status { .. } | LiveEvent::Lagged { .. } => false,
     }
 }
 
@@ -236,6 +297,7 @@ fn kind(e: &LiveEvent) -> &'static str {
         LiveEvent::Output { .. } => "output",
         LiveEvent::Log(_) => "log",
         LiveEvent::Status { .. } => "status",
+        LiveEvent::Lagged { .. } => "lagged",
     }
 }
 
