@@ -11,7 +11,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::Json;
 use futures_util::stream::{self, Stream, StreamExt};
 use tokio::io::AsyncWriteExt;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use wrenn_api::{
     ApiError, Build, CreateBuildRequest, ErrorCode, Template, MAX_BUILD_ARCHIVE_BYTES,
 };
@@ -182,15 +182,7 @@ pub async fn stream(
             .filter(|e| !already(e, &recorded))
             .map(|e| sse(kind(e), e)),
     );
-    let follow = Follow {
-        rx: follower.rx,
-        recorded,
-        pending: std::collections::VecDeque::new(),
-        poll: tokio::time::interval(RECORD_POLL),
-        builds: s.builds.clone(),
-        id: id.clone(),
-        done: false,
-    };
+    let follow = Follow::new(follower.rx, recorded, s.builds.clone(), id.clone());
     let live = stream::unfold(follow, |mut f| async move {
         let e = f.next().await?;
         Some((sse(kind(&e), &e), f))
@@ -213,7 +205,8 @@ const RECORD_POLL: Duration = Duration::from_secs(1);
 
 /// A follower's live part: the live channel of this replica, merged with the record.
 struct Follow {
-    rx: tokio::sync::broadcast::Receiver<LiveEvent>,
+    /// `None` once closed (the build ended here, or runs on another replica).
+    rx: Option<tokio::sync::broadcast::Receiver<LiveEvent>>,
     /// Step ends already sent.
     recorded: Vec<(wrenn_api::BuildPhase, u32)>,
     /// Read from the record, still to send.
@@ -225,29 +218,72 @@ struct Follow {
 }
 
 impl Follow {
+    fn new(
+        rx: tokio::sync::broadcast::Receiver<LiveEvent>,
+        recorded: Vec<(wrenn_api::BuildPhase, u32)>,
+        builds: std::sync::Arc<crate::builds::BuildService>,
+        id: String,
+    ) -> Self {
+        // The stream began with a read of the record; the next one is a period later.
+        let start = tokio::time::Instant::now() + RECORD_POLL;
+        let mut poll = tokio::time::interval_at(start, RECORD_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        Self {
+            rx: Some(rx),
+            recorded,
+            pending: std::collections::VecDeque::new(),
+            poll,
+            builds,
+            id,
+            done: false,
+        }
+    }
+
     /// The next event; `None` once the final status went out (or the follower lagged).
     async fn next(&mut self) -> Option<LiveEvent> {
         loop {
             if self.done {
                 return None;
             }
+            // Live events first: they carry the running step's output, which a step end read
+            // from the record would otherwise overtake.
+            if let Some(rx) = &mut self.rx {
+                match rx.try_recv() {
+                    Ok(e) if already(&e, &self.recorded) => continue,
+                    Ok(e) => return Some(self.sent(e)),
+                    Err(TryRecvError::Lagged(n)) => return Some(self.lagged(n)),
+                    Err(TryRecvError::Closed) => self.rx = None,
+                    Err(TryRecvError::Empty) => {}
+                }
+            }
             if let Some(e) = self.pending.pop_front() {
                 return Some(self.sent(e));
             }
+            let Some(rx) = &mut self.rx else {
+                self.poll.tick().await;
+                self.poll_record().await;
+                continue;
+            };
             tokio::select! {
-                got = self.rx.recv() => match got {
-                    Ok(e) if already(&e, &self.recorded) => continue,
+                biased;
+                got = rx.recv() => match got {
+                    Ok(e) if already(&e, &self.recorded) => {}
                     Ok(e) => return Some(self.sent(e)),
-                    Err(RecvError::Lagged(n)) => {
-                        self.done = true;
-                        return Some(LiveEvent::Lagged { missed: n });
+                    Err(RecvError::Lagged(n)) => return Some(self.lagged(n)),
+                    // Nothing more comes here: the record tells the rest.
+                    Err(RecvError::Closed) => {
+                        self.rx = None;
+                        self.poll_record().await;
                     }
-                    // Nothing more here: the record tells the rest.
-                    Err(RecvError::Closed) => self.poll_record().await,
                 },
                 _ = self.poll.tick() => self.poll_record().await,
             }
         }
+    }
+
+    fn lagged(&mut self, missed: u64) -> LiveEvent {
+        self.done = true;
+        LiveEvent::Lagged { missed }
     }
 
     /// Queues the record's step ends not sent yet, then its status if final.
