@@ -1,5 +1,5 @@
 //! Generates the control plane ↔ agent gRPC service (client and server) from the description
-//! below. It has two methods whatever the number of host operations: `Call` carries any
+//! below. It has four methods whatever the number of host operations: `Call` carries any
 //! operation of the `Host` trait as JSON (`src/operations.rs` defines them), `Tunnel` the raw
 //! bytes of one envd connection. `ReadFile` and `WriteFile` move a snapshot's files between
 //! hosts (arguments as JSON in the `x-args` metadata, the file's bytes as raw messages).

@@ -83,6 +83,10 @@ pub trait Vmm: Send + Sync {
     /// e.g. `qemu 7.2.19`
     fn version(&self) -> &str;
     fn accel(&self) -> Accel;
+    /// What a saved state restores under besides the kernel: the version (with the CPU model),
+    /// the accelerator, and under TCG the TSC rate guests calibrated against, under KVM the
+    /// host CPU's model and flags.
+    fn machine(&self) -> &str;
     /// Starts the VM; returns once the process runs (not once the guest is ready).
     async fn boot(&self, cfg: &VmConfig) -> Result<VmProcess>;
     /// True while the VM process lives.

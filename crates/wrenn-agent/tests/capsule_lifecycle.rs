@@ -334,6 +334,7 @@ async fn snapshot_copies_are_checked_by_digest() {
         memory_mb: 512,
         disk_mb: 1024,
         size_bytes: 18,
+        machine: Some(from.machine().await.unwrap()),
     };
     std::fs::write(dir.join("meta.json"), serde_json::to_vec(&meta).unwrap()).unwrap();
 
@@ -399,7 +400,7 @@ async fn snapshot_copies_are_checked_by_digest() {
     // Memory made under another machine does not restore here: refused.
     let mut foreign = manifest.clone();
     foreign.meta.id = "snap-copytest2".into();
-    foreign.machine = "qemu 1.0 cpu=pentium / tcg / kernel 2.6".into();
+    foreign.meta.machine = Some("qemu 1.0 cpu=pentium / tcg / kernel 2.6".into());
     let state = manifest.files[0].clone();
     to.write_snapshot_file("xfer-3", &state, stream(vec![b"the memory"]))
         .await
@@ -411,7 +412,27 @@ async fn snapshot_copies_are_checked_by_digest() {
         .install_snapshot("xfer-3".into(), foreign)
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("made under"), "{e}");
+    assert!(e.to_string().contains("saved under"), "{e}");
+    // Nor memory whose machine was never recorded.
+    let mut unknown = manifest.clone();
+    unknown.meta.id = "snap-copytest3".into();
+    unknown.meta.machine = None;
+    for f in &manifest.files {
+        let body = from.read_snapshot_file(id, &f.name).await.unwrap();
+        to.write_snapshot_file("xfer-4", f, body).await.unwrap();
+    }
+    assert!(to.install_snapshot("xfer-4".into(), unknown).await.is_err());
+    assert!(leftovers().is_empty());
+    // The same machine: installed with its memory.
+    for f in &manifest.files {
+        let body = from.read_snapshot_file(id, &f.name).await.unwrap();
+        to.write_snapshot_file("xfer-5", f, body).await.unwrap();
+    }
+    let mut same = manifest.clone();
+    same.meta.id = "snap-copytest4".into();
+    to.install_snapshot("xfer-5".into(), same).await.unwrap();
+    let copy = to_cfg.data_dir.join("snapshots").join("snap-copytest4");
+    assert_eq!(std::fs::read(copy.join("state")).unwrap(), b"the memory");
     assert!(!to.holds_snapshot("snap-copytest2".into()).await.unwrap());
     assert!(leftovers().is_empty());
 }

@@ -178,6 +178,8 @@ host_operations! {
     fn install_snapshot(transfer: String, manifest: SnapshotManifest) -> SnapshotMeta;
     /// Drops what transfer `transfer` received so far (a copy that failed).
     fn abort_transfer(transfer: String) -> ();
+    /// The machine a memory snapshot must have been saved under to restore here.
+    fn machine() -> String;
     /// The per-shape template snapshots this host holds (disk use, users, last use).
     fn shape_snapshots() -> Vec<ShapeSnapshot>;
 }

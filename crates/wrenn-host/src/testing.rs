@@ -273,6 +273,7 @@ impl FakeHost {
             Call::snapshot { id, snapshot_id } => {
                 self.with_capsule(&id, |_| Ok(()))?;
                 answer(SnapshotMeta {
+                    machine: None,
                     id: snapshot_id,
                     vcpus: 1,
                     memory_mb: 512,

@@ -117,6 +117,11 @@ pub struct SnapshotMeta {
     /// Virtual size of the disk.
     pub disk_mb: u64,
     pub size_bytes: u64,
+    /// The machine its memory was saved under (VMM, CPU, accelerator, kernel: see the agent's
+    /// `machine`); it restores only under the same. `None`: disk only, or saved before this
+    /// was recorded (then only its own host restores it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
 }
 
 /// One file of a snapshot as it is copied between hosts: the receiver keeps it only when it
@@ -133,11 +138,9 @@ pub struct FileDigest {
 /// What a snapshot is made of, as its holder describes it for a copy to another host.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotManifest {
+    /// Its `machine` says what its memory (`state`) restores under.
     pub meta: SnapshotMeta,
     pub files: Vec<FileDigest>,
-    /// The VMM, CPU model, accelerator and kernel the saved memory (`state`) was made under;
-    /// it restores only under the same.
-    pub machine: String,
 }
 
 /// The bytes of a file crossing between hosts, in chunks.

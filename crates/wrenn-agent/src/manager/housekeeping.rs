@@ -135,7 +135,10 @@ impl CapsuleManager {
                 continue;
             }
             drop(_lock);
-            let _ = tokio::fs::remove_dir_all(&trash).await;
+            // Gigabytes: removed beside the reaper pass this runs in, not within it.
+            tokio::spawn(async move {
+                let _ = tokio::fs::remove_dir_all(trash).await;
+            });
             info!(dir = %dir.display(), "unused template snapshot removed");
             removed.push(dir);
         }

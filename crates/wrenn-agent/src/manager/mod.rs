@@ -155,6 +155,15 @@ impl CapsuleManager {
         Ok(mgr)
     }
 
+    /// What a memory snapshot saved here restores under (see `Vmm::machine`), with the kernel.
+    pub(crate) fn machine_name(&self) -> String {
+        format!(
+            "{} / kernel {}",
+            self.vmm.machine(),
+            self.boot.kernel.version
+        )
+    }
+
     pub fn vmm_version(&self) -> &str {
         self.vmm.version()
     }
@@ -448,6 +457,9 @@ impl Host for CapsuleManager {
     }
     async fn abort_transfer(&self, transfer: String) -> Result<()> {
         self.drop_transfer(&transfer).await
+    }
+    async fn machine(&self) -> Result<String> {
+        Ok(self.machine_name())
     }
     async fn shape_snapshots(&self) -> Result<Vec<ShapeSnapshot>> {
         Ok(self.shape_snapshots())

@@ -68,6 +68,13 @@ impl CapsuleManager {
         if split.join("state").exists() {
             return Ok(split);
         }
+        // The RAM file takes up to the guest's memory.
+        if super::free_mb(&dir) < u64::from(meta.memory_mb) + 1024 {
+            return Err(HostError::InvalidState(format!(
+                "not enough disk space to split off {} MiB of memory",
+                meta.memory_mb
+            )));
+        }
         let tmp = dir.join("memory.tmp");
         let _ = tokio::fs::remove_dir_all(&tmp).await;
         std::fs::create_dir_all(&tmp)?;
@@ -94,7 +101,13 @@ impl CapsuleManager {
             for f in ["disk.qcow2", "console.log", "qemu.log"] {
                 let _ = std::fs::remove_file(tmp.join(f));
             }
+            // The RAM was written through a shared mapping: on disk before it is published.
+            tokio::fs::File::open(tmp.join("ram"))
+                .await?
+                .sync_all()
+                .await?;
             std::fs::rename(&tmp, &split)?;
+            std::fs::File::open(&dir)?.sync_all()?;
             Ok::<_, HostError>(())
         }
         .await;
@@ -162,6 +175,7 @@ impl CapsuleManager {
                 memory_mb: record.memory_mb,
                 disk_mb: 0,
                 size_bytes: 0,
+                machine: Some(self.machine_name()),
             };
             (frozen, meta)
         };
@@ -351,6 +365,11 @@ impl CapsuleManager {
         let mut meta: SnapshotMeta = serde_json::from_slice(&bytes)
             .map_err(|e| HostError::Vmm(format!("cached template {key}: {e}")))?;
         meta.id = snapshot_id.to_string();
+        // The cache key matched this host's VMM, accelerator and kernel; on this host the rest
+        // of the machine is the same too.
+        if meta.machine.is_none() {
+            meta.machine = Some(self.machine_name());
+        }
         let final_dir = self.snapshot_dir(snapshot_id);
         if final_dir.exists() {
             return Err(HostError::AlreadyExists(format!(
@@ -428,6 +447,7 @@ impl CapsuleManager {
                 memory_mb: 512,
                 disk_mb,
                 size_bytes: std::fs::metadata(tmp.join("disk.qcow2"))?.len(),
+                machine: None,
             };
             let json = serde_json::to_vec_pretty(&meta).map_err(|e| HostError::Io(e.into()))?;
             std::fs::write(tmp.join("meta.json"), json)?;

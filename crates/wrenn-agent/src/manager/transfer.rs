@@ -42,17 +42,6 @@ impl CapsuleManager {
         Ok(self.cfg.data_dir.join("transfers").join(transfer))
     }
 
-    /// What a memory snapshot made here restores under: the VMM with its CPU model, the
-    /// accelerator and the kernel.
-    fn machine(&self) -> String {
-        format!(
-            "{} / {} / kernel {}",
-            self.vmm.version(),
-            self.vmm.accel().as_str(),
-            self.boot.kernel.version
-        )
-    }
-
     pub(crate) fn holds(&self, snapshot_id: &str) -> Result<bool> {
         valid_snapshot_id(snapshot_id)?;
         let dir = self.snapshot_dir(snapshot_id);
@@ -81,11 +70,7 @@ impl CapsuleManager {
                 files.push(digest_file(path, name).await?);
             }
         }
-        let manifest = SnapshotManifest {
-            meta,
-            files,
-            machine: self.machine(),
-        };
+        let manifest = SnapshotManifest { meta, files };
         let json = serde_json::to_vec_pretty(&manifest).map_err(|e| HostError::Io(e.into()))?;
         let tmp = dir.join(format!("manifest.json.tmp-{:08x}", rand::random::<u32>()));
         std::fs::write(&tmp, json)?;
@@ -179,13 +164,17 @@ impl CapsuleManager {
             return self.snapshot_meta(id);
         }
         let installed = async {
+            let ours = self.machine_name();
             if manifest.files.iter().any(|f| f.name == "state")
-                && manifest.machine != self.machine()
+                && manifest.meta.machine.as_deref() != Some(ours.as_str())
             {
                 return Err(HostError::InvalidRequest(format!(
-                    "snapshot {id} was made under {}; this host runs {}",
-                    manifest.machine,
-                    self.machine()
+                    "snapshot {id}'s memory was saved under {}; this host runs {ours}",
+                    manifest
+                        .meta
+                        .machine
+                        .as_deref()
+                        .unwrap_or("an unrecorded machine")
                 )));
             }
             if !manifest.files.iter().any(|f| f.name == "disk.qcow2") {
@@ -206,10 +195,16 @@ impl CapsuleManager {
             let json =
                 serde_json::to_vec_pretty(&manifest.meta).map_err(|e| HostError::Io(e.into()))?;
             std::fs::write(dir.join("meta.json"), json)?;
+            std::fs::File::open(dir.join("meta.json"))?.sync_all()?;
             let final_dir = self.snapshot_dir(id);
             std::fs::create_dir_all(final_dir.parent().unwrap_or(Path::new("/")))?;
             match std::fs::rename(&dir, &final_dir) {
-                Ok(()) => Ok(manifest.meta.clone()),
+                Ok(()) => {
+                    if let Some(parent) = final_dir.parent() {
+                        std::fs::File::open(parent)?.sync_all()?;
+                    }
+                    Ok(manifest.meta.clone())
+                }
                 // Another transfer of the same snapshot finished first.
                 Err(_) if self.holds(id)? => self.snapshot_meta(id),
                 Err(e) => Err(e.into()),

@@ -31,6 +31,21 @@ random.trust_cpu=on cryptomgr.notests";
 pub const VM_NICE: libc::c_int = 5;
 const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(8);
 
+/// The host CPU as KVM guests with `-cpu host` see it: its model name and a digest of its flags.
+fn host_cpu() -> String {
+    use sha2::{Digest, Sha256};
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let flags = hex::encode(&Sha256::digest(field("flags").as_bytes())[..6]);
+    format!("{} flags {flags}", field("model name"))
+}
+
 /// The virtual CPU guests see. TCG's default (`qemu64`) lacks SSE4.2 and POPCNT (x86-64-v2),
 /// which current numpy, pandas and most PyPI wheels require ("Illegal instruction" at import);
 /// `max` is everything TCG can emulate (QEMU 7.2: up to AVX2). Under KVM the host's own CPU.
@@ -44,6 +59,7 @@ fn cpu_model(accel: Accel) -> &'static str {
 pub struct QemuVmm {
     binary: String,
     version: String,
+    machine: String,
     accel: Accel,
     /// Host TSC frequency handed to TCG guests (see [`host_tsc_khz`]).
     tsc_khz: Option<u64>,
@@ -88,9 +104,18 @@ impl QemuVmm {
             Accel::Tcg => host_tsc_khz().await,
             Accel::Kvm => None,
         };
+        let machine = match accel {
+            // TSC rates within a few MHz are one clock to a guest.
+            Accel::Tcg => format!(
+                "{version} / tcg / tsc {} MHz",
+                tsc_khz.map(|k| (k + 2500) / 5000 * 5).unwrap_or(0)
+            ),
+            Accel::Kvm => format!("{version} / kvm / {}", host_cpu()),
+        };
         info!(%version, accel = accel.as_str(), tsc_khz, "vmm ready");
         Ok(Self {
             binary: binary.to_string(),
+            machine,
             version,
             accel,
             tsc_khz,
@@ -374,6 +399,10 @@ impl Vmm for QemuVmm {
 
     fn accel(&self) -> Accel {
         self.accel
+    }
+
+    fn machine(&self) -> &str {
+        &self.machine
     }
 
     async fn boot(&self, cfg: &VmConfig) -> Result<VmProcess> {

@@ -40,11 +40,8 @@ impl CapsuleService {
                     .await?
             }
         };
-        // Placed where the template is not (yet): its files are copied there before the boot.
-        let copy = t
-            .copy
-            .filter(|c| !c.holders.iter().any(|h| h == host.host_id()))
-            .map(|c| (self.copies.clone(), c));
+        // Its files are copied there before the boot unless the host holds them already.
+        let copy = t.copy.map(|c| (self.copies.clone(), c));
         self.start(team_id, spec, t.from, host, actor, copy).await
     }
 
@@ -458,11 +455,20 @@ impl Boot {
         let created = async {
             if let Some((copies, plan)) = &copy {
                 copies.ensure(&host, plan).await?;
+                // A copy can take minutes: a capsule destroyed meanwhile is not booted.
+                let wanted = store.capsule(&id).await.ok().flatten();
+                if wanted.is_none_or(|r| r.capsule.status != CapsuleStatus::Starting) {
+                    return Ok(None);
+                }
             }
-            host.create(id.clone(), spec, from).await
+            host.create(id.clone(), spec, from).await.map(Some)
         };
         let info = match created.await {
-            Ok(info) => info,
+            Ok(Some(info)) => info,
+            Ok(None) => {
+                info!(capsule_id = %id, "destroyed while its template was copied; not booted");
+                return;
+            }
             Err(e) => {
                 warn!(capsule_id = %id, error = %e, "capsule failed to start");
                 store.mark_error(&id, &e.to_string()).await.or_log(

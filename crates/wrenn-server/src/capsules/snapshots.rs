@@ -277,8 +277,10 @@ impl CapsuleService {
             .ok_or_else(|| ApiError::not_found(format!("template {name:?} not found")))?;
         self.delete_snapshot_files(&row.host_id, &row.snapshot_id)
             .await;
-        // Copies on other hosts go too (each kept by its host while capsules use it).
-        self.copies.delete_all(&row.snapshot_id).await;
+        // Copies on other hosts go too (each kept by its host while capsules use it), in the
+        // background: a host that is slow to answer does not hold up the request.
+        let (copies, snapshot_id) = (self.copies.clone(), row.snapshot_id.clone());
+        tokio::spawn(async move { copies.delete_all(&snapshot_id).await });
         self.events
             .other(
                 EventKind::SnapshotDelete,
@@ -345,22 +347,25 @@ impl CapsuleService {
             let Ok(Ok(Ok((images, shapes)))) = answer else {
                 continue;
             };
+            // What hosts report is added without overflowing (a BYOC host may say anything).
+            let add = |total: &mut i64, bytes: u64| {
+                *total = total.saturating_add(i64::try_from(bytes).unwrap_or(i64::MAX));
+            };
             for i in images {
-                *usage.images.entry(i.name).or_default() += i.size_bytes as i64;
+                add(usage.images.entry(i.name).or_default(), i.size_bytes);
             }
             for s in shapes {
-                let bytes = s.bytes as i64;
                 if let Some(name) = s.image {
-                    *usage.images.entry(name).or_default() += bytes;
+                    add(usage.images.entry(name).or_default(), s.bytes);
                 } else if let Some(id) = s.snapshot_id {
-                    *usage.snapshots.entry(id).or_default() += bytes;
+                    add(usage.snapshots.entry(id).or_default(), s.bytes);
                 }
             }
         }
         for t in self.store.list_all_templates().await? {
             let copies = self.store.template_copy_bytes(&t.snapshot_id).await?;
-            *usage.snapshots.entry(t.snapshot_id).or_default() +=
-                t.template.size_bytes.saturating_add(copies);
+            let total = usage.snapshots.entry(t.snapshot_id).or_default();
+            *total = total.saturating_add(t.template.size_bytes.saturating_add(copies));
         }
         Ok(usage)
     }

@@ -86,14 +86,26 @@ impl TemplateCopies {
         let id = &plan.snapshot_id;
         let gate = self.gate(dest.host_id(), id);
         let _one_at_a_time = gate.lock().await;
-        if deadline(
+        let origin = plan.holders.first().map(String::as_str);
+        let recorded = plan.holders.iter().any(|h| h == dest.host_id());
+        let holds = deadline(
             CALL_TIMEOUT,
             "holds_snapshot",
             dest.holds_snapshot(id.clone()),
         )
-        .await?
-        {
+        .await?;
+        if holds {
+            // A copy installed whose record was lost (a crash, a failed write): recorded now,
+            // so that deleting the template deletes it too.
+            if !recorded && origin != Some(dest.host_id()) {
+                self.record(id, dest.host_id(), 0).await;
+            }
             return Ok(());
+        }
+        if recorded && origin != Some(dest.host_id()) {
+            // The host lost its copy (its data directory was wiped): copied again below.
+            warn!(snapshot_id = %id, host_id = dest.host_id(), "a recorded template copy is missing");
+            let _ = self.store.remove_template_copy(id, dest.host_id()).await;
         }
         let mut last = None;
         for holder in plan.holders.iter().filter(|h| *h != dest.host_id()) {
@@ -120,13 +132,7 @@ impl TemplateCopies {
                         ms = started.elapsed().as_millis() as u64,
                         "template files copied"
                     );
-                    if let Err(e) = self
-                        .store
-                        .add_template_copy(id, dest.host_id(), bytes)
-                        .await
-                    {
-                        warn!(snapshot_id = %id, host_id = dest.host_id(), error = %e, "cannot record a template copy");
-                    }
+                    self.record(id, dest.host_id(), bytes).await;
                     return Ok(());
                 }
                 Err(e) => {
@@ -142,6 +148,16 @@ impl TemplateCopies {
             )),
             None => HostError::NotFound(format!("no host holds snapshot {id}")),
         })
+    }
+
+    async fn record(&self, snapshot_id: &str, host_id: &str, bytes: u64) {
+        if let Err(e) = self
+            .store
+            .add_template_copy(snapshot_id, host_id, bytes)
+            .await
+        {
+            warn!(snapshot_id, host_id, error = %e, "cannot record a template copy");
+        }
     }
 
     /// Deletes the copies of `snapshot_id` (its template is gone); a host that cannot be
@@ -173,7 +189,7 @@ impl TemplateCopies {
     }
 
     async fn delete_one(&self, snapshot_id: &str, host_id: &str) {
-        let gone = match self.pool.get(host_id) {
+        let gone = match self.pool.online(host_id).await.ok() {
             Some(h) => match deadline(
                 CALL_TIMEOUT,
                 "delete_snapshot",
@@ -214,6 +230,19 @@ pub async fn copy_snapshot(
     .await?;
     if !with_memory {
         manifest.files.retain(|f| f.name != "state");
+    } else {
+        // Checked before any byte moves (the receiver checks again before it installs).
+        let theirs = deadline(CALL_TIMEOUT, "machine", to.machine()).await?;
+        if manifest.meta.machine.as_deref() != Some(theirs.as_str()) {
+            return Err(HostError::InvalidRequest(format!(
+                "the template's memory was saved under {}; the host runs {theirs}",
+                manifest
+                    .meta
+                    .machine
+                    .as_deref()
+                    .unwrap_or("an unrecorded machine")
+            )));
+        }
     }
     let transfer = format!("xfer-{:016x}", rand::random::<u64>());
     let copied = async {
