@@ -245,6 +245,15 @@ impl EnvdClient {
         }
     }
 
+    /// A TCP connection to `port` on the guest's loopback, through envd: the connection then
+    /// carries that TCP connection's bytes both ways. `NotFound` when nothing listens there.
+    pub async fn connect_port(&self, port: u16) -> Result<EnvdConn> {
+        match self.open_with(&Request::Connect { port }).await? {
+            (conn, Response::Done) => Ok(conn),
+            (_, other) => Err(EnvdError::unexpected("connect", other)),
+        }
+    }
+
     /// Sends `req` on a new connection and reads its first answer (within [`CALL_TIMEOUT`]:
     /// envd answers a stream's first frame at once): the connection, for what follows on it,
     /// and that answer (an envd error already turned into `Err`).

@@ -93,6 +93,11 @@ pub enum Request {
         /// Random bytes from the host, hex-encoded.
         seed: String,
     },
+    /// Connect to TCP `port` on the guest's loopback (servers bound to 127.0.0.1 or to every
+    /// address alike). Answer `Done` once connected (or `Error`, kind `NotFound` when nothing
+    /// listens there); from then on the connection carries the raw bytes of that TCP
+    /// connection both ways, without frames, until either side closes.
+    Connect { port: u16 },
 }
 
 /// One filesystem entry (the API's `FileEntry`).

@@ -12,6 +12,7 @@
 mod background;
 mod exec;
 mod files;
+mod forward;
 mod identity;
 mod init;
 mod lifeline;
@@ -126,6 +127,7 @@ async fn handle(stream: TcpStream) {
         Request::ReadFile { path } => files::read(path, wr).await,
         Request::WriteFile { path } => files::write(path, rd, wr).await,
         Request::Signal { selector, signal } => processes::signal(selector, signal, wr).await,
+        Request::Connect { port } => forward::connect(port, rd, wr).await,
         Request::Restored { unix_nanos, seed } => {
             let answer = match init::restored(unix_nanos, &seed) {
                 Ok(()) => Response::Done,

@@ -31,6 +31,8 @@ pub enum ErrorCode {
     OwnsTeamWithMembers,
     RateLimited,
     DeliveryFailed,
+    /// The port proxy found nothing listening on the port in the capsule (502).
+    PortNotListening,
 }
 
 impl ErrorCode {
@@ -61,6 +63,7 @@ impl ErrorCode {
             ErrorCode::OwnsTeamWithMembers => "owns_team_with_members",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::DeliveryFailed => "delivery_failed",
+            ErrorCode::PortNotListening => "port_not_listening",
         }
     }
 
@@ -85,7 +88,7 @@ impl ErrorCode {
             ErrorCode::TooLarge => 413,
             ErrorCode::Internal => 500,
             ErrorCode::NotImplemented => 501,
-            ErrorCode::AgentError => 502,
+            ErrorCode::AgentError | ErrorCode::PortNotListening => 502,
             ErrorCode::HostUnavailable
             | ErrorCode::NoHostsAvailable
             | ErrorCode::TemplateBuilding => 503,

@@ -16,6 +16,7 @@ mod events;
 mod exec;
 mod host_events;
 mod lifecycle;
+mod proxy;
 mod reconcile;
 mod snapshots;
 #[cfg(test)]

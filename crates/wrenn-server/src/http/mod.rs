@@ -11,6 +11,7 @@ mod channels;
 mod events;
 mod files;
 mod hosts;
+mod proxy;
 mod pty;
 mod snapshots;
 mod stream;
@@ -93,6 +94,11 @@ pub fn router(state: AppState) -> Router {
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY))
+        // Before any route: `{port}-{capsule}.{domain}` hosts go to the capsule.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            proxy::route,
+        ))
         .layer(TraceLayer::new_for_http().on_response(
             tower_http::trace::DefaultOnResponse::new().latency_unit(LatencyUnit::Micros),
         ))
