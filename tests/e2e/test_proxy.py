@@ -3,8 +3,8 @@ the platform's own address with that Host header (as a client resolving `*.local
 send them): servers bound to every address and to the guest's loopback, streamed bodies and
 redirects, auth (the team's API key; other teams 404), the errors, and auto-resume.
 
-Runs on a platform of its own with the built-in `python` template (built once per machine,
-adopted from the image cache afterwards)."""
+Runs on a platform of its own with the built-in `python` and `code-runner-beta` templates
+(built once per machine, adopted from the image cache afterwards)."""
 
 import time
 
@@ -22,15 +22,16 @@ BUILD_TIMEOUT = 60 * 60
 
 @pytest.fixture(scope="module")
 def proxy_platform(mail_sink, github, receiver):
-    env = {**platform_env(mail_sink, github, receiver), "WRENN_BUILTIN_TEMPLATES": "python"}
+    env = {**platform_env(mail_sink, github, receiver),
+           "WRENN_BUILTIN_TEMPLATES": "python,code-runner-beta"}
     p = start_platform(slot_base=SLOT_BASE, max_slots=16, env_extra=env)
     try:
         admin = admin_browser(p)
         deadline = time.time() + BUILD_TIMEOUT
-        while "python" not in {t["name"] for t in admin.get("/v1/admin/templates").json()}:
+        while not {"python", "code-runner-beta"} <= {t["name"] for t in admin.get("/v1/admin/templates").json()}:
             failed = [b for b in admin.get("/v1/admin/builds").json() if b["status"] == "failed"]
             assert not failed, failed
-            assert time.time() < deadline, "the python template was never built"
+            assert time.time() < deadline, "the built-in templates were never built"
             time.sleep(2)
         yield p
     finally:
@@ -129,3 +130,64 @@ def test_proxy_reaches_ports_in_a_capsule(proxy_platform, mail_sink):
     assert r.status_code == 200 and r.text == "hello-proxy\n", r.text
     assert api.get(f"/v1/capsules/{cid}").json()["status"] == "running"
     api.delete(f"/v1/capsules/{cid}")
+
+
+def test_jupyter_kernel_websocket_through_the_proxy(proxy_platform):
+    """The code runner's path without DNS: Jupyter's REST API and a kernel's WebSocket channel
+    on port 8888 of a code-runner-beta capsule, through the proxy (an upgraded connection
+    spliced end to end): `1+1` answers `2`, state persists between cells, errors come back."""
+    import json
+    import uuid
+
+    import httpx_ws
+
+    p = proxy_platform
+    api = httpx.Client(base_url=p.base_url, headers={"X-API-Key": p.api_key}, timeout=120)
+    r = api.post("/v1/capsules", json={"template": "code-runner-beta", "timeout_sec": 600})
+    assert r.status_code == 202, r.text
+    cid = r.json()["id"]
+    try:
+        assert wait_status(api, cid, {"running", "error"}, timeout=180)["status"] == "running"
+        h = {"Host": f"8888-{cid}.localhost:{p.base_url.rsplit(':', 1)[1]}"}
+        kernels = api.get("/api/kernels", headers=h)
+        assert kernels.status_code == 200, kernels.text
+        kid = next((k["id"] for k in kernels.json() if k["name"] == "wrenn"), None)
+        if kid is None:
+            r = api.post("/api/kernels", headers=h, json={"name": "wrenn"})
+            assert r.status_code in (200, 201), r.text
+            kid = r.json()["id"]
+        session = uuid.uuid4().hex
+
+        def execute(ws, code):
+            mid = uuid.uuid4().hex
+            ws.send_text(json.dumps({
+                "header": {"msg_id": mid, "username": "test", "session": session,
+                           "msg_type": "execute_request", "version": "5.3"},
+                "parent_header": {}, "metadata": {}, "channel": "shell",
+                "content": {"code": code, "silent": False, "store_history": True,
+                            "user_expressions": {}, "allow_stdin": False, "stop_on_error": True},
+            }))
+            out = {"result": None, "stdout": "", "error": None}
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                m = json.loads(ws.receive_text(timeout=60))
+                if m.get("parent_header", {}).get("msg_id") != mid:
+                    continue
+                t = m["msg_type"]
+                if t == "execute_result":
+                    out["result"] = m["content"]["data"]["text/plain"]
+                elif t == "stream":
+                    out["stdout"] += m["content"]["text"]
+                elif t == "error":
+                    out["error"] = m["content"]["ename"]
+                elif t == "status" and m["content"]["execution_state"] == "idle":
+                    return out
+            raise AssertionError(f"no answer to {code!r}")
+
+        with httpx_ws.connect_ws(f"{p.base_url}/api/kernels/{kid}/channels", api, headers=h) as ws:
+            assert execute(ws, "1+1")["result"] == "2"
+            assert execute(ws, "x = 21\nprint('hi')")["stdout"] == "hi\n"
+            assert execute(ws, "x * 2")["result"] == "42"
+            assert execute(ws, "1/0")["error"] == "ZeroDivisionError"
+    finally:
+        api.delete(f"/v1/capsules/{cid}")
