@@ -5,9 +5,13 @@
 # guest images, cpio, lz4 for the kernel, e2fsprogs, iproute2 + nftables for network slots.
 # Build: build-essential (gcc alone does not bring libc6-dev, which the linker needs: gcc only
 # recommends it and recommends are not installed), pkg-config. Tests: python3-pip, python3-venv
-# (scripts/check-deps.sh builds a clean virtual environment), jq, curl.
+# (scripts/check-deps.sh builds a clean virtual environment), jq, curl. Port proxy:
+# libnss-myhostname resolves every `*.localhost` name to loopback (its install adds
+# `myhostname` to /etc/nsswitch.conf), so the URLs the SDK builds from `wrenn up`'s
+# `http://localhost:8080` (`8888-cl-….localhost:8080`) reach the platform from this machine.
 APT_PACKAGES=(qemu-system-x86 qemu-utils debootstrap busybox-static cpio lz4 e2fsprogs iproute2 nftables
-              ca-certificates curl jq python3 python3-pip python3-venv build-essential pkg-config)
+              ca-certificates curl jq python3 python3-pip python3-venv build-essential pkg-config
+              libnss-myhostname)
 
 # The tests' Python packages (one file: install-deps.sh installs it, check-deps.sh proves it
 # covers every import), and pip's flags for it: the official SDK `wrenn` declares Python >= 3.13

@@ -191,3 +191,30 @@ def test_jupyter_kernel_websocket_through_the_proxy(proxy_platform):
             assert execute(ws, "1/0")["error"] == "ZeroDivisionError"
     finally:
         api.delete(f"/v1/capsules/{cid}")
+
+
+def test_the_sdk_reaches_capsule_ports_by_name(proxy_platform):
+    """The official SDK, unchanged, pointed at `http://localhost:<port>` as `wrenn up` prints
+    it: `get_url` builds `{port}-{capsule}.localhost:<port>`, which this machine resolves
+    (libnss-myhostname: every `*.localhost` is loopback)."""
+    from wrenn import Capsule
+
+    p = proxy_platform
+    base_url = "http://localhost:" + p.base_url.rsplit(":", 1)[1]
+    kw = dict(wait=True, api_key=p.api_key, base_url=base_url)
+    c = Capsule(template="python", **kw)
+    try:
+        c.commands.run("mkdir -p /srv/a && echo by-name > /srv/a/index.html")
+        c.commands.run("cd /srv/a && python3 -m http.server 8000 --bind 127.0.0.1", background=True)
+        url = c.get_url(8000)
+        assert url.startswith(f"http://8000-{c.capsule_id}.localhost:"), url
+        deadline = time.time() + 30
+        while True:
+            r = httpx.get(url + "/", headers={"X-API-Key": p.api_key}, timeout=30)
+            if r.status_code != 502 or time.time() > deadline:
+                break
+            time.sleep(0.3)
+        assert r.status_code == 200 and r.text == "by-name\n", (r.status_code, r.text)
+        assert httpx.get(url + "/", timeout=30).status_code == 401
+    finally:
+        c.destroy()

@@ -261,10 +261,7 @@ impl ControlPlane {
         let stats = Arc::new(StatsService::new(store.clone(), c.stats_interval));
         sample_stats(&mut tasks, &stats, &store, replica.clone());
 
-        let base_url = c
-            .public_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{}", c.listen));
+        let base_url = c.public_url.clone().unwrap_or_else(|| local_url(c.listen));
         let bootstrap = crate::bootstrap::ensure(
             &store,
             &c.data_dir,
@@ -460,6 +457,17 @@ async fn serve(
         .into_future(),
     );
     Ok((server, local_addr))
+}
+
+/// The URL of a control plane without a public one. On loopback it is `localhost`, not the
+/// address: the SDK builds port-proxy URLs from it (`8888-cl-….localhost:8080`), and every
+/// `*.localhost` name resolves to loopback (RFC 6761; libnss-myhostname), `*.127.0.0.1` none.
+fn local_url(listen: SocketAddr) -> String {
+    if listen.ip().is_loopback() {
+        format!("http://localhost:{}", listen.port())
+    } else {
+        format!("http://{listen}")
+    }
 }
 
 /// What a configuration must hold before anything starts.
