@@ -218,3 +218,26 @@ def test_the_sdk_reaches_capsule_ports_by_name(proxy_platform):
         assert httpx.get(url + "/", timeout=30).status_code == 401
     finally:
         c.destroy()
+
+
+def test_the_sdk_code_runner_runs_cells(proxy_platform):
+    """The SDK's `code_runner`, unchanged, against `http://localhost:<port>`: it finds the
+    `wrenn` kernel the template started (warm in the snapshot) through the proxy on port 8888
+    and runs cells over its WebSocket: values, prints, state, errors, a PNG figure."""
+    from wrenn.code_runner import Capsule as CodeRunner
+
+    p = proxy_platform
+    base_url = "http://localhost:" + p.base_url.rsplit(":", 1)[1]
+    kw = dict(wait=True, api_key=p.api_key, base_url=base_url)
+    cr = CodeRunner(**kw)
+    try:
+        assert cr.run_code("1+1").text == "2"
+        ex = cr.run_code("y = 20\nprint('hello')")
+        assert ex.logs.stdout == ["hello\n"], ex.logs
+        assert cr.run_code("y + 22").text == "42"
+        err = cr.run_code("raise ValueError('boom')").error
+        assert err is not None and err.name == "ValueError" and "boom" in err.value, err
+        fig = cr.run_code("import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()")
+        assert any(r.png for r in fig.results), fig
+    finally:
+        cr.destroy()

@@ -74,6 +74,32 @@ pub const BUILTINS: &[Builtin] = &[
             "RUN python3 -m ipykernel install --name wrenn --display-name 'Python 3 (Wrenn)'",
             "RUN mkdir -p /root/.ipython/profile_default && printf \"c.InteractiveShellApp.matplotlib = 'inline'\\n\" > /root/.ipython/profile_default/ipython_kernel_config.py",
             "START jupyter server --ip=0.0.0.0 --port=8888 --no-browser --allow-root --IdentityProvider.token= --ServerApp.password= --ServerApp.allow_origin=* --ServerApp.disable_check_xsrf=True --ServerApp.root_dir=/root",
+            // A `wrenn` kernel started and warmed (the data stack imported) before the snapshot:
+            // the SDK's code runner reuses a running kernel of that name, so its first cell
+            // answers at once instead of waiting for a kernel to start under emulation (longer
+            // than the SDK's 5 s timeout).
+            concat!(
+                "RUN printf '%s\\n' ",
+                "'import json, time, urllib.request as u' ",
+                "'from jupyter_client import BlockingKernelClient' ",
+                "'from jupyter_core.paths import jupyter_runtime_dir' ",
+                "'for _ in range(300):' ",
+                "'    try:' ",
+                "'        u.urlopen(\"http://127.0.0.1:8888/api/status\"); break' ",
+                "'    except Exception:' ",
+                "'        time.sleep(1)' ",
+                "'req = u.Request(\"http://127.0.0.1:8888/api/kernels\", data=json.dumps({\"name\": \"wrenn\"}).encode(), headers={\"Content-Type\": \"application/json\"}, method=\"POST\")' ",
+                "'k = json.load(u.urlopen(req))' ",
+                "'c = BlockingKernelClient(connection_file=\"%s/kernel-%s.json\" % (jupyter_runtime_dir(), k[\"id\"]))' ",
+                // Not `wait_for_ready`: without a kernel manager it judges the kernel by its
+                // heartbeat, which is not beating yet under emulation ("kernel died").
+                "'c.load_connection_file(); c.start_channels()' ",
+                "'c.execute(\"import numpy, pandas, matplotlib.pyplot, seaborn, requests\")' ",
+                "'r = c.get_shell_msg(timeout=600)' ",
+                "'c.stop_channels()' ",
+                "'raise SystemExit(0 if r[\"content\"][\"status\"] == \"ok\" else 1)' ",
+                "> /tmp/warm-kernel.py && python3 /tmp/warm-kernel.py && rm /tmp/warm-kernel.py"
+            ),
         ],
         healthcheck: Some("--interval=2s --start-period=5s curl -sf http://127.0.0.1:8888/api/status"),
         memory_mb: 1024,
