@@ -53,7 +53,7 @@ def test_signup_mail_activation_and_cookies(platform, mail_sink):
     msg, body = mail_sink.wait_for(normal, "/activate?token=")
     assert msg["Subject"] == "Activate your Wrenn account"
     token = mail_sink.link_token(normal, "/activate")
-    assert f"{platform.base_url}/activate?token={token}" in body
+    assert f"{platform.public_url}/activate?token={token}" in body
     err(b.post("/v1/auth/activate", json={"token": "f" * 32}), 400, "invalid_token")
     r = b.post("/v1/auth/activate", json={"token": token})
     assert r.status_code == 200, r.text
@@ -351,9 +351,9 @@ def _callback(platform, b, **params):
 def test_github_oauth_against_a_local_stand_in(platform, mail_sink, github):
     b, loc, q = _oauth_start(platform)
     assert f"{loc.scheme}://{loc.netloc}" == github.base_url and loc.path == "/login/oauth/authorize"
-    assert q["client_id"] == ["test-client"] and q["redirect_uri"] == [platform.base_url + "/auth/oauth/github/callback"]
+    assert q["client_id"] == ["test-client"] and q["redirect_uri"] == [platform.public_url + "/auth/oauth/github/callback"]
     state = q["state"][0]
-    done = platform.base_url + "/auth/github/callback"
+    done = platform.public_url + "/auth/github/callback"
     # Error paths.
     assert _callback(platform, b, error="access_denied", state=state) == done + "?error=access_denied"
     b, _, q = _oauth_start(platform)

@@ -114,6 +114,9 @@ def wait_serving(base_url, proc, log_path, timeout=60, what="the platform", read
 class Platform:
     def __init__(self, base_url, api_key, data_dir, proc):
         self.base_url = base_url
+        # What the platform calls itself in links and redirects: on loopback `localhost`
+        # (port-proxy URLs resolve under it); the tests talk to the address directly.
+        self.public_url = base_url.replace("://127.0.0.1:", "://localhost:")
         self.api_key = api_key
         self.data_dir = Path(data_dir)
         self.proc = proc
