@@ -362,6 +362,29 @@ async fn set_ignore_shared(qmp: &mut Qmp, on: bool) -> Result<()> {
     Ok(())
 }
 
+impl QemuVmm {
+    /// Loads `state` into `vm` (started with `-incoming defer`), which stays frozen.
+    async fn load(&self, vm: &VmProcess, state: &Path, ignore_shared: bool) -> Result<Qmp> {
+        let mut qmp = self.qmp(vm).await?;
+        set_ignore_shared(&mut qmp, ignore_shared).await?;
+        let uri = format!(
+            "exec:cat {}",
+            crate::images::sh_quote(crate::images::path_str(state)?)
+        );
+        qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })))
+            .await?;
+        wait_migration(&mut qmp, "loading the saved guest").await?;
+        Ok(qmp)
+    }
+}
+
+/// `e` with the last lines QEMU logged for the VM of `cfg`.
+fn with_qemu_log(cfg: &VmConfig, e: HostError) -> HostError {
+    let log = std::fs::read_to_string(cfg.dir.join("qemu.log")).unwrap_or_default();
+    let last = log.lines().rev().take(3).collect::<Vec<_>>().join(" | ");
+    HostError::Vmm(format!("{e}; qemu: {last}"))
+}
+
 /// How long writing or loading a guest's state may take (a large, busy guest under TCG).
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -475,24 +498,14 @@ impl Vmm for QemuVmm {
     ) -> Result<VmProcess> {
         let vm = self.spawn(cfg, true).await?;
         let result = async {
-            let mut qmp = self.qmp(&vm).await?;
-            set_ignore_shared(&mut qmp, ignore_shared).await?;
-            let uri = format!(
-                "exec:cat {}",
-                crate::images::sh_quote(crate::images::path_str(state)?)
-            );
-            qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })))
-                .await?;
-            wait_migration(&mut qmp, "loading the saved guest").await?;
+            let mut qmp = self.load(&vm, state, ignore_shared).await?;
             qmp.execute("cont", None).await?;
             Ok::<_, HostError>(())
         }
         .await;
         if let Err(e) = result {
             let _ = self.stop(&vm).await;
-            let log = std::fs::read_to_string(cfg.dir.join("qemu.log")).unwrap_or_default();
-            let last = log.lines().rev().take(3).collect::<Vec<_>>().join(" | ");
-            return Err(HostError::Vmm(format!("{e}; qemu: {last}")));
+            return Err(with_qemu_log(cfg, e));
         }
         Ok(vm)
     }
@@ -500,25 +513,13 @@ impl Vmm for QemuVmm {
     async fn split_memory(&self, cfg: &VmConfig, state_in: &Path, state_out: &Path) -> Result<()> {
         let vm = self.spawn(cfg, true).await?;
         let result = async {
-            let mut qmp = self.qmp(&vm).await?;
-            set_ignore_shared(&mut qmp, false).await?;
-            let uri = format!(
-                "exec:cat {}",
-                crate::images::sh_quote(crate::images::path_str(state_in)?)
-            );
-            qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })))
-                .await?;
-            wait_migration(&mut qmp, "loading the saved guest").await?;
+            let mut qmp = self.load(&vm, state_in, false).await?;
             // Still frozen (never `cont`): nothing in the guest moved since it was saved.
             save_with(&mut qmp, state_out, true).await
         }
         .await;
         let _ = self.stop(&vm).await;
-        result.map_err(|e| {
-            let log = std::fs::read_to_string(cfg.dir.join("qemu.log")).unwrap_or_default();
-            let last = log.lines().rev().take(3).collect::<Vec<_>>().join(" | ");
-            HostError::Vmm(format!("{e}; qemu: {last}"))
-        })
+        result.map_err(|e| with_qemu_log(cfg, e))
     }
 
     async fn shutdown(&self, vm: &VmProcess) -> Result<()> {
