@@ -107,6 +107,9 @@ pub struct CreateCapsuleRequest {
     pub memory_mb: Option<i64>,
     pub disk_size_mb: Option<i64>,
     pub timeout_sec: Option<i64>,
+    /// Who may reach the capsule's ports besides its team (a Wrenn extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<crate::ProxyAccess>,
 }
 
 /// A create request with defaults applied and every bound checked.

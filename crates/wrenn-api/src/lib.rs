@@ -13,6 +13,7 @@ pub mod event;
 pub mod host;
 pub mod id;
 pub mod metrics;
+pub mod proxy;
 pub mod stats;
 pub mod template;
 
@@ -25,5 +26,6 @@ pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use event::*;
 pub use host::*;
 pub use metrics::{MetricPoint, MetricsRange};
+pub use proxy::*;
 pub use stats::*;
 pub use template::*;

@@ -37,6 +37,7 @@ use crate::events::EventBus;
 use crate::hosts::pki::Pki;
 use crate::hosts::pool::{HostPool, Overcommit};
 use crate::hosts::{HostConfig, HostService};
+use crate::http::proxy::{Proxy, ProxySettings};
 use crate::stats::StatsService;
 use crate::store::{Store, StoreError};
 use crate::AppState;
@@ -56,6 +57,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// URL clients use (default `http://<listen>`).
     pub public_url: Option<String>,
+    /// Domain of port proxy links, `{port}-{capsule}.{domain}` (default: the public URL's host
+    /// and port, as the SDK assumes without `WRENN_PROXY_DOMAIN`).
+    pub proxy_domain: Option<String>,
     pub admin_email: String,
     pub admin_password: Option<String>,
     /// `postgres://…`; SQLite under the data dir when unset.
@@ -285,6 +289,19 @@ impl ControlPlane {
         ));
         watch_hosts(&mut tasks, &hosts, c.heartbeat_interval);
         let channels = Arc::new(channel_service(&c, &store)?);
+        let proxy = Arc::new(Proxy::new(ProxySettings::new(
+            &base_url,
+            c.proxy_domain.as_deref(),
+        )));
+        let idle = proxy.clone();
+        tasks.every(
+            Duration::from_secs(10),
+            "proxy-idle-connections",
+            move || {
+                idle.expire_idle();
+                std::future::ready(Ok::<(), std::convert::Infallible>(()))
+            },
+        );
         let queue = events
             .work_queue(crate::channels::QUEUE_GROUP, channels.max_handling())
             .await
@@ -302,6 +319,7 @@ impl ControlPlane {
             hosts,
             events: events.clone(),
             channels,
+            proxy: proxy.clone(),
         };
         let (server, local_addr) = serve(c.listen, state, tasks.cancel.clone()).await?;
         // After the API serves: `minimal` is ready now, the others build in the background.
@@ -448,6 +466,11 @@ async fn serve(
         source,
     })?;
     let app = crate::http::router(state);
+    // Small writes leave at once: proxied streams (SSE, WebSocket frames, an app's headers
+    // then its body) would otherwise wait on Nagle for the client's delayed acknowledgement.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = tokio::spawn(
         axum::serve(
             listener,

@@ -47,4 +47,5 @@ pub(crate) struct AppState {
     pub events: Arc<events::EventBus>,
     pub audit: audit::AuditLog,
     pub channels: Arc<channels::ChannelService>,
+    pub proxy: Arc<http::proxy::Proxy>,
 }

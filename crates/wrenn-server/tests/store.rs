@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{Duration, NaiveDate, TimeZone, Utc};
-use wrenn_api::{CapsuleStatus, CreateCapsuleRequest};
+use wrenn_api::{CapsuleStatus, CreateCapsuleRequest, ProxyAccess};
 use wrenn_api::{HostStatus, UserStatus};
 use wrenn_server::store::{NewTeam, NewTemplate, Store, TeamLoad};
 
@@ -24,7 +24,53 @@ on_both_backends!(
     channels_are_unique_per_team_and_deliveries_idempotent,
     a_lease_has_one_holder_until_it_expires,
     oauth_flows_are_single_use_and_bound_to_their_provider,
+    proxy_access_defaults_private_and_token_generations_only_grow,
 );
+
+async fn proxy_access_defaults_private_and_token_generations_only_grow(store: Store) {
+    team(&store).await;
+    let spec = CreateCapsuleRequest::default().validate().unwrap();
+    store
+        .insert_capsule("cl-1", "team-1", "host-1", &spec)
+        .await
+        .unwrap();
+    assert!(store.proxy_access("cl-none").await.unwrap().is_none());
+    let row = store.proxy_access("cl-1").await.unwrap().unwrap();
+    assert_eq!(row.team_id, "team-1");
+    assert_eq!(row.access, ProxyAccess::default());
+    assert_eq!(row.token_generation, 0);
+    // Revoking before any access was set creates the row.
+    store.revoke_proxy_tokens("cl-1").await.unwrap();
+    assert_eq!(
+        store
+            .proxy_access("cl-1")
+            .await
+            .unwrap()
+            .unwrap()
+            .token_generation,
+        1
+    );
+    let public = ProxyAccess {
+        public: false,
+        public_ports: vec![80, 3000],
+    };
+    store.set_proxy_access("cl-1", &public).await.unwrap();
+    let row = store.proxy_access("cl-1").await.unwrap().unwrap();
+    assert_eq!(row.access, public);
+    assert_eq!(row.token_generation, 1, "setting access keeps the tokens");
+    store.revoke_proxy_tokens("cl-1").await.unwrap();
+    let row = store.proxy_access("cl-1").await.unwrap().unwrap();
+    assert_eq!((row.access, row.token_generation), (public, 2));
+    let all = ProxyAccess {
+        public: true,
+        public_ports: vec![],
+    };
+    store.set_proxy_access("cl-1", &all).await.unwrap();
+    assert_eq!(
+        store.proxy_access("cl-1").await.unwrap().unwrap().access,
+        all
+    );
+}
 
 async fn oauth_flows_are_single_use_and_bound_to_their_provider(store: Store) {
     let now = Utc::now();

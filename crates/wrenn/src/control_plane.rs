@@ -17,6 +17,11 @@ pub struct CpArgs {
     /// URL clients use to reach the API (default: http://<listen>).
     #[arg(long, env = "WRENN_PUBLIC_URL")]
     public_url: Option<String>,
+    /// Domain of the port proxy's links, `{port}-{capsule}.{domain}` (default: the public URL's
+    /// host and port). Point a wildcard DNS name at the API to use one; the SDK reads the same
+    /// variable.
+    #[arg(long, env = "WRENN_PROXY_DOMAIN")]
+    proxy_domain: Option<String>,
     /// Email of the bootstrap admin created on first start.
     #[arg(long, env = "WRENN_ADMIN_EMAIL", default_value = "admin@localhost")]
     admin_email: String,
@@ -167,6 +172,7 @@ impl CpArgs {
             data_dir,
             listen: self.listen,
             public_url: self.public_url,
+            proxy_domain: self.proxy_domain,
             admin_email: self.admin_email,
             admin_password: self.admin_password,
             database_url: self.database_url,

@@ -428,6 +428,7 @@ impl Run<'_> {
             memory_mb: Some(b.memory_mb.into()),
             disk_size_mb: Some(b.disk_size_mb.into()),
             timeout_sec: Some(0),
+            proxy: None,
         };
         let actor = EventActor::system("template-build");
         let capsule = match &b.base_image {

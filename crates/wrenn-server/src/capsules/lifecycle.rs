@@ -8,7 +8,7 @@ use tracing::{info, warn};
 use wrenn_api::id::{new_id, prefix, PLATFORM_TEAM_ID};
 use wrenn_api::{
     ApiError, Capsule, CapsuleSpec, CapsuleStatus, CreateCapsuleRequest, ErrorCode, EventActor,
-    EventKind,
+    EventKind, ProxyAccess,
 };
 use wrenn_host::{Host, HostCapacity, Phase, UserSnapshot};
 
@@ -17,6 +17,15 @@ use crate::error::from_host;
 use crate::hosts::copies::{CopyPlan, TemplateCopies};
 use crate::hosts::pool::HostHandle;
 use crate::store::Store;
+
+/// What a capsule may start with besides its spec.
+#[derive(Default)]
+struct StartExtras {
+    /// Template files to copy to the host before the boot.
+    copy: Option<(Arc<TemplateCopies>, CopyPlan)>,
+    /// Who may reach its ports besides its team, when not only the team.
+    access: Option<ProxyAccess>,
+}
 
 /// How long DELETE waits for the host to finish before answering 202 anyway.
 const DESTROY_WAIT: Duration = Duration::from_secs(5);
@@ -30,6 +39,12 @@ impl CapsuleService {
         actor: &EventActor,
     ) -> Result<Capsule> {
         let mut spec = req.validate().map_err(ApiError::invalid)?;
+        let access = req
+            .proxy
+            .as_ref()
+            .map(|a| a.validate().map_err(ApiError::invalid))
+            .transpose()?
+            .filter(|a| *a != ProxyAccess::default());
         let t = self.resolve_template(team_id, &mut spec).await?;
         let host = match &t.pinned {
             Some(h) => self.pool.online(h).await?,
@@ -41,8 +56,11 @@ impl CapsuleService {
             }
         };
         // Its files are copied there before the boot unless the host holds them already.
-        let copy = t.copy.map(|c| (self.copies.clone(), c));
-        self.start(team_id, spec, t.from, host, actor, copy).await
+        let extras = StartExtras {
+            copy: t.copy.map(|c| (self.copies.clone(), c)),
+            access,
+        };
+        self.start(team_id, spec, t.from, host, actor, extras).await
     }
 
     /// Boots a capsule from a disk already on `host` (an imported OCI image: `from` with
@@ -55,8 +73,15 @@ impl CapsuleService {
         host: HostHandle,
         actor: &EventActor,
     ) -> Result<Capsule> {
-        self.start(team_id, spec, Some(from), host, actor, None)
-            .await
+        self.start(
+            team_id,
+            spec,
+            Some(from),
+            host,
+            actor,
+            StartExtras::default(),
+        )
+        .await
     }
 
     /// Records the capsule as `starting` on `host` and boots it in the background.
@@ -67,7 +92,7 @@ impl CapsuleService {
         from: Option<UserSnapshot>,
         host: HostHandle,
         actor: &EventActor,
-        copy: Option<(Arc<TemplateCopies>, CopyPlan)>,
+        StartExtras { copy, access }: StartExtras,
     ) -> Result<Capsule> {
         fits(&spec, &host.capacity().await.map_err(from_host)?)?;
         let id = new_id(prefix::CAPSULE);
@@ -75,6 +100,16 @@ impl CapsuleService {
             .store
             .insert_capsule(&id, team_id, host.host_id(), &spec)
             .await?;
+        if let Some(access) = &access {
+            // Before the boot: the capsule is never reachable other than as asked.
+            if let Err(e) = self.store.set_proxy_access(&id, access).await {
+                self.store
+                    .mark_error(&id, "its proxy access could not be recorded")
+                    .await
+                    .or_log("marking the capsule", &id, host.host_id());
+                return Err(e.into());
+            }
+        }
         info!(capsule_id = %id, team_id, host_id = host.host_id(), template = %spec.template, "capsule create accepted");
         let boot = Boot {
             store: self.store.clone(),

@@ -9,8 +9,10 @@
 //! processes, the guest agent for files and terminals), `snapshots` (snapshot templates,
 //! metrics), `reconcile` (the database against what hosts hold; the TTL reaper and the
 //! dead-VM pass), `host_events` (hosts coming and going), `events` (what is published and
-//! audited), `activity` (what is in use, for the inactivity timer).
+//! audited), `activity` (what is in use, for the inactivity timer), `proxy` and `access` (the
+//! port proxy's way into a capsule, and who besides the team may take it).
 
+mod access;
 mod activity;
 mod events;
 mod exec;
@@ -30,6 +32,7 @@ use crate::events::EventBus;
 use crate::hosts::copies::TemplateCopies;
 use crate::hosts::pool::HostPool;
 use crate::store::{CapsuleRow, Store};
+pub use access::Admission;
 pub use activity::{Activity, Busy};
 pub use events::Emitter;
 pub use exec::{pty_spec, ExecOutcome};
@@ -55,6 +58,8 @@ pub struct CapsuleService {
     activity: Activity,
     events: Emitter,
     copies: Arc<TemplateCopies>,
+    /// Signs proxy access tokens; read from the store on first use.
+    token_key: tokio::sync::OnceCell<access::TokenKey>,
 }
 
 /// Why a capsule is paused (kept in its row).
@@ -85,6 +90,7 @@ impl CapsuleService {
             copies: Arc::new(TemplateCopies::new(store.clone(), pool.clone())),
             store,
             pool,
+            token_key: Default::default(),
         }
     }
 

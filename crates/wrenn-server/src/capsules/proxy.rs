@@ -14,15 +14,25 @@ use crate::error::from_host;
 /// How long a proxied request waits for its capsule to run.
 const WAKE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// A running capsule's way in for the proxy.
+pub struct ProxyTarget {
+    pub envd: envd_client::EnvdClient,
+    /// Keeps the capsule in use while the request (or its stream) lasts.
+    pub busy: Busy,
+    /// Names this run of the capsule: it changes when the capsule is paused and resumed, so
+    /// connections kept from an earlier run are not reused.
+    pub run: String,
+}
+
 impl CapsuleService {
     /// The guest agent of capsule `id` of `team_id` for a proxied request, resuming the
-    /// capsule first when it is paused, and the hold that keeps it busy meanwhile.
+    /// capsule first when it is paused.
     pub async fn proxy_target(
         &self,
         team_id: &str,
         id: &str,
         actor: &EventActor,
-    ) -> Result<(envd_client::EnvdClient, Busy)> {
+    ) -> Result<ProxyTarget> {
         use CapsuleStatus::*;
         let deadline = tokio::time::Instant::now() + WAKE_TIMEOUT;
         let mut resumed = false;
@@ -32,7 +42,15 @@ impl CapsuleService {
                 Running => {
                     let host = self.pool.client_for(&row).await?;
                     let busy = self.hold(id);
-                    return Ok((host.envd(id).await.map_err(from_host)?, busy));
+                    return Ok(ProxyTarget {
+                        envd: host.envd(id).await.map_err(from_host)?,
+                        busy,
+                        run: format!(
+                            "{}/{}",
+                            row.host_id.unwrap_or_default(),
+                            row.capsule.last_updated.timestamp_micros()
+                        ),
+                    });
                 }
                 Paused if !resumed => {
                     resumed = true;

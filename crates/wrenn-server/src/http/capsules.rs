@@ -4,7 +4,9 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
-use wrenn_api::{CreateCapsuleRequest, ExecRequest};
+use wrenn_api::{
+    CreateCapsuleRequest, CreateProxyTokenRequest, ExecRequest, ProxyAccess, ProxyToken,
+};
 
 use super::ApiJson;
 use crate::capsules::ExecOutcome;
@@ -173,5 +175,66 @@ pub async fn kill_process(
     s.capsules
         .kill_process(&auth.team_id, &id, &selector, q.signal.as_deref())
         .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /v1/capsules/{id}/proxy`: who may reach the capsule's ports besides its team.
+pub async fn proxy_access(
+    State(s): State<AppState>,
+    auth: TeamAuth,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, HttpError> {
+    Ok(Json(s.capsules.proxy_access(&auth.team_id, &id).await?))
+}
+
+/// `PUT /v1/capsules/{id}/proxy`: makes the capsule, or some of its ports, public or private.
+pub async fn set_proxy_access(
+    State(s): State<AppState>,
+    auth: TeamAuth,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<ProxyAccess>,
+) -> Result<impl IntoResponse, HttpError> {
+    Ok(Json(
+        s.capsules
+            .set_proxy_access(&auth.team_id, &id, &req, &auth.actor.event())
+            .await?,
+    ))
+}
+
+/// `POST /v1/capsules/{id}/proxy/tokens`: an access token for one port, and the link that
+/// opens it in a browser.
+pub async fn create_proxy_token(
+    State(s): State<AppState>,
+    auth: TeamAuth,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<CreateProxyTokenRequest>,
+) -> Result<impl IntoResponse, HttpError> {
+    let (token, port, expires_at) = s
+        .capsules
+        .create_proxy_token(&auth.team_id, &id, &req, chrono::Utc::now())
+        .await?;
+    let url = format!(
+        "{}?{}={token}",
+        s.proxy.settings.url(port, &id),
+        super::proxy::TOKEN_PARAM
+    );
+    Ok((
+        StatusCode::CREATED,
+        Json(ProxyToken {
+            token,
+            port,
+            url,
+            expires_at,
+        }),
+    ))
+}
+
+/// `DELETE /v1/capsules/{id}/proxy/tokens`: revokes every access token of the capsule.
+pub async fn revoke_proxy_tokens(
+    State(s): State<AppState>,
+    auth: TeamAuth,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, HttpError> {
+    s.capsules.revoke_proxy_tokens(&auth.team_id, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

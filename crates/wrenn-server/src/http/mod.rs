@@ -11,7 +11,7 @@ mod channels;
 mod events;
 mod files;
 mod hosts;
-mod proxy;
+pub(crate) mod proxy;
 mod pty;
 mod snapshots;
 mod stream;
@@ -117,6 +117,14 @@ fn capsule_routes() -> Router<AppState> {
         .route("/v1/capsules/{id}/resume", post(capsules::resume))
         .route("/v1/capsules/{id}/ping", post(capsules::ping))
         .route("/v1/capsules/{id}/metrics", get(capsules::metrics))
+        .route(
+            "/v1/capsules/{id}/proxy",
+            get(capsules::proxy_access).put(capsules::set_proxy_access),
+        )
+        .route(
+            "/v1/capsules/{id}/proxy/tokens",
+            post(capsules::create_proxy_token).delete(capsules::revoke_proxy_tokens),
+        )
         // Spelled out: otherwise `/v1/capsules/{id}` would take them for capsule ids.
         .route("/v1/capsules/stats", get(capsules::stats))
         .route("/v1/capsules/usage", get(capsules::usage))

@@ -328,3 +328,76 @@ impl Store {
         Ok(())
     }
 }
+
+/// A capsule's port proxy access, as [`Store::proxy_access`] reads it.
+#[derive(Debug, Clone)]
+pub struct ProxyAccessRow {
+    pub team_id: String,
+    pub access: wrenn_api::ProxyAccess,
+    /// Access tokens name the generation they were issued in; a newer one revokes them.
+    pub token_generation: i64,
+}
+
+impl Store {
+    /// The proxy access of capsule `id` (private, generation 0, when never set); `None` when
+    /// there is no such capsule.
+    pub async fn proxy_access(&self, id: &str) -> Result<Option<ProxyAccessRow>> {
+        let Some(r) = sqlx::query(
+            "SELECT c.team_id, a.public, a.public_ports, a.token_generation FROM capsules c \
+             LEFT JOIN capsule_proxy_access a ON a.capsule_id = c.id WHERE c.id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let ports: Option<String> = r.try_get("public_ports")?;
+        let public_ports = match ports {
+            Some(p) => serde_json::from_str(&p)
+                .map_err(|e| StoreError::Corrupt(format!("capsule public ports: {e}")))?,
+            None => Vec::new(),
+        };
+        Ok(Some(ProxyAccessRow {
+            team_id: r.try_get("team_id")?,
+            access: wrenn_api::ProxyAccess {
+                public: r.try_get::<Option<i64>, _>("public")?.unwrap_or(0) != 0,
+                public_ports,
+            },
+            token_generation: r
+                .try_get::<Option<i64>, _>("token_generation")?
+                .unwrap_or(0),
+        }))
+    }
+
+    pub async fn set_proxy_access(&self, id: &str, access: &wrenn_api::ProxyAccess) -> Result<()> {
+        let ports = serde_json::to_string(&access.public_ports)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        sqlx::query(
+            "INSERT INTO capsule_proxy_access (capsule_id, public, public_ports, updated_at) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (capsule_id) DO UPDATE SET \
+             public = excluded.public, public_ports = excluded.public_ports, updated_at = excluded.updated_at",
+        )
+        .bind(id)
+        .bind(access.public as i64)
+        .bind(ports)
+        .bind(ts(Utc::now()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Starts a new token generation for capsule `id`: every token issued before is revoked.
+    pub async fn revoke_proxy_tokens(&self, id: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO capsule_proxy_access (capsule_id, token_generation, updated_at) \
+             VALUES ($1, 1, $2) ON CONFLICT (capsule_id) DO UPDATE SET \
+             token_generation = capsule_proxy_access.token_generation + 1, updated_at = excluded.updated_at",
+        )
+        .bind(id)
+        .bind(ts(Utc::now()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}

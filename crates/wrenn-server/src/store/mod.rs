@@ -29,7 +29,7 @@ use sqlx::Row;
 pub use api_keys::{ApiKeyOwner, ApiKeyRow};
 pub use audit::{audit_ts, AuditQuery};
 pub use builds::{BuildRow, NewBuild};
-pub use capsules::CapsuleRow;
+pub use capsules::{CapsuleRow, ProxyAccessRow};
 pub use channels::ChannelRow;
 pub use hosts::HostSpecs;
 pub use oauth::OAuthUser;

@@ -1,6 +1,7 @@
 //! The port proxy: a request whose Host is `{port}-{capsule id}.{domain}` goes, before any API
 //! routing, to TCP `port` inside that capsule. The domain itself is not checked (the SDK
-//! builds it from `WRENN_PROXY_DOMAIN` or the API's own host and port).
+//! builds it from `WRENN_PROXY_DOMAIN` or the API's own host and port); [`ProxySettings`]
+//! holds the one the platform names in the links it hands out.
 //!
 //! The path: control plane → the capsule's host (`Host::envd`: TCP through the capsule's slot
 //! on its own host, the agent's mutual-TLS tunnel from anywhere else) → envd, which dials the
@@ -8,16 +9,20 @@
 //! are reached like those bound to every address. Over that connection the request is sent as
 //! HTTP/1.1 by hyper's client, bodies streamed both ways (nothing buffered, no timeouts once
 //! the answer started); an `Upgrade` (WebSocket) is passed through and the two upgraded
-//! connections are spliced. Hop-by-hop headers are dropped, `X-Forwarded-For/Host/Proto` set,
-//! and the platform's credentials (`X-API-Key`) never reach the guest.
+//! connections are spliced. Connections are kept alive and reused (`pool`). Hop-by-hop headers
+//! are dropped, `X-Forwarded-For/Host/Proto` set, and the platform's credentials (`X-API-Key`,
+//! its cookies, the `wrenn_token` parameter) never reach the guest.
 //!
-//! Auth: the capsule's team API key (`X-API-Key`, which the SDK sends); another team's capsule
-//! is 404, as in the API. A paused capsule is resumed by the request (see
-//! `CapsuleService::proxy_target`). Errors are the API's envelope: 404 unknown capsule, 502
-//! `port_not_listening`, 503 `host_unavailable` (also while a capsule is not running yet, so
-//! the SDK retries).
+//! Who is let in is `admit`'s business: public ports, access tokens, the team's credentials.
+//! A paused capsule is resumed by the request (see `CapsuleService::proxy_target`). Errors are
+//! the API's envelope: 404 unknown capsule, 502 `port_not_listening`, 503 `host_unavailable`
+//! (also while a capsule is not running yet, so the SDK retries).
+
+mod admit;
+mod pool;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
@@ -28,9 +33,72 @@ use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 use wrenn_api::{ApiError, ErrorCode};
 
-use super::auth::TeamAuth;
 use crate::error::HttpError;
 use crate::AppState;
+pub use admit::TOKEN_PARAM;
+use pool::{GuestConnections, Key};
+
+/// The proxy's share of the control plane: the domain it names in links, and the connections
+/// it keeps to servers in capsules.
+pub struct Proxy {
+    pub settings: ProxySettings,
+    connections: Arc<GuestConnections>,
+}
+
+/// How links to capsule ports are written: `{scheme}://{port}-{capsule}.{domain}/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxySettings {
+    pub scheme: String,
+    /// Host and port, e.g. `localhost:8080` or `wrenn.example.com`.
+    pub domain: String,
+}
+
+impl ProxySettings {
+    /// From the API's public URL, unless `domain` (`WRENN_PROXY_DOMAIN`) names another: the
+    /// SDK's own rule.
+    pub fn new(public_url: &str, domain: Option<&str>) -> Self {
+        let url = url::Url::parse(public_url).ok();
+        let scheme = url
+            .as_ref()
+            .map(|u| u.scheme().to_string())
+            .filter(|s| s == "https")
+            .unwrap_or_else(|| "http".into());
+        let own = url
+            .as_ref()
+            .and_then(|u| {
+                let host = u.host_str()?;
+                Some(match u.port() {
+                    Some(p) => format!("{host}:{p}"),
+                    None => host.to_string(),
+                })
+            })
+            .unwrap_or_else(|| "localhost".into());
+        let domain = domain
+            .map(|d| d.trim().trim_matches('/').to_string())
+            .filter(|d| !d.is_empty())
+            .unwrap_or(own);
+        Self { scheme, domain }
+    }
+
+    /// The address of `port` in `capsule`.
+    pub fn url(&self, port: u16, capsule: &str) -> String {
+        format!("{}://{port}-{capsule}.{}/", self.scheme, self.domain)
+    }
+}
+
+impl Proxy {
+    pub fn new(settings: ProxySettings) -> Self {
+        Self {
+            settings,
+            connections: Default::default(),
+        }
+    }
+
+    /// Closes idle connections past their time (called periodically).
+    pub fn expire_idle(&self) {
+        self.connections.expire();
+    }
+}
 
 /// Where a proxied request goes.
 #[derive(Debug, PartialEq, Eq)]
@@ -128,33 +196,15 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
 
 async fn forward(s: &AppState, target: Target, req: Request) -> Result<Response, HttpError> {
     let (mut parts, body) = req.into_parts();
-    let auth =
-        <TeamAuth as axum::extract::FromRequestParts<AppState>>::from_request_parts(&mut parts, s)
-            .await?;
-    let actor = auth.actor.event();
-    let (envd, busy) = s
+    let (team_id, actor) = match admit::admit(s, &s.proxy.settings, &target, &mut parts).await? {
+        admit::Decision::Forward { team_id, actor } => (team_id, actor),
+        admit::Decision::Answer(r) => return Ok(r),
+    };
+    let guest = s
         .capsules
-        .proxy_target(&auth.team_id, &target.capsule, &actor)
+        .proxy_target(&team_id, &target.capsule, &actor)
         .await?;
-    let conn = envd.connect_port(target.port).await.map_err(|e| match e {
-        envd_client::EnvdError::NotFound(_) => ApiError::new(
-            ErrorCode::PortNotListening,
-            format!(
-                "nothing is listening on port {} in capsule {}",
-                target.port, target.capsule
-            ),
-        ),
-        other => crate::error::from_envd(other),
-    })?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn))
-        .await
-        .map_err(|e| bad_gateway(&target, e))?;
-    let capsule = target.capsule.clone();
-    tokio::spawn(async move {
-        if let Err(e) = connection.with_upgrades().await {
-            debug!(capsule_id = %capsule, error = %e, "proxied connection ended");
-        }
-    });
+    let busy = guest.busy;
 
     let upgrade = is_upgrade(&parts.headers);
     // The client's side of an upgrade, completed once the guest agreed (101).
@@ -168,15 +218,11 @@ async fn forward(s: &AppState, target: Target, req: Request) -> Result<Response,
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip().to_string());
     let mut headers = parts.headers.clone();
-    let upgrade_headers = upgrade.then(|| {
-        (
-            headers.get(header::UPGRADE).cloned(),
-            headers.get(header::CONNECTION).cloned(),
-        )
-    });
+    let upgrade_headers = upgrade.then(|| headers.get(header::UPGRADE).cloned());
     strip_hop_by_hop(&mut headers);
     headers.remove(super::auth::API_KEY_HEADER);
-    if let Some((up, _)) = upgrade_headers {
+    admit::guest_cookies(&mut headers);
+    if let Some(up) = upgrade_headers {
         if let Some(up) = up {
             headers.insert(header::UPGRADE, up);
         }
@@ -187,12 +233,12 @@ async fn forward(s: &AppState, target: Target, req: Request) -> Result<Response,
         from.as_deref(),
         parts.headers.get(header::HOST),
     );
-    // The path and query byte for byte (trailing slashes matter to Jupyter and friends).
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
+    // The path and query byte for byte (trailing slashes matter to Jupyter and friends), less
+    // an access token.
+    let path = match admit::without_token(parts.uri.query()) {
+        Some(q) => format!("{}?{q}", parts.uri.path()),
+        None => parts.uri.path().to_string(),
+    };
     let mut out = hyper::Request::builder()
         .method(parts.method.clone())
         .uri(Uri::try_from(path).map_err(|e| ApiError::invalid(format!("bad path: {e}")))?)
@@ -200,12 +246,42 @@ async fn forward(s: &AppState, target: Target, req: Request) -> Result<Response,
         .body(body)
         .map_err(|e| ApiError::invalid(format!("bad request: {e}")))?;
     *out.headers_mut() = headers;
-    let mut answer = sender
-        .send_request(out)
-        .await
-        .map_err(|e| bad_gateway(&target, e))?;
+
+    let key = Key {
+        capsule: target.capsule.clone(),
+        port: target.port,
+        run: guest.run,
+    };
+    let connections = &s.proxy.connections;
+    // A kept connection first; a request it could not send goes on a new one.
+    let sent = match connections.take(&key) {
+        Some(mut sender) => match sender.try_send_request(out).await {
+            Ok(answer) => Ok((answer, sender)),
+            Err(mut e) => match e.take_message() {
+                Some(unsent) => {
+                    debug!(capsule_id = %target.capsule, port = target.port, "kept connection was closed; opening another");
+                    Err(unsent)
+                }
+                None => return Err(bad_gateway(&target, e.into_error()).into()),
+            },
+        },
+        None => Err(out),
+    };
+    let (mut answer, sender) = match sent {
+        Ok(s) => s,
+        Err(out) => {
+            let mut sender = connect(&guest.envd, &target).await?;
+            let answer = sender
+                .send_request(out)
+                .await
+                .map_err(|e| bad_gateway(&target, e))?;
+            (answer, sender)
+        }
+    };
 
     if answer.status() == StatusCode::SWITCHING_PROTOCOLS {
+        // The connection is the upgraded stream's now: never pooled.
+        drop(sender);
         let Some(client) = on_client_upgrade else {
             return Err(bad_gateway(&target, "the server switched protocols unasked").into());
         };
@@ -233,6 +309,7 @@ async fn forward(s: &AppState, target: Target, req: Request) -> Result<Response,
         }
         return Ok(Response::from_parts(p, Body::empty()));
     }
+    connections.put_when_ready(key, sender);
     let (mut p, body) = answer.into_parts();
     strip_hop_by_hop(&mut p.headers);
     // The body streams as the guest sends it; the capsule is busy until it has all gone.
@@ -241,6 +318,33 @@ async fn forward(s: &AppState, target: Target, req: Request) -> Result<Response,
         _busy: busy,
     });
     Ok(Response::from_parts(p, body))
+}
+
+/// A new HTTP/1.1 connection to `target`'s port through envd.
+async fn connect(
+    envd: &envd_client::EnvdClient,
+    target: &Target,
+) -> Result<hyper::client::conn::http1::SendRequest<Body>, HttpError> {
+    let conn = envd.connect_port(target.port).await.map_err(|e| match e {
+        envd_client::EnvdError::NotFound(_) => ApiError::new(
+            ErrorCode::PortNotListening,
+            format!(
+                "nothing is listening on port {} in capsule {}",
+                target.port, target.capsule
+            ),
+        ),
+        other => crate::error::from_envd(other),
+    })?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn))
+        .await
+        .map_err(|e| bad_gateway(target, e))?;
+    let capsule = target.capsule.clone();
+    tokio::spawn(async move {
+        if let Err(e) = connection.with_upgrades().await {
+            debug!(capsule_id = %capsule, error = %e, "proxied connection ended");
+        }
+    });
+    Ok(sender)
 }
 
 fn set_forwarded(headers: &mut HeaderMap, from: Option<&str>, host: Option<&HeaderValue>) {
@@ -324,5 +428,15 @@ mod tests {
         ] {
             assert_eq!(t(no), None, "{no}");
         }
+    }
+
+    #[test]
+    fn links_follow_the_sdks_rule() {
+        let s = ProxySettings::new("http://localhost:8080", None);
+        assert_eq!(s.url(3000, "cl-a"), "http://3000-cl-a.localhost:8080/");
+        let s = ProxySettings::new("https://app.example.com/", Some("sandbox.example.com"));
+        assert_eq!(s.url(80, "cl-a"), "https://80-cl-a.sandbox.example.com/");
+        let s = ProxySettings::new("https://app.example.com", None);
+        assert_eq!(s.domain, "app.example.com");
     }
 }
