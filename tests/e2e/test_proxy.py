@@ -114,6 +114,8 @@ def test_proxy_reaches_ports_in_a_capsule(proxy_platform, mail_sink):
     # unknown capsule (404), all in the API's envelope.
     assert_error(get(8999, "/"), 502, "port_not_listening")
     assert "8999" in get(8999, "/").json()["error"]["message"]
+    # envd's own port is never proxied.
+    assert_error(get(49983, "/"), 403, "forbidden")
     anon = httpx.Client(base_url=p.base_url, timeout=30)
     assert_error(anon.get("/", headers=host(8000)), 401, "unauthorized")
     other = new_user(p, mail_sink)

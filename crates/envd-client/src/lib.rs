@@ -33,5 +33,5 @@ pub use pty::{PtyEvent, PtySession};
 /// The protocol types that appear in this crate's API.
 pub use envd_proto::{
     CommandSpec, ExecSpec, FileEntry, ProcessInfo, PtySpec, Signal, StartSpec, TemplateDefaults,
-    MAX_TEMPLATE_DEFAULTS_BYTES, TEMPLATE_DEFAULTS_PATH,
+    ENVD_PORT, MAX_TEMPLATE_DEFAULTS_BYTES, TEMPLATE_DEFAULTS_PATH,
 };

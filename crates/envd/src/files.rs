@@ -1,10 +1,12 @@
 //! The filesystem API: list, mkdir, remove, and streamed reads and writes.
 //!
-//! Reads and writes move one frame (≤ 64 KiB here) at a time, so envd's memory stays constant
-//! whatever the file size. A write lands in a temporary file beside the target and is renamed
+//! Reads and writes move one frame (≤ 1 MiB) at a time, so envd's memory stays constant
+//! whatever the file size. Frames are large on purpose: under emulation every file operation
+//! (a hop to tokio's blocking pool) and every read call costs far more than the copy itself. A write lands in a temporary file beside the target and is renamed
 //! over it only when complete: a broken upload never leaves a half-written file.
 
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -14,7 +16,9 @@ use envd_proto::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
-const CHUNK: usize = 64 * 1024;
+const CHUNK: usize = envd_proto::MAX_FRAME_LEN as usize;
+/// Read buffer of an upload's connection: several frame headers and bodies per read call.
+const UPLOAD_READ_BUFFER: usize = 256 * 1024;
 
 pub async fn list(path: String, depth: u32, mut wr: OwnedWriteHalf) {
     let answer = match tokio::task::spawn_blocking(move || list_blocking(&path, depth)).await {
@@ -76,7 +80,7 @@ pub async fn read(path: String, mut wr: OwnedWriteHalf) {
             return;
         }
     };
-    let mut file = match tokio::fs::File::open(&p).await {
+    let file = match tokio::fs::File::open(&p).await {
         Ok(f) => f,
         Err(e) => {
             let _ = write_json(&mut wr, &io_error(&path, e)).await;
@@ -104,6 +108,18 @@ pub async fn read(path: String, mut wr: OwnedWriteHalf) {
     {
         return;
     }
+    // A regular file's bytes go from the page cache to the socket by sendfile(2): no copy
+    // through envd (under emulation each copy costs more than the disk). Whatever the file
+    // holds beyond its size at open (it grew) is read below like any other file's.
+    let mut file = if size > 0 && is_regular(&file).await {
+        let std_file = file.into_std().await;
+        if send_file_frames(&std_file, &mut wr, size).await.is_err() {
+            return; // mid-frame: only closing tells the host
+        }
+        tokio::fs::File::from_std(std_file)
+    } else {
+        file
+    };
     let mut buf = vec![0u8; CHUNK];
     loop {
         match file.read(&mut buf).await {
@@ -123,6 +139,58 @@ pub async fn read(path: String, mut wr: OwnedWriteHalf) {
         }
     }
     let _ = write_json(&mut wr, &Response::Done).await;
+}
+
+async fn is_regular(file: &tokio::fs::File) -> bool {
+    file.metadata().await.is_ok_and(|m| m.is_file())
+}
+
+/// Sends the next `len` bytes of `file` (from its current offset, which moves on) as data
+/// frames, each body by sendfile(2). An error may come mid-frame.
+async fn send_file_frames(
+    file: &std::fs::File,
+    wr: &mut OwnedWriteHalf,
+    len: u64,
+) -> std::io::Result<()> {
+    let file_fd = file.as_raw_fd();
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(CHUNK as u64) as usize;
+        let mut header = [0u8; 5];
+        header[0] = FrameKind::Data as u8;
+        header[1..].copy_from_slice(&(n as u32).to_be_bytes());
+        wr.write_all(&header).await?;
+        let sock: &tokio::net::TcpStream = wr.as_ref();
+        let sock_fd = sock.as_raw_fd();
+        let mut sent = 0;
+        while sent < n {
+            sock.writable().await?;
+            let step = sock.try_io(tokio::io::Interest::WRITABLE, || {
+                // SAFETY: both descriptors are open for the whole call (`file` is borrowed, the
+                // socket belongs to `wr`); a null offset makes sendfile use and advance the
+                // file's own offset; the count is at most one frame.
+                let r = unsafe { libc::sendfile(sock_fd, file_fd, std::ptr::null_mut(), n - sent) };
+                if r < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(r as usize)
+                }
+            });
+            match step {
+                Ok(0) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the file shrank while it was read",
+                    ))
+                }
+                Ok(k) => sent += k,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        left -= n as u64;
+    }
+    Ok(())
 }
 
 pub async fn write(path: String, mut rd: OwnedReadHalf, mut wr: OwnedWriteHalf) {
@@ -155,8 +223,9 @@ async fn write_inner(path: &str, rd: &mut OwnedReadHalf) -> Result<u64, Response
             .await
             .map_err(|e| io_error(path, e))?;
         let mut size = 0u64;
+        let mut rd = tokio::io::BufReader::with_capacity(UPLOAD_READ_BUFFER, rd);
         loop {
-            match read_frame(rd).await {
+            match read_frame(&mut rd).await {
                 Ok(Some(Frame::Data(b))) if b.is_empty() => break,
                 Ok(Some(Frame::Data(b))) => {
                     file.write_all(&b).await.map_err(|e| io_error(path, e))?;

@@ -23,6 +23,9 @@ use crate::AppState;
 
 /// Largest upload through the non-streaming `files/write` (the reference platform's cap).
 pub const MAX_SIMPLE_UPLOAD: u64 = 100 * 1024 * 1024;
+/// Upload bytes are sent to envd in frames of about this size: under emulation each frame
+/// costs envd a file write through its blocking pool, far more than copying the bytes here.
+const UPLOAD_FRAME: usize = 512 * 1024;
 /// Deepest recursive listing.
 const MAX_DEPTH: i64 = 64;
 
@@ -165,6 +168,7 @@ async fn upload(
                 absolute(&path)?;
                 let mut writer = envd.write_file(&path).await.map_err(from_envd)?;
                 let mut total = 0u64;
+                let mut pending: Vec<u8> = Vec::with_capacity(UPLOAD_FRAME);
                 while let Some(chunk) = field.chunk().await.map_err(|e| bad(&e))? {
                     total += chunk.len() as u64;
                     if limit.is_some_and(|l| total > l) {
@@ -178,8 +182,13 @@ async fn upload(
                         )
                         .into());
                     }
-                    writer.send(&chunk).await.map_err(from_envd)?;
+                    pending.extend_from_slice(&chunk);
+                    if pending.len() >= UPLOAD_FRAME {
+                        writer.send(&pending).await.map_err(from_envd)?;
+                        pending.clear();
+                    }
                 }
+                writer.send(&pending).await.map_err(from_envd)?;
                 writer.finish().await.map_err(from_envd)?;
                 return Ok(StatusCode::NO_CONTENT);
             }

@@ -200,6 +200,14 @@ async fn forward(s: &AppState, target: Target, req: Request) -> Result<Response,
         admit::Decision::Forward { team_id, actor } => (team_id, actor),
         admit::Decision::Answer(r) => return Ok(r),
     };
+    // envd's own port is never proxied: the API is the way to it.
+    if target.port == envd_client::ENVD_PORT {
+        return Err(ApiError::forbidden(format!(
+            "port {} is the platform's guest agent: use the API",
+            target.port
+        ))
+        .into());
+    }
     let guest = s
         .capsules
         .proxy_target(&team_id, &target.capsule, &actor)
