@@ -58,6 +58,15 @@ pub const CSRF_HEADER: &str = "X-CSRF-Token";
 
 /// The value of cookie `name` in the request's `Cookie` headers.
 pub fn cookie<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
+    cookies(parts, name).next()
+}
+
+/// Every value of cookie `name` in the request's `Cookie` headers, in order (a host may get
+/// several: its own and a parent domain's).
+pub fn cookies<'a, 'n>(
+    parts: &'a Parts,
+    name: &'n str,
+) -> impl Iterator<Item = &'a str> + use<'a, 'n> {
     parts
         .headers
         .get_all(axum::http::header::COOKIE)
@@ -65,7 +74,7 @@ pub fn cookie<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == name)
+        .filter(move |(k, _)| *k == name)
         .map(|(_, v)| v.trim_matches('"'))
 }
 

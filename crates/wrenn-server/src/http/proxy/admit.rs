@@ -18,7 +18,7 @@ use wrenn_api::{ApiError, EventActor};
 use super::{ProxySettings, Target};
 use crate::capsules::Admission;
 use crate::error::HttpError;
-use crate::http::auth::{TeamAuth, CSRF_COOKIE, SESSION_COOKIE};
+use crate::http::auth::{cookies, TeamAuth, CSRF_COOKIE, SESSION_COOKIE};
 use crate::AppState;
 
 /// The query parameter carrying an access token.
@@ -43,10 +43,7 @@ pub async fn admit(
     parts: &mut Parts,
 ) -> Result<Decision, HttpError> {
     let query_token = token_in_query(parts.uri.query());
-    let mut tokens: Vec<String> = cookie_values(parts, TOKEN_COOKIE)
-        .into_iter()
-        .map(str::to_string)
-        .collect();
+    let mut tokens: Vec<String> = cookies(parts, TOKEN_COOKIE).map(str::to_string).collect();
     if let Some(t) = &query_token {
         tokens.push(t.clone());
     }
@@ -143,20 +140,6 @@ pub fn without_token(query: Option<&str>) -> Option<String> {
         })
         .collect();
     (!kept.is_empty()).then(|| kept.join("&"))
-}
-
-/// Every value of cookie `name` (a host may hold several: its own and a parent domain's).
-fn cookie_values<'a>(parts: &'a Parts, name: &str) -> Vec<&'a str> {
-    parts
-        .headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .filter(|(k, _)| *k == name)
-        .map(|(_, v)| v.trim_matches('"'))
-        .collect()
 }
 
 /// The `Cookie` header the guest sees: the request's cookies without the platform's own.
