@@ -9,7 +9,10 @@ use crate::conn::EnvdConn;
 use crate::error::{EnvdError, Result};
 
 /// Output kept per stream for a foreground exec; beyond it bytes are dropped (and counted).
-pub const MAX_CAPTURE_BYTES: usize = 64 * 1024 * 1024;
+/// Small on purpose: the answer is one JSON document held in memory, where a control byte
+/// costs six (`\u0001`), so a request can never hold more than ~14 MiB. Commands with more
+/// output are streamed (`exec/stream`, background processes), which apply backpressure.
+pub const MAX_CAPTURE_BYTES: usize = 1024 * 1024;
 /// How long past its own timeout a foreground exec waits for a guest that stopped answering.
 const EXEC_GRACE: Duration = Duration::from_secs(15);
 
@@ -21,8 +24,10 @@ pub struct ExecOutput {
     pub exit_code: i32,
     pub timed_out: bool,
     pub duration_ms: u64,
-    /// Bytes of output dropped because a stream passed [`MAX_CAPTURE_BYTES`].
-    pub dropped_bytes: u64,
+    /// Bytes of stdout dropped because it passed [`MAX_CAPTURE_BYTES`].
+    pub stdout_dropped: u64,
+    /// Bytes of stderr dropped because it passed [`MAX_CAPTURE_BYTES`].
+    pub stderr_dropped: u64,
 }
 
 /// What a running command produces, in order.
@@ -66,8 +71,8 @@ impl EnvdClient {
             let mut out = ExecOutput::default();
             loop {
                 match stream.next().await? {
-                    ExecEvent::Stdout(b) => capture(&mut out.stdout, &b, &mut out.dropped_bytes),
-                    ExecEvent::Stderr(b) => capture(&mut out.stderr, &b, &mut out.dropped_bytes),
+                    ExecEvent::Stdout(b) => capture(&mut out.stdout, &b, &mut out.stdout_dropped),
+                    ExecEvent::Stderr(b) => capture(&mut out.stderr, &b, &mut out.stderr_dropped),
                     ExecEvent::Exit {
                         exit_code,
                         timed_out,

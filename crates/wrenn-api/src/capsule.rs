@@ -203,7 +203,7 @@ pub enum OutputEncoding {
     Base64,
 }
 
-/// The spec's `ExecResponse`, plus the `timed_out` extension.
+/// The spec's `ExecResponse`, plus the `timed_out` and truncation extensions.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ExecResponse {
     pub sandbox_id: String,
@@ -215,7 +215,21 @@ pub struct ExecResponse {
     pub encoding: OutputEncoding,
     /// Extension: true when the command ran past `timeout_sec` and was killed.
     pub timed_out: bool,
+    /// Extension: true when output passed the foreground limit (the first
+    /// [`MAX_EXEC_OUTPUT_BYTES`] of each stream are kept).
+    #[serde(default)]
+    pub truncated: bool,
+    /// Extension: bytes of stdout dropped past the limit.
+    #[serde(default)]
+    pub stdout_dropped_bytes: u64,
+    /// Extension: bytes of stderr dropped past the limit.
+    #[serde(default)]
+    pub stderr_dropped_bytes: u64,
 }
+
+/// Output a foreground exec answers per stream (stdout, stderr); the rest is dropped and
+/// counted in the answer.
+pub const MAX_EXEC_OUTPUT_BYTES: usize = 1024 * 1024;
 
 /// The spec's `BackgroundExecResponse`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

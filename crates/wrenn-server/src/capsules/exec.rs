@@ -4,8 +4,12 @@
 use base64::Engine;
 use wrenn_api::{
     ApiError, BackgroundExecResponse, ExecRequest, ExecResponse, OutputEncoding, ProcessEntry,
-    ProcessListResponse, DEFAULT_EXEC_TIMEOUT_SEC, MAX_EXEC_TIMEOUT_SEC, MAX_TAG_LEN,
+    ProcessListResponse, DEFAULT_EXEC_TIMEOUT_SEC, MAX_EXEC_OUTPUT_BYTES, MAX_EXEC_TIMEOUT_SEC,
+    MAX_TAG_LEN,
 };
+
+// The API promises what the envd client keeps.
+const _: () = assert!(MAX_EXEC_OUTPUT_BYTES == envd_client::MAX_CAPTURE_BYTES);
 
 use super::{CapsuleService, Result};
 use crate::error::{from_envd, from_host};
@@ -110,6 +114,21 @@ impl CapsuleService {
                     .as_bytes(),
             );
         }
+        let truncated = out.stdout_dropped > 0 || out.stderr_dropped > 0;
+        if truncated {
+            // A character cut in two at the limit would turn the whole answer into base64.
+            trim_cut_character(&mut out.stdout, out.stdout_dropped);
+            trim_cut_character(&mut out.stderr, out.stderr_dropped);
+            out.stderr.extend_from_slice(
+                format!(
+                    "\n[wrenn] output truncated: kept the first {} MiB of each stream, dropped {} bytes of stdout and {} of stderr; use exec/stream or redirect to a file for all of it\n",
+                    MAX_EXEC_OUTPUT_BYTES >> 20,
+                    out.stdout_dropped,
+                    out.stderr_dropped
+                )
+                .as_bytes(),
+            );
+        }
         let (stdout, stderr, encoding) =
             match (String::from_utf8(out.stdout), String::from_utf8(out.stderr)) {
                 (Ok(o), Ok(e)) => (o, e, OutputEncoding::Utf8),
@@ -136,6 +155,9 @@ impl CapsuleService {
             duration_ms: out.duration_ms,
             encoding,
             timed_out: out.timed_out,
+            truncated,
+            stdout_dropped_bytes: out.stdout_dropped,
+            stderr_dropped_bytes: out.stderr_dropped,
         })
     }
 
@@ -235,6 +257,19 @@ impl CapsuleService {
 }
 
 /// Checks what every exec needs, before the capsule's state is looked at.
+/// Drops a UTF-8 character left incomplete at the end of truncated output (`dropped` > 0).
+fn trim_cut_character(buf: &mut Vec<u8>, dropped: u64) {
+    if dropped == 0 {
+        return;
+    }
+    if let Err(e) = std::str::from_utf8(buf) {
+        // `error_len() == None`: the text is valid up to an unfinished character at the end.
+        if e.error_len().is_none() {
+            buf.truncate(e.valid_up_to());
+        }
+    }
+}
+
 fn validate_command(req: &ExecRequest) -> Result<()> {
     if req.cmd.trim().is_empty() {
         return Err(ApiError::invalid("cmd must not be empty"));
@@ -282,5 +317,25 @@ fn command_spec(req: &ExecRequest) -> envd_client::CommandSpec {
         envs: req.envs.clone(),
         cwd: req.cwd.clone(),
         user: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::trim_cut_character;
+
+    #[test]
+    fn a_character_cut_by_the_limit_is_dropped_but_nothing_else() {
+        let mut cut = "ab€".as_bytes()[..4].to_vec();
+        trim_cut_character(&mut cut, 2);
+        assert_eq!(cut, b"ab");
+        // Not truncated: left alone even if it ends oddly.
+        let mut whole = "ab€".as_bytes()[..4].to_vec();
+        trim_cut_character(&mut whole, 0);
+        assert_eq!(whole.len(), 4);
+        // Binary output (invalid in the middle) is kept as it is, for base64.
+        let mut binary = vec![b'a', 0xff, b'b', 0xe2];
+        trim_cut_character(&mut binary, 1);
+        assert_eq!(binary.len(), 4);
     }
 }
