@@ -17,6 +17,7 @@
 
 mod cmd;
 mod config;
+mod console;
 mod disk;
 mod error;
 mod images;

@@ -131,6 +131,10 @@ impl CapsuleManager {
             &cfg.images_dir(),
         )
         .await?;
+        // One scope per agent (named by its slot range, like its network table), so agents
+        // sharing a machine never collect each other's groups.
+        let scope = format!("wrenn-{}", cfg.slot_base.to_string().replace('.', "_"));
+        let vmm = vmm.with_cgroups(crate::cgroup::Cgroups::detect(&scope, &cfg.data_dir));
         let mgr = Arc::new(Self {
             cfg,
             images,
@@ -373,9 +377,7 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// The last lines of a console log, for error messages.
 pub(super) fn tail(path: &std::path::Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().rev().take(8).collect();
-    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    crate::console::tail(path)
 }
 
 /// This host's side of the boundary: each operation is one of the manager's own methods.

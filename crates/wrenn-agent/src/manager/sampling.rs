@@ -1,4 +1,5 @@
-//! Metrics: every running capsule's VMM process sampled every 500 ms into its rings.
+//! Metrics: every running capsule's VMM process sampled every 500 ms into its rings (and its
+//! console log kept bounded, `crate::console`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -38,6 +39,8 @@ impl CapsuleManager {
             let Some((ticks, rss)) = crate::metrics::process_usage(vm.pid) else {
                 continue;
             };
+            // The guest decides how much it prints: its console log is kept a bounded ring.
+            crate::console::bound(&vm.console_log);
             let disk = crate::metrics::allocated_disk_bytes(&self.capsule_dir(&id));
             let vcpus = f64::from(r.vcpus.max(1));
             drop(state);
