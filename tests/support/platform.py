@@ -212,6 +212,25 @@ def stop_platform(p, timeout=60):
     assert vmm_processes(str(p.data_dir)) == [], "VMM processes left running"
     assert not any((p.data_dir / "capsules").iterdir()), "capsule directories left behind"
     assert slot_namespaces(p.slot_base, p.max_slots) == [], "network namespaces left behind"
+    assert vm_cgroups(p.slot_base) == [], "VM cgroups left behind"
+
+
+def vm_cgroups(slot_base):
+    """The VM cgroups of the agent using `slot_base` (its scope `wrenn-<slot base>`), in the v1
+    memory hierarchy under this process's own group (where a child's are) or in v2."""
+    scope = "wrenn-" + slot_base.replace(".", "_")
+    roots = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, names, path = line.strip().split(":", 2)
+            if "memory" in names.split(","):
+                roots.append("/sys/fs/cgroup/memory" + path.rstrip("/"))
+    found = []
+    for root in roots:
+        d = os.path.join(root, scope)
+        if os.path.isdir(d):
+            found += [os.path.join(d, e) for e in os.listdir(d) if os.path.isdir(os.path.join(d, e))]
+    return found
 
 
 # The benchmarks' platforms: a range of their own, the platform's default slot count.

@@ -15,6 +15,7 @@
 //! Guest operations (exec, files, terminals) go through the `envd-client` crate; the control
 //! plane ↔ agent transport is in `wrenn-host`.
 
+mod cgroup;
 mod cmd;
 mod config;
 mod console;

@@ -76,6 +76,9 @@ pub struct VmProcess {
     /// Host end of the serial lifeline; `None` for VMs started before it existed.
     #[serde(default)]
     pub lifeline_socket: Option<PathBuf>,
+    /// The cgroup the VM runs in (removed once it has stopped); `None` when unconfined.
+    #[serde(default)]
+    pub cgroup: Option<String>,
 }
 
 #[async_trait]

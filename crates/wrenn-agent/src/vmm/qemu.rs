@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use super::qmp::Qmp;
 use super::{Accel, Memory, VmConfig, VmProcess, Vmm};
+use crate::cgroup::{Cgroups, Limits};
 use crate::config::AccelChoice;
 use crate::error::{HostError, Result};
 
@@ -30,6 +31,8 @@ random.trust_cpu=on cryptomgr.notests";
 /// cores).
 pub const VM_NICE: libc::c_int = 5;
 const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(8);
+/// TCG's translation cache per VM, MiB (QEMU's default is 1 GiB).
+const TCG_TB_MB: u32 = 256;
 
 /// The host CPU as KVM guests with `-cpu host` see it: its model name and a digest of its flags.
 fn host_cpu() -> String {
@@ -63,6 +66,8 @@ pub struct QemuVmm {
     accel: Accel,
     /// Host TSC frequency handed to TCG guests (see [`host_tsc_khz`]).
     tsc_khz: Option<u64>,
+    /// The cgroups VMs run in (none: unconfined).
+    cgroups: Option<Cgroups>,
 }
 
 impl QemuVmm {
@@ -119,7 +124,21 @@ impl QemuVmm {
             version,
             accel,
             tsc_khz,
+            cgroups: None,
         })
+    }
+
+    /// Runs every VM in a cgroup of its own under `cgroups`.
+    pub fn with_cgroups(mut self, cgroups: Option<Cgroups>) -> Self {
+        self.cgroups = cgroups;
+        self
+    }
+
+    /// Removes the stopped `vm`'s cgroup.
+    fn release(&self, vm: &VmProcess) {
+        if let (Some(c), Some(name)) = (&self.cgroups, &vm.cgroup) {
+            c.remove(name);
+        }
     }
 
     /// QEMU's arguments. `incoming`: start frozen, waiting for a saved state (`-S -incoming
@@ -135,7 +154,9 @@ impl QemuVmm {
         }
         let accel = match self.accel {
             Accel::Kvm => "kvm".to_string(),
-            Accel::Tcg => "tcg,thread=multi".to_string(),
+            // The translation cache is bounded (MiB): it counts in the VM's memory limit
+            // (`cgroup::VMM_OVERHEAD_MB`).
+            Accel::Tcg => format!("tcg,thread=multi,tb-size={TCG_TB_MB}"),
         };
         let dir = &cfg.dir;
         Ok(vec![
@@ -237,6 +258,23 @@ impl QemuVmm {
             .create(true)
             .append(true)
             .open(cfg.dir.join("qemu.log"))?;
+        let group = match &self.cgroups {
+            Some(c) => {
+                // Groups of VMs that stopped on their own (crashed) go here, once empty.
+                c.collect();
+                let g = c
+                    .prepare(&cfg.id, Limits::for_vm(cfg.memory_mb, cfg.vcpus))
+                    .map_err(|e| HostError::Vmm(format!("cannot make the VM's cgroup: {e}")))?;
+                Some(g)
+            }
+            None => None,
+        };
+        let join: Vec<std::ffi::CString> = group
+            .iter()
+            .flat_map(|g| g.procs())
+            .map(|p| std::ffi::CString::new(p.into_os_string().into_encoded_bytes()))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| HostError::Vmm(format!("bad cgroup path: {e}")))?;
         let mut child = tokio::process::Command::new("ip");
         child
             .args(["netns", "exec", &cfg.netns, &self.binary])
@@ -245,14 +283,29 @@ impl QemuVmm {
             .stdout(log.try_clone()?)
             .stderr(log)
             .process_group(0);
-        // SAFETY: the closure runs in the forked child before exec and only makes one
-        // async-signal-safe system call; it touches no memory shared with the parent.
+        // SAFETY: the closure runs in the forked child before exec and makes only
+        // async-signal-safe system calls (setpriority, open, write, close) on memory prepared
+        // before the fork (`join`'s C strings, a static byte); it allocates nothing.
         unsafe {
-            child.pre_exec(|| {
+            child.pre_exec(move || {
                 // Guests yield to the platform: a busy VM must not delay the control plane's
                 // and agent's answers (QEMU and all its threads inherit this).
                 if libc::setpriority(libc::PRIO_PROCESS, 0, VM_NICE) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // Into the VM's cgroup before QEMU runs a single instruction ("0": this
+                // process).
+                for procs in &join {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                    let e = std::io::Error::last_os_error();
+                    libc::close(fd);
+                    if written != 1 {
+                        return Err(e);
+                    }
                 }
                 Ok(())
             });
@@ -292,6 +345,7 @@ impl QemuVmm {
             qmp_socket: cfg.qmp_socket.clone(),
             console_log: cfg.dir.join("console.log"),
             lifeline_socket: Some(cfg.lifeline_socket.clone()),
+            cgroup: group.map(|_| cfg.id.clone()),
         })
     }
 
@@ -437,21 +491,11 @@ impl Vmm for QemuVmm {
     }
 
     async fn stop(&self, vm: &VmProcess) -> Result<()> {
-        if !is_running(vm) {
-            return Ok(());
+        let r = kill_and_wait(vm).await;
+        if r.is_ok() {
+            self.release(vm);
         }
-        // The capsule's state is being thrown away, so there is nothing to flush: kill at once.
-        // SAFETY: kill(2) on a pid whose start time proves it is still this capsule's QEMU.
-        unsafe {
-            libc::kill(vm.pid as i32, libc::SIGKILL);
-        }
-        for _ in 0..500 {
-            if !is_running(vm) {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Err(HostError::Vmm(format!("qemu pid {} did not exit", vm.pid)))
+        r
     }
 
     async fn save(&self, vm: &VmProcess, state: &Path, ignore_shared: bool) -> Result<()> {
@@ -527,6 +571,7 @@ impl Vmm for QemuVmm {
             let _ = qmp.execute("quit", None).await;
             for _ in 0..500 {
                 if !is_running(vm) {
+                    self.release(vm);
                     return Ok(());
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -564,6 +609,25 @@ impl Vmm for QemuVmm {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+}
+
+/// SIGKILLs `vm` and waits until its process is gone.
+async fn kill_and_wait(vm: &VmProcess) -> Result<()> {
+    if !is_running(vm) {
+        return Ok(());
+    }
+    // The capsule's state is being thrown away, so there is nothing to flush: kill at once.
+    // SAFETY: kill(2) on a pid whose start time proves it is still this capsule's QEMU.
+    unsafe {
+        libc::kill(vm.pid as i32, libc::SIGKILL);
+    }
+    for _ in 0..500 {
+        if !is_running(vm) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Err(HostError::Vmm(format!("qemu pid {} did not exit", vm.pid)))
 }
 
 /// True while the VM's process lives: same pid *and* same start time (so a recycled pid never
@@ -789,6 +853,7 @@ mod tests {
             start_time,
             qmp_socket: "/nonexistent".into(),
             console_log: "/nonexistent".into(),
+            cgroup: None,
             lifeline_socket: None,
         };
         assert!(is_running(&me));
