@@ -11,6 +11,12 @@
 //!   to the guest; envd is reached there.
 //! - Guests reach the outside through two masquerades (namespace, then host) but never the host
 //!   itself nor another slot (the host's `ip wrenn_<range>` table drops that traffic).
+//! - Nothing enters a slot from another machine: the host forwards into `wrv*` only traffic of
+//!   connections a guest opened (a neighbour routing the slot range via this host reaches no
+//!   envd); the host itself (agent, port proxy) dials the slot locally.
+//! - A guest speaks only as itself: the namespace's `netdev wrenn_guard` table drops, on the
+//!   TAP's ingress, every frame not from the guest's MAC and every packet not IPv4 or ARP from
+//!   the guest's address (no spoofed sources, no IPv6, no other protocols).
 //! - `<T>` is derived from the slot's address, so every name is unique on the host.
 //! - Deleting the namespace deletes the TAP and both veth ends: teardown is one command, and a
 //!   namespace named `wrenn-s*` that no capsule owns is garbage to be collected.
@@ -73,6 +79,8 @@ table ip {table} {{
     type filter hook forward priority -10; policy accept;
     iifname "wrv*" oifname "wrv*" drop
     iifname "wrv*" ip daddr {{ 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 169.254.0.0/16, 100.64.0.0/10, 127.0.0.0/8 }} drop
+    oifname "wrv*" ct state established,related accept
+    oifname "wrv*" drop
   }}
   chain postrouting {{
     type nat hook postrouting priority 100; policy accept;
@@ -151,9 +159,18 @@ async fn build(slot: &Slot) -> Result<()> {
     oifname "veth0" ip saddr 10.200.0.0/24 masquerade
   }}
 }}
+table netdev wrenn_guard {{
+  chain guest {{
+    type filter hook ingress device "tap0" priority -500; policy drop;
+    ether saddr != {mac} drop
+    ether type arp arp saddr ip {guest} accept
+    ether type ip ip saddr {guest} accept
+  }}
+}}
 "#,
         reach = slot.reach_ip,
         guest = GUEST_IP,
+        mac = GUEST_MAC,
     );
     let script = "echo 1 > /proc/sys/net/ipv4/ip_forward && nft -f -";
     cmd::run_with_input(
