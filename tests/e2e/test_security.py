@@ -1,0 +1,240 @@
+"""A hostile guest: what it does from inside its capsule stays inside it, and costs the
+platform and its neighbours only what the platform allows."""
+
+import os
+import socket
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from tests.support.qemu import vmm_processes
+from tests.support.waits import wait_status
+
+MIB = 1 << 20
+
+
+def status_kib(pid, field):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"{field} not in /proc/{pid}/status")
+
+
+def test_an_exec_flood_costs_the_control_plane_a_bounded_amount(api, platform, running_capsule):
+    """Three foreground execs printing 128 MiB of control bytes each (each becomes a six-byte
+    JSON escape): every answer keeps the first 1 MiB and says what it dropped, and the control
+    plane's peak RSS grows by less than 64 MiB."""
+    cid = running_capsule["id"]
+    flood = f"head -c {128 * MIB} /dev/zero | tr '\\000' '\\001'; echo done >&2"
+    # One small exec first, so what every exec allocates once is there before measuring.
+    r = api.post(f"/v1/capsules/{cid}/exec", json={"cmd": "echo hi"})
+    assert r.status_code == 200 and r.json()["truncated"] is False, r.text
+    assert r.json()["stdout_dropped_bytes"] == 0
+
+    pid = platform.proc.pid
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    before = status_kib(pid, "VmHWM")
+
+    def run(_):
+        return api.post(f"/v1/capsules/{cid}/exec", json={"cmd": flood, "timeout_sec": 600},
+                        timeout=700)
+
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(run, range(3)))
+    peak = status_kib(pid, "VmHWM")
+
+    for r in answers:
+        assert r.status_code == 200, r.text[:300]
+        body = r.json()
+        assert body["exit_code"] == 0, body["stderr"][-500:]
+        assert body["encoding"] == "utf-8"
+        assert body["truncated"] is True
+        assert body["stdout"] == "\x01" * MIB
+        assert body["stdout_dropped_bytes"] == 127 * MIB
+        assert body["stderr_dropped_bytes"] == 0
+        assert body["stderr"].startswith("done\n")
+        assert "output truncated" in body["stderr"]
+    grew = (peak - before) * 1024
+    assert grew < 64 * MIB, f"control plane peak RSS grew by {grew / MIB:.0f} MiB"
+
+    # The capsule still answers.
+    r = api.post(f"/v1/capsules/{cid}/exec", json={"cmd": "echo still"})
+    assert r.status_code == 200 and r.json()["stdout"] == "still\n", r.text
+
+
+def exec_ok(api, cid, cmd, timeout=120):
+    r = api.post(f"/v1/capsules/{cid}/exec", json={"cmd": cmd, "timeout_sec": timeout},
+                 timeout=timeout + 30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def slot_netns(host_ip):
+    """The network namespace of the slot whose host-side address is `host_ip`."""
+    for line in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines():
+        ns = line.split()[0]
+        if not ns.startswith("wrenn-s"):
+            continue
+        addrs = subprocess.run(["ip", "-n", ns, "-4", "-o", "addr", "show", "veth0"],
+                               capture_output=True, text=True).stdout
+        if f" {host_ip}/" in addrs:
+            return ns
+    raise AssertionError(f"no slot namespace holds {host_ip}")
+
+
+def vmm_pid(capsule_id):
+    pids = vmm_processes(capsule_id)
+    assert len(pids) == 1, pids
+    return pids[0]
+
+
+def cgroup_dir(pid, controller):
+    """The directory of `pid`'s cgroup holding `controller` (v1), or its v2 group."""
+    with open(f"/proc/{pid}/cgroup") as f:
+        lines = [line.strip().split(":", 2) for line in f]
+    for _, names, path in lines:
+        if controller in names.split(","):
+            for mount in (f"/sys/fs/cgroup/{controller}", f"/sys/fs/cgroup/{names}"):
+                if os.path.isdir(mount):
+                    return mount + path
+    for _, names, path in lines:
+        if names == "":
+            for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
+                d = root + path
+                if os.path.exists(os.path.join(d, "memory.max")):
+                    return d
+    raise AssertionError(f"no {controller} cgroup for {pid}")
+
+
+def read(path):
+    with open(path) as f:
+        return f.read().strip()
+
+
+def test_each_vm_runs_in_its_own_cgroup_with_limits(api, platform, running_capsule):
+    c = running_capsule
+    pid = vmm_pid(c["id"])
+    mem = cgroup_dir(pid, "memory")
+    assert mem.endswith("/" + c["id"]), mem
+    want_mem = (c["memory_mb"] + 448) << 20
+    if os.path.exists(os.path.join(mem, "memory.max")):  # v2
+        assert int(read(os.path.join(mem, "memory.max"))) == want_mem
+        quota, period = read(os.path.join(mem, "cpu.max")).split()
+        assert int(quota) == c["vcpus"] * int(period)
+        assert read(os.path.join(mem, "pids.max")) == "256"
+    else:  # v1
+        assert int(read(os.path.join(mem, "memory.limit_in_bytes"))) == want_mem
+        cpu = cgroup_dir(pid, "cpu")
+        assert int(read(os.path.join(cpu, "cpu.cfs_quota_us"))) == c["vcpus"] * int(
+            read(os.path.join(cpu, "cpu.cfs_period_us")))
+        assert read(os.path.join(cgroup_dir(pid, "pids"), "pids.max")) == "256"
+        # Every thread of QEMU is inside.
+        tasks = set(read(os.path.join(mem, "tasks")).split())
+        assert set(os.listdir(f"/proc/{pid}/task")) <= tasks
+    # The platform logged which layout it uses.
+    log = (platform.data_dir / "wrenn-up.log").read_text()
+    assert "VMs run in cgroup v1 groups" in log or "VMs run in cgroup v2 groups" in log
+
+    # A memory bomb in the guest is the guest's problem: its kernel kills it, QEMU stays.
+    e = exec_ok(api, c["id"], "head -c 2000m /dev/zero | tail > /dev/null; echo survived")
+    assert e["stdout"] == "survived\n" or e["exit_code"] != 0
+    assert vmm_pid(c["id"]) == pid, "QEMU was killed"
+    assert exec_ok(api, c["id"], "echo alive")["stdout"] == "alive\n"
+
+    # The group goes with its VM.
+    api.delete(f"/v1/capsules/{c['id']}")
+    wait_status(api, c["id"], {"stopped"}, timeout=30)
+    assert not os.path.exists(mem)
+
+
+def test_a_console_flood_stays_small_on_disk(api, platform, running_capsule):
+    cid = running_capsule["id"]
+    log = platform.data_dir / "capsules" / cid / "console.log"
+    exec_ok(api, cid, "timeout 20 sh -c 'while :; do echo AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA; done > /dev/ttyS0'; true",
+            timeout=60)
+    time.sleep(1.5)  # one sampling round
+    st = os.stat(log)
+    assert st.st_blocks * 512 <= 4 * MIB, f"console log takes {st.st_blocks * 512} bytes"
+    assert exec_ok(api, cid, "echo alive")["stdout"] == "alive\n"
+
+
+def test_the_network_admits_no_spoofing_and_no_strangers(api, platform):
+    ids = []
+    try:
+        for _ in range(2):
+            r = api.post("/v1/capsules", json={})
+            assert r.status_code == 202, r.text
+            ids.append(r.json()["id"])
+        a, b = (wait_status(api, i, {"running"}, timeout=60, fail_on={"error"}) for i in ids)
+        ns = slot_netns(a["host_ip"])
+
+        # Spoofed-source UDP from the guest never leaves its TAP; its own address does.
+        listener = subprocess.Popen(
+            ["ip", "netns", "exec", ns, "python3", "-c",
+             "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+             "s.bind(('0.0.0.0', 9999)); s.settimeout(15)\n"
+             "try:\n    while True: print(s.recvfrom(100)[0].decode(), flush=True)\n"
+             "except socket.timeout: pass"],
+            stdout=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+        e = exec_ok(api, a["id"], "bash -c '"
+                    "for i in 1 2 3; do echo honest > /dev/udp/10.200.0.1/9999; done; "
+                    "ip addr add 10.200.0.77/24 dev eth0 && "
+                    "ip route add 10.200.0.1/32 dev eth0 src 10.200.0.77 && "
+                    "for i in 1 2 3; do echo spoofed > /dev/udp/10.200.0.1/9999; done; "
+                    "ip route del 10.200.0.1/32; ip addr del 10.200.0.77/24 dev eth0'")
+        assert e["exit_code"] == 0, e
+        out, _ = listener.communicate(timeout=30)
+        assert "honest" in out, out
+        assert "spoofed" not in out, out
+
+        # A scan of the host from the guest finds nothing open: not the slot's host side, not
+        # the host's own addresses, not the API.
+        srv = socket.socket()
+        srv.bind(("0.0.0.0", 0))
+        srv.listen()
+        port = srv.getsockname()[1]
+        api_port = platform.base_url.rsplit(":", 1)[1]
+        host_side = ".".join(a["host_ip"].split(".")[:3] + [str(int(a["host_ip"].split(".")[3]) - 1)])
+        targets = [f"{host_side}:{port}", f"{host_side}:{api_port}", f"{host_side}:22",
+                   f"{b['host_ip']}:49983", f"{b['host_ip']}:{port}", f"10.200.0.1:{port}",
+                   f"169.254.169.254:80"]
+        script = " ".join(
+            f"(timeout 3 bash -c 'echo > /dev/tcp/{t.split(':')[0]}/{t.split(':')[1]}' 2>/dev/null && echo OPEN {t});"
+            for t in targets)
+        e = exec_ok(api, a["id"], script + " true")
+        assert "OPEN" not in e["stdout"], e["stdout"]
+        srv.close()
+
+        # A neighbour that routes the slot range through this host reaches no envd (from a
+        # public address: answers to private ones are dropped anyway).
+        nbr = "wrtest-nbr"
+        subprocess.run(["ip", "netns", "del", nbr], capture_output=True)
+        subprocess.run(["ip", "link", "del", "wrtnbr0"], capture_output=True)
+        run = lambda *c: subprocess.run(c, check=True, capture_output=True)  # noqa: E731
+        try:
+            run("ip", "netns", "add", nbr)
+            run("ip", "link", "add", "wrtnbr0", "type", "veth", "peer", "name", "wrtnbr1", "netns", nbr)
+            run("ip", "addr", "add", "198.51.100.1/30", "dev", "wrtnbr0")
+            run("ip", "link", "set", "wrtnbr0", "up")
+            run("ip", "-n", nbr, "addr", "add", "198.51.100.2/30", "dev", "wrtnbr1")
+            run("ip", "-n", nbr, "link", "set", "wrtnbr1", "up")
+            run("ip", "-n", nbr, "link", "set", "lo", "up")
+            run("ip", "-n", nbr, "route", "add", "10.201.0.0/16", "via", "198.51.100.1")
+            probe = subprocess.run(
+                ["ip", "netns", "exec", nbr, "timeout", "4", "bash", "-c",
+                 f"echo > /dev/tcp/{a['host_ip']}/49983 && echo OPEN"],
+                capture_output=True, text=True)
+            assert "OPEN" not in probe.stdout, "a neighbour reached envd"
+        finally:
+            subprocess.run(["ip", "netns", "del", nbr], capture_output=True)
+            subprocess.run(["ip", "link", "del", "wrtnbr0"], capture_output=True)
+
+        # The host and both capsules still serve.
+        for c in (a, b):
+            assert exec_ok(api, c["id"], "echo alive")["stdout"] == "alive\n"
+    finally:
+        for i in ids:
+            api.delete(f"/v1/capsules/{i}")
