@@ -26,6 +26,8 @@ pub struct Builtin {
     pub memory_mb: u32,
     /// No package-list refresh or apt clean-up (recipes that install nothing with apt).
     pub skip_pre_post: bool,
+    /// A Python script run (`RUN python3`) after the recipe, before the snapshot.
+    pub warm_script: Option<&'static str>,
 }
 
 /// In build order (each after its base).
@@ -45,6 +47,7 @@ pub const BUILTINS: &[Builtin] = &[
         healthcheck: None,
         memory_mb: 1024,
         skip_pre_post: false,
+        warm_script: None,
     },
     Builtin {
         name: "node",
@@ -61,6 +64,7 @@ pub const BUILTINS: &[Builtin] = &[
         healthcheck: None,
         memory_mb: 1024,
         skip_pre_post: true,
+        warm_script: None,
     },
     Builtin {
         name: "code-runner-beta",
@@ -72,38 +76,19 @@ pub const BUILTINS: &[Builtin] = &[
             "RUN --timeout=60m pip install --no-cache-dir --no-compile numpy pandas matplotlib seaborn requests jupyter-server ipykernel",
             "RUN --timeout=30m python3 -c 'import numpy, pandas, matplotlib.pyplot, seaborn, requests, IPython, ipykernel.kernelapp, jupyter_server.serverapp'",
             "RUN python3 -m ipykernel install --name wrenn --display-name 'Python 3 (Wrenn)'",
-            "RUN mkdir -p /root/.ipython/profile_default && printf \"c.InteractiveShellApp.matplotlib = 'inline'\\n\" > /root/.ipython/profile_default/ipython_kernel_config.py",
+            // Inline figures; no input history database (a SQLite write per cell, a cost under
+            // emulation nobody asked for: `In`, `Out` and `_` still work from memory).
+            "RUN mkdir -p /root/.ipython/profile_default && printf \"c.InteractiveShellApp.matplotlib = 'inline'\\nc.HistoryManager.enabled = False\\n\" > /root/.ipython/profile_default/ipython_kernel_config.py",
             "START jupyter server --ip=0.0.0.0 --port=8888 --no-browser --allow-root --IdentityProvider.token= --ServerApp.password= --ServerApp.allow_origin=* --ServerApp.disable_check_xsrf=True --ServerApp.root_dir=/root",
-            // A `wrenn` kernel started and warmed (the data stack imported) before the snapshot:
-            // the SDK's code runner reuses a running kernel of that name, so its first cell
-            // answers at once instead of waiting for a kernel to start under emulation (longer
-            // than the SDK's 5 s timeout).
-            concat!(
-                "RUN printf '%s\\n' ",
-                "'import json, time, urllib.request as u' ",
-                "'from jupyter_client import BlockingKernelClient' ",
-                "'from jupyter_core.paths import jupyter_runtime_dir' ",
-                "'for _ in range(300):' ",
-                "'    try:' ",
-                "'        u.urlopen(\"http://127.0.0.1:8888/api/status\"); break' ",
-                "'    except Exception:' ",
-                "'        time.sleep(1)' ",
-                "'req = u.Request(\"http://127.0.0.1:8888/api/kernels\", data=json.dumps({\"name\": \"wrenn\"}).encode(), headers={\"Content-Type\": \"application/json\"}, method=\"POST\")' ",
-                "'k = json.load(u.urlopen(req))' ",
-                "'c = BlockingKernelClient(connection_file=\"%s/kernel-%s.json\" % (jupyter_runtime_dir(), k[\"id\"]))' ",
-                // Not `wait_for_ready`: without a kernel manager it judges the kernel by its
-                // heartbeat, which is not beating yet under emulation ("kernel died").
-                "'c.load_connection_file(); c.start_channels()' ",
-                "'c.execute(\"import numpy, pandas, matplotlib.pyplot, seaborn, requests\")' ",
-                "'r = c.get_shell_msg(timeout=600)' ",
-                "'c.stop_channels()' ",
-                "'raise SystemExit(0 if r[\"content\"][\"status\"] == \"ok\" else 1)' ",
-                "> /tmp/warm-kernel.py && python3 /tmp/warm-kernel.py && rm /tmp/warm-kernel.py"
-            ),
         ],
         healthcheck: Some("--interval=2s --start-period=5s curl -sf http://127.0.0.1:8888/api/status"),
         memory_mb: 1024,
         skip_pre_post: true,
+        // A `wrenn` kernel started and driven the way the SDK's code runner does (see the
+        // script), so a capsule's first cell answers without waiting for a kernel to start
+        // under emulation (longer than the SDK's 5 s timeout) or for Jupyter to load the code
+        // of each path on first use.
+        warm_script: Some(include_str!("builtin/warm_kernel.py")),
     },
 ];
 
@@ -119,7 +104,12 @@ impl Builtin {
             base_template: Some(self.base.into()),
             base_image: None,
             registry_auth: None,
-            recipe: self.recipe.iter().map(|s| s.to_string()).collect(),
+            recipe: self
+                .recipe
+                .iter()
+                .map(|s| s.to_string())
+                .chain(self.warm_script.map(warm_step))
+                .collect(),
             healthcheck: self.healthcheck.map(Into::into),
             vcpus: Some(1),
             memory_mb: Some(self.memory_mb),
@@ -127,6 +117,15 @@ impl Builtin {
             skip_pre_post: self.skip_pre_post,
         }
     }
+}
+
+/// A recipe step running `script` with python3 (base64 on the line: steps are one line each).
+fn warm_step(script: &str) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(script);
+    format!(
+        "RUN --timeout=30m echo {b64} | base64 -d > /tmp/warm.py && python3 /tmp/warm.py && rm /tmp/warm.py"
+    )
 }
 
 impl BuildService {
