@@ -179,12 +179,29 @@ impl Cgroups {
         }
     }
 
-    /// Removes the group `name` (its VM has stopped). Best effort: a group still holding a
-    /// task is left for [`Cgroups::collect`].
-    pub fn remove(&self, name: &str) {
-        for scope in self.scopes() {
-            remove_dir(&scope.join(name));
+    /// Removes the group `name` once its VM has stopped: a killed process's threads leave the
+    /// group a moment after the process reads as gone, so this retries for up to a second.
+    /// One still holding a task after that is left for [`Cgroups::collect`].
+    pub async fn remove(&self, name: &str) {
+        for _ in 0..50 {
+            let left: Vec<PathBuf> = self
+                .scopes()
+                .into_iter()
+                .map(|s| s.join(name))
+                .filter(|d| {
+                    remove_dir(d);
+                    d.exists()
+                })
+                .collect();
+            if left.is_empty() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+        warn!(
+            cgroup = name,
+            "a VM's cgroup still has tasks; left for later"
+        );
     }
 
     /// Removes every group of this agent without tasks (left by VMs that stopped).

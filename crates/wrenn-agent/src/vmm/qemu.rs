@@ -135,9 +135,9 @@ impl QemuVmm {
     }
 
     /// Removes the stopped `vm`'s cgroup.
-    fn release(&self, vm: &VmProcess) {
+    async fn release(&self, vm: &VmProcess) {
         if let (Some(c), Some(name)) = (&self.cgroups, &vm.cgroup) {
-            c.remove(name);
+            c.remove(name).await;
         }
     }
 
@@ -493,7 +493,7 @@ impl Vmm for QemuVmm {
     async fn stop(&self, vm: &VmProcess) -> Result<()> {
         let r = kill_and_wait(vm).await;
         if r.is_ok() {
-            self.release(vm);
+            self.release(vm).await;
         }
         r
     }
@@ -571,7 +571,7 @@ impl Vmm for QemuVmm {
             let _ = qmp.execute("quit", None).await;
             for _ in 0..500 {
                 if !is_running(vm) {
-                    self.release(vm);
+                    self.release(vm).await;
                     return Ok(());
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
