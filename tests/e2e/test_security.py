@@ -7,6 +7,7 @@ import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from tests.support.platform import start_platform, stop_platform
 from tests.support.qemu import vmm_processes
 from tests.support.waits import wait_status
 
@@ -238,3 +239,20 @@ def test_the_network_admits_no_spoofing_and_no_strangers(api, platform):
     finally:
         for i in ids:
             api.delete(f"/v1/capsules/{i}")
+
+
+def test_a_host_keeps_its_disk_reserve():
+    """A host whose disk is down to its reserve takes no new capsule: 507 at once, nothing
+    made."""
+    p = start_platform(slot_base="10.201.190.0", max_slots=4,
+                       env_extra={"WRENN_DISK_RESERVE_MB": str(1 << 40)})  # more than any disk
+    try:
+        with p.client() as api:
+            r = api.post("/v1/capsules", json={})
+            assert r.status_code == 507, r.text
+            e = r.json()["error"]
+            assert e["code"] == "insufficient_storage"
+            assert "keeps" in e["message"]
+            assert api.get("/v1/capsules").json() == []
+    finally:
+        stop_platform(p)

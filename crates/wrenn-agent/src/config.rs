@@ -26,6 +26,9 @@ impl std::str::FromStr for AccelChoice {
     }
 }
 
+/// Free disk a host keeps for itself by default (MiB).
+pub const DEFAULT_DISK_RESERVE_MB: u64 = 2048;
+
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     /// Everything the agent keeps: images, capsule state, disks, logs.
@@ -49,6 +52,9 @@ pub struct AgentConfig {
     pub template_snapshots: bool,
     /// Per-shape template snapshots unused this long are removed (`None`: kept forever).
     pub shape_snapshot_idle: Option<std::time::Duration>,
+    /// Free disk (MiB) the host keeps for itself: creates and resumes that would leave less
+    /// are refused (507 `insufficient_storage`).
+    pub disk_reserve_mb: u64,
 }
 
 impl AgentConfig {
@@ -65,6 +71,7 @@ impl AgentConfig {
             boot_timeout: std::time::Duration::from_secs(25),
             template_snapshots: true,
             shape_snapshot_idle: Some(std::time::Duration::from_secs(24 * 3600)),
+            disk_reserve_mb: DEFAULT_DISK_RESERVE_MB,
         }
     }
 

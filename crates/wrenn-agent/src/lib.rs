@@ -29,5 +29,5 @@ mod oci;
 pub mod uplink;
 pub mod vmm;
 
-pub use config::{AccelChoice, AgentConfig};
+pub use config::{AccelChoice, AgentConfig, DEFAULT_DISK_RESERVE_MB};
 pub use manager::{CapsuleManager, AGENT_VERSION};

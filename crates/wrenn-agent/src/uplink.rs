@@ -560,6 +560,7 @@ mod tests {
             cpus: 2,
             memory_mb: 4096,
             disk_free_mb: 10_240,
+            disk_reserve_mb: 0,
         };
         let creds = register(
             &http_client().unwrap(),
@@ -604,6 +605,7 @@ mod tests {
             cpus: 1,
             memory_mb: 1,
             disk_free_mb: 1,
+            disk_reserve_mb: 0,
         };
         let err = register(
             &http_client().unwrap(),

@@ -33,6 +33,8 @@ pub enum ErrorCode {
     DeliveryFailed,
     /// The port proxy found nothing listening on the port in the capsule (502).
     PortNotListening,
+    /// The host's disk is down to the free space it keeps (507).
+    InsufficientStorage,
 }
 
 impl ErrorCode {
@@ -64,6 +66,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::DeliveryFailed => "delivery_failed",
             ErrorCode::PortNotListening => "port_not_listening",
+            ErrorCode::InsufficientStorage => "insufficient_storage",
         }
     }
 
@@ -92,6 +95,7 @@ impl ErrorCode {
             ErrorCode::HostUnavailable
             | ErrorCode::NoHostsAvailable
             | ErrorCode::TemplateBuilding => 503,
+            ErrorCode::InsufficientStorage => 507,
         }
     }
 }

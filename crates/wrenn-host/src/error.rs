@@ -38,6 +38,9 @@ pub enum HostError {
     Image(String),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// The host's disk is down to the free space it keeps (its reserve).
+    #[error("{0}")]
+    InsufficientStorage(String),
     /// The host could not be reached (a remote agent's connection failed).
     #[error("host unreachable: {0}")]
     Unreachable(String),
@@ -102,6 +105,9 @@ impl From<HostError> for Status {
             HostError::Conflict(_) => (Code::Aborted, "conflict", 0),
             HostError::Vmm(_) => (Code::Internal, "vmm", 0),
             HostError::Envd(_) => (Code::Unavailable, "envd", 0),
+            HostError::InsufficientStorage(_) => {
+                (Code::ResourceExhausted, "insufficient_storage", 0)
+            }
             _ => (Code::Internal, "internal", 0),
         };
         let message = match &e {
@@ -137,6 +143,7 @@ impl From<Status> for HostError {
             "already_exists" => HostError::AlreadyExists(w.message),
             "conflict" => HostError::Conflict(w.message),
             "envd" => HostError::Envd(w.message),
+            "insufficient_storage" => HostError::InsufficientStorage(w.message),
             _ => HostError::Vmm(w.message),
         }
     }

@@ -59,7 +59,7 @@ pub struct FakeHost {
     me: Weak<FakeHost>,
     state: Mutex<State>,
     changed: Notify,
-    capacity: HostCapacity,
+    capacity: Mutex<HostCapacity>,
 }
 
 impl FakeHost {
@@ -68,12 +68,18 @@ impl FakeHost {
             me: me.clone(),
             state: Mutex::default(),
             changed: Notify::new(),
-            capacity: HostCapacity {
+            capacity: Mutex::new(HostCapacity {
                 cpus: 4,
                 memory_mb: 8192,
                 disk_free_mb: 100_000,
-            },
+                disk_reserve_mb: 0,
+            }),
         })
+    }
+
+    /// What the host reports as its capacity from now on.
+    pub fn set_capacity(&self, capacity: HostCapacity) {
+        *self.capacity.lock().unwrap_or_else(|e| e.into_inner()) = capacity;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -245,7 +251,7 @@ impl FakeHost {
                 size_bytes: 1 << 30,
                 built_at: chrono::Utc::now(),
             }]),
-            Call::capacity {} => answer(self.capacity),
+            Call::capacity {} => answer(*self.capacity.lock().unwrap_or_else(|e| e.into_inner())),
             Call::list {} => answer(self.lock().capsules.values().cloned().collect::<Vec<_>>()),
             Call::reap_dead {} => answer(std::mem::take(&mut self.lock().dead)),
             Call::create { id, .. } => {

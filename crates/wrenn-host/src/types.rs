@@ -41,6 +41,10 @@ pub struct HostCapacity {
     pub cpus: u32,
     pub memory_mb: u64,
     pub disk_free_mb: u64,
+    /// Free disk the host keeps for itself: it takes no capsule (create, resume) that would
+    /// leave it less (`disk_free_mb` counts it).
+    #[serde(default)]
+    pub disk_reserve_mb: u64,
 }
 
 /// A base template a host can boot: its root filesystem image.

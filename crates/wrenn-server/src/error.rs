@@ -48,6 +48,7 @@ pub fn from_host(e: wrenn_host::HostError) -> ApiError {
         H::Conflict(m) => ApiError::new(ErrorCode::Conflict, m),
         H::AlreadyExists(m) => ApiError::new(ErrorCode::AlreadyExists, m),
         H::CannotRun { message, .. } => ApiError::invalid(message),
+        H::InsufficientStorage(m) => ApiError::new(ErrorCode::InsufficientStorage, m),
         H::Unreachable(m) => ApiError::new(
             ErrorCode::HostUnavailable,
             format!("the capsule's host cannot be reached: {m}"),

@@ -92,6 +92,10 @@ pub struct HostArgs {
     /// Remove a per-shape template snapshot no capsule has used for this many hours (0: never)
     #[arg(long, env = "WRENN_TEMPLATE_SNAPSHOT_IDLE_HOURS", default_value_t = 24)]
     template_snapshot_idle_hours: u64,
+    /// Free disk (MiB) the host keeps for itself: creates and resumes that would leave less are
+    /// refused with 507 `insufficient_storage`.
+    #[arg(long, env = "WRENN_DISK_RESERVE_MB", default_value_t = wrenn_agent::DEFAULT_DISK_RESERVE_MB)]
+    disk_reserve_mb: u64,
 }
 
 impl HostArgs {
@@ -113,6 +117,7 @@ impl HostArgs {
         cfg.max_slots = self.max_slots;
         cfg.debian_mirror = self.debian_mirror.clone();
         cfg.template_snapshots = self.template_snapshots;
+        cfg.disk_reserve_mb = self.disk_reserve_mb;
         cfg.shape_snapshot_idle = (self.template_snapshot_idle_hours > 0)
             .then(|| std::time::Duration::from_secs(self.template_snapshot_idle_hours * 3600));
         Ok(cfg)

@@ -59,6 +59,7 @@ impl CapsuleManager {
         spec: &CapsuleSpec,
         from: Option<&UserSnapshot>,
     ) -> Result<CapsuleInfo> {
+        self.ensure_disk_room(super::MIN_DISK_ROOM_MB, "a new capsule")?;
         let rootfs = match from {
             // A built base template: its disk, booted like an image.
             Some(s) if s.disk_only => {

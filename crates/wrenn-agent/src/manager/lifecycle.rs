@@ -39,6 +39,8 @@ impl CapsuleManager {
         let entry = self.entry(id)?;
         let mut state = entry.state.lock().await;
         let (record, vm) = running(&mut state, id)?;
+        // The saved state takes up to the guest's memory.
+        self.ensure_disk_room(u64::from(record.memory_mb), "pausing this capsule")?;
         let started = Instant::now();
         record.phase = Phase::Pausing;
         self.persist(record)?;
@@ -88,6 +90,7 @@ impl CapsuleManager {
     /// Restores a paused capsule into the same network slot and returns once envd answers
     /// (its clock set, its entropy reseeded). On failure it stays paused, files intact.
     pub(crate) async fn resume_capsule(&self, id: &str) -> Result<CapsuleInfo> {
+        self.ensure_disk_room(super::MIN_DISK_ROOM_MB, "resuming a capsule")?;
         let entry = self.entry(id)?;
         let mut state = entry.state.lock().await;
         let record = state

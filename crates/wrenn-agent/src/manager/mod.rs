@@ -48,6 +48,8 @@ use crate::vmm::{VmProcess, Vmm};
 use sampling::Sampler;
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Disk a capsule needs at once beyond the host's reserve (its overlay and logs start small).
+const MIN_DISK_ROOM_MB: u64 = 64;
 /// A paused capsule's saved VM state (devices and RAM), in its directory.
 const SAVED_STATE: &str = "saved.state";
 
@@ -224,7 +226,21 @@ impl CapsuleManager {
             cpus,
             memory_mb: mem_total_mb.saturating_sub(HOST_RESERVE_MB),
             disk_free_mb: free_mb(&self.cfg.capsules_dir()),
+            disk_reserve_mb: self.cfg.disk_reserve_mb,
         }
+    }
+
+    /// Refuses work that would leave the host less free disk than its reserve (`need_mb`:
+    /// what the work writes at once).
+    fn ensure_disk_room(&self, need_mb: u64, what: &str) -> Result<()> {
+        let free = free_mb(&self.cfg.capsules_dir());
+        let reserve = self.cfg.disk_reserve_mb;
+        if free < reserve + need_mb {
+            return Err(HostError::InsufficientStorage(format!(
+                "the host's disk is full: {free} MiB free, it keeps {reserve} MiB for itself and {what} needs {need_mb} MiB"
+            )));
+        }
+        Ok(())
     }
 
     fn entry(&self, id: &str) -> Result<Arc<Entry>> {

@@ -356,6 +356,9 @@ impl CapsuleService {
         use CapsuleStatus::*;
         let row = self.owned(team_id, id).await?;
         let host = self.pool.client_for(&row).await?;
+        if row.capsule.status == Paused {
+            room_on_disk(&host.capacity().await.map_err(from_host)?)?;
+        }
         if !self.store.transition(id, &[Paused], Resuming).await? {
             return Err(ApiError::invalid_state(format!(
                 "capsule {id} is {}, not paused",
@@ -446,6 +449,7 @@ fn fits(spec: &CapsuleSpec, cap: &HostCapacity) -> Result<()> {
             spec.memory_mb, cap.memory_mb
         )));
     }
+    room_on_disk(cap)?;
     if u64::from(spec.disk_size_mb) > cap.disk_free_mb {
         return Err(ApiError::invalid(format!(
             "disk_size_mb {} is more than the free space on this host ({} MiB)",
@@ -454,6 +458,23 @@ fn fits(spec: &CapsuleSpec, cap: &HostCapacity) -> Result<()> {
     }
     Ok(())
 }
+
+/// Refuses a capsule (create, resume) on a host whose disk is down to its reserve.
+fn room_on_disk(cap: &HostCapacity) -> Result<()> {
+    if cap.disk_free_mb < cap.disk_reserve_mb + MIN_DISK_ROOM_MB {
+        return Err(ApiError::new(
+            ErrorCode::InsufficientStorage,
+            format!(
+                "the host's disk is full: {} MiB free, and it keeps {} MiB for itself; free some space (delete capsules or snapshots) or try later",
+                cap.disk_free_mb, cap.disk_reserve_mb
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Disk a capsule needs at once beyond the host's reserve (its overlay and logs start small).
+pub(super) const MIN_DISK_ROOM_MB: u64 = 64;
 
 /// A create the host works on in the background.
 /// What a create boots from (see [`CapsuleService::resolve_template`]).

@@ -43,6 +43,7 @@ async fn world(name: &str) -> World {
         cpus: 4,
         memory_mb: 8192,
         disk_free_mb: 100_000,
+        disk_reserve_mb: 0,
     };
     let host_id = crate::hosts::ensure_embedded_host(&store, &dir, &capacity)
         .await
@@ -317,4 +318,43 @@ async fn a_vm_that_dies_turns_its_capsule_error_with_the_reason() {
         .error
         .unwrap_or_default()
         .contains("exited unexpectedly"));
+}
+
+#[tokio::test]
+async fn a_host_down_to_its_disk_reserve_takes_no_capsule_and_resumes_none() {
+    let w = world("disk-reserve").await;
+    let id = w.running().await;
+    w.svc.pause(&w.team, &id, &user()).await.unwrap();
+    w.wait_for(&id, CapsuleStatus::Paused).await;
+
+    w.host.set_capacity(HostCapacity {
+        cpus: 4,
+        memory_mb: 8192,
+        disk_free_mb: 2000,
+        disk_reserve_mb: 2048,
+    });
+    let e = w
+        .svc
+        .create(&w.team, CreateCapsuleRequest::default(), &user())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::InsufficientStorage, "{}", e.message);
+    assert_eq!(e.code.status(), 507);
+    assert!(e.message.contains("2048 MiB"), "{}", e.message);
+    let e = w.svc.resume(&w.team, &id, &user()).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::InsufficientStorage, "{}", e.message);
+    assert_eq!(w.status(&id).await, CapsuleStatus::Paused, "left as it was");
+    assert_eq!(w.host.count("resume"), 0);
+    assert_eq!(w.host.count("create"), 1, "{:?}", w.host.calls());
+
+    // Room again: both work.
+    w.host.set_capacity(HostCapacity {
+        cpus: 4,
+        memory_mb: 8192,
+        disk_free_mb: 100_000,
+        disk_reserve_mb: 2048,
+    });
+    w.svc.resume(&w.team, &id, &user()).await.unwrap();
+    w.wait_for(&id, CapsuleStatus::Running).await;
+    w.create(0).await;
 }
