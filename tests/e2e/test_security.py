@@ -149,6 +149,17 @@ def test_each_vm_runs_in_its_own_cgroup_with_limits(api, platform, running_capsu
     wait_status(api, c["id"], {"stopped"}, timeout=30)
     assert not os.path.exists(mem)
 
+    # Capsules created at once each get their group (one VM's start never removes another's
+    # group before its QEMU joined it).
+    ids = [api.post("/v1/capsules", json={}).json()["id"] for _ in range(4)]
+    try:
+        for i in ids:
+            wait_status(api, i, {"running"}, timeout=120, fail_on={"error"})
+            assert cgroup_dir(vmm_pid(i), "memory").endswith("/" + i)
+    finally:
+        for i in ids:
+            api.delete(f"/v1/capsules/{i}")
+
 
 def test_a_console_flood_stays_small_on_disk(api, platform, running_capsule):
     cid = running_capsule["id"]

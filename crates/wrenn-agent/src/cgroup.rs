@@ -14,7 +14,8 @@
 //! Neither is required: a host without usable cgroups runs VMs unconfined and says so.
 //! A VM joins its group before QEMU starts ([`VmCgroup::procs`], written from the child
 //! before exec), so none of its threads ever runs outside it. Groups are removed when their
-//! VM has stopped; any left by a crash are empty and removed at the next start.
+//! VM has stopped (a VM that died is torn down like any other); any left by an agent that
+//! crashed are empty and removed at its next start.
 
 use std::path::{Path, PathBuf};
 
@@ -204,7 +205,8 @@ impl Cgroups {
         );
     }
 
-    /// Removes every group of this agent without tasks (left by VMs that stopped).
+    /// Removes every group of this agent without tasks (left by a previous run's VMs). Only
+    /// at start: later, an empty group may be one a VM is about to join.
     pub fn collect(&self) {
         for scope in self.scopes() {
             let Ok(entries) = std::fs::read_dir(&scope) else {

@@ -5,6 +5,7 @@
 //! start time (persisted in the capsule's state), so after a restart the agent finds its VMs and
 //! never signals a recycled pid. `-name <capsule id>` labels it for humans and tests.
 
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -260,8 +261,6 @@ impl QemuVmm {
             .open(cfg.dir.join("qemu.log"))?;
         let group = match &self.cgroups {
             Some(c) => {
-                // Groups of VMs that stopped on their own (crashed) go here, once empty.
-                c.collect();
                 let g = c
                     .prepare(&cfg.id, Limits::for_vm(cfg.memory_mb, cfg.vcpus))
                     .map_err(|e| HostError::Vmm(format!("cannot make the VM's cgroup: {e}")))?;
@@ -310,31 +309,50 @@ impl QemuVmm {
                 Ok(())
             });
         }
-        let mut child = child
-            .spawn()
-            .map_err(|e| HostError::Vmm(format!("cannot start {}: {e}", self.binary)))?;
-        let pid = child
-            .id()
-            .ok_or_else(|| HostError::Vmm("qemu exited at once".into()))?;
-        // `ip netns exec` enters the namespace and execs QEMU in place (same pid). Wait for the
-        // exec so a QEMU that cannot start at all is reported here, with its log.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !comm(pid).is_some_and(|c| c.starts_with("qemu-system")) {
-            if let Ok(Some(status)) = child.try_wait() {
-                let log = std::fs::read_to_string(cfg.dir.join("qemu.log")).unwrap_or_default();
-                return Err(HostError::Vmm(format!(
-                    "qemu exited at start ({status}): {}",
-                    log.trim()
-                )));
+        let mut child = match child.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                if let (Some(c), Some(_)) = (&self.cgroups, &group) {
+                    c.remove(&cfg.id).await;
+                }
+                return Err(HostError::Vmm(format!("cannot start {}: {e}", self.binary)));
             }
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill().await;
-                return Err(HostError::Vmm("qemu did not start within 5 s".into()));
+        };
+        let started = async {
+            let pid = child
+                .id()
+                .ok_or_else(|| HostError::Vmm("qemu exited at once".into()))?;
+            // `ip netns exec` enters the namespace and execs QEMU in place (same pid). Wait for
+            // the exec so a QEMU that cannot start at all is reported here, with its log.
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while !comm(pid).is_some_and(|c| c.starts_with("qemu-system")) {
+                if let Ok(Some(status)) = child.try_wait() {
+                    let log = std::fs::read_to_string(cfg.dir.join("qemu.log")).unwrap_or_default();
+                    return Err(HostError::Vmm(format!(
+                        "qemu exited at start ({status}): {}",
+                        log.trim()
+                    )));
+                }
+                if std::time::Instant::now() > deadline {
+                    let _ = child.kill().await;
+                    return Err(HostError::Vmm("qemu did not start within 5 s".into()));
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            let start_time = process_start_time(pid)
+                .ok_or_else(|| HostError::Vmm("qemu vanished right after starting".into()))?;
+            Ok((pid, start_time))
         }
-        let start_time = process_start_time(pid)
-            .ok_or_else(|| HostError::Vmm("qemu vanished right after starting".into()))?;
+        .await;
+        let (pid, start_time) = match started {
+            Ok(p) => p,
+            Err(e) => {
+                if let (Some(c), Some(_)) = (&self.cgroups, &group) {
+                    c.remove(&cfg.id).await;
+                }
+                return Err(e);
+            }
+        };
         // Reap the process whenever it exits so it never lingers as a zombie.
         tokio::spawn(async move {
             let _ = child.wait().await;
@@ -374,36 +392,44 @@ async fn save_with(qmp: &mut Qmp, state: &Path, ignore_shared: bool) -> Result<(
         Some(serde_json::json!({ "max-bandwidth": 1u64 << 40 })),
     )
     .await?;
-    let path = crate::images::path_str(state)?;
-    let tmp = format!("{path}.partial");
+    // QEMU writes into a descriptor the agent opened (no path, no helper process: the VMM
+    // may spawn nothing); the agent makes it durable and gives it its name, so the final name
+    // only ever holds a whole state that is on disk. The sync runs in the agent's cgroup, not
+    // under the VM's disk bandwidth limit.
+    let tmp = state.with_extension("partial");
     let _ = std::fs::remove_file(&tmp);
-    // dd fsyncs before it exits and the rename follows, so the final name only ever holds
-    // a whole state that is on disk.
-    let uri = format!(
-        "exec:dd of={} bs=1M conv=fsync status=none && mv {} {}",
-        crate::images::sh_quote(&tmp),
-        crate::images::sh_quote(&tmp),
-        crate::images::sh_quote(path)
-    );
-    qmp.execute("migrate", Some(serde_json::json!({ "uri": uri })))
+    let file = std::fs::File::create(&tmp)?;
+    let sent = async {
+        qmp.pass_fd(STATE_FD, file.as_fd()).await?;
+        qmp.execute(
+            "migrate",
+            Some(serde_json::json!({ "uri": format!("fd:{STATE_FD}") })),
+        )
         .await?;
-    wait_migration(qmp, "saving the guest").await?;
-    // QEMU reports completion when it has written the last byte to the pipe; the writer
-    // may still be syncing and renaming.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !state.exists() {
-        if std::time::Instant::now() > deadline {
-            return Err(HostError::Vmm(
-                "the saved state never reached the disk".into(),
-            ));
+        wait_migration(qmp, "saving the guest").await
+    }
+    .await;
+    if let Err(e) = sent {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let state = state.to_path_buf();
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        file.sync_all()?;
+        drop(file);
+        std::fs::rename(&tmp, &state)?;
+        if let Some(dir) = state.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    if let Some(dir) = state.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
+        Ok(())
+    })
+    .await
+    .map_err(|e| HostError::Vmm(format!("saving the guest's state: {e}")))??;
     Ok(())
 }
+
+/// The name under which a migration's file descriptor is handed to QEMU.
+const STATE_FD: &str = "wrenn-state";
 
 async fn set_ignore_shared(qmp: &mut Qmp, on: bool) -> Result<()> {
     qmp.execute(
@@ -421,12 +447,13 @@ impl QemuVmm {
     async fn load(&self, vm: &VmProcess, state: &Path, ignore_shared: bool) -> Result<Qmp> {
         let mut qmp = self.qmp(vm).await?;
         set_ignore_shared(&mut qmp, ignore_shared).await?;
-        let uri = format!(
-            "exec:cat {}",
-            crate::images::sh_quote(crate::images::path_str(state)?)
-        );
-        qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })))
-            .await?;
+        let file = std::fs::File::open(state)?;
+        qmp.pass_fd(STATE_FD, file.as_fd()).await?;
+        qmp.execute(
+            "migrate-incoming",
+            Some(serde_json::json!({ "uri": format!("fd:{STATE_FD}") })),
+        )
+        .await?;
         wait_migration(&mut qmp, "loading the saved guest").await?;
         Ok(qmp)
     }
@@ -571,7 +598,10 @@ impl Vmm for QemuVmm {
             let _ = qmp.execute("quit", None).await;
             for _ in 0..500 {
                 if !is_running(vm) {
-                    self.release(vm).await;
+                    // A pause ends here: its group goes in the background, not on its clock.
+                    if let (Some(c), Some(name)) = (self.cgroups.clone(), vm.cgroup.clone()) {
+                        tokio::spawn(async move { c.remove(&name).await });
+                    }
                     return Ok(());
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
