@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.support.envd import EnvdProbe
+from tests.support.envd import EnvdProbe, token_in_cmdline
 from tests.support.platform import images_dir, start_bench_platform, stop_platform
 from tests.support.qemu import RAW_NICE, RAW_NS, qemu_cmdline, rewrite, setup_raw_netns, sh, teardown_raw_netns
 
@@ -56,7 +56,8 @@ def raw_run(template, work):
     backing = sorted((images_dir() / "rootfs").glob("minimal-*.ext4"))[-1]
     sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", "raw", str(disk), "5120M")
     args = rewrite(template, work, disk)
-    probe = EnvdProbe(RAW_NS)
+    # The same command line: the same token on its kernel command line, presented alike.
+    probe = EnvdProbe(RAW_NS, token_in_cmdline(args))
     t0 = time.perf_counter()
     proc = subprocess.Popen(["ip", "netns", "exec", RAW_NS] + RAW_NICE + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     probe.go()  # polls envd until it answers, then runs `true` through it, as the platform's create ends

@@ -24,7 +24,7 @@ import time
 
 import httpx
 
-from tests.support.envd import envd_exec
+from tests.support.envd import capsule_token, envd_exec
 from tests.support.platform import start_bench_platform, stop_platform
 from tests.support.waits import wait_status
 
@@ -77,9 +77,11 @@ def main():
     try:
         api = wrenn_up.client(timeout=60)
         cap = wait_running(api, api.post("/v1/capsules", json={}).json()["id"])
+        # Straight to envd as the agent reaches it: with the capsule's token.
+        token = capsule_token(data_dir, cap["id"])
         for _ in range(10):  # warm both paths
             api.post(f"/v1/capsules/{cap['id']}/exec", json={"cmd": "true", "args": []})
-            envd_exec(cap["host_ip"])
+            envd_exec(cap["host_ip"], token=token)
         raw = RawHttp(base_url, key, f"/v1/capsules/{cap['id']}/exec", {"cmd": "true"})
         via_api, direct, via_httpx = [], [], []
         settle = 0.03  # lets the guest finish the previous call's trailing work (closing the connection)
@@ -90,7 +92,7 @@ def main():
             via_api.append(time.perf_counter() - t)
             time.sleep(settle)
             t = time.perf_counter()
-            envd_exec(cap["host_ip"])
+            envd_exec(cap["host_ip"], token=token)
             direct.append(time.perf_counter() - t)
             time.sleep(settle)
             t = time.perf_counter()

@@ -1,12 +1,14 @@
 """A hostile guest: what it does from inside its capsule stays inside it, and costs the
 platform and its neighbours only what the platform allows."""
 
+import json
 import os
 import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from tests.support.envd import ENVD_PORT, auth_frame, capsule_token, frame, read_frame
 from tests.support.platform import start_platform, stop_platform
 from tests.support.qemu import vmm_processes
 from tests.support.waits import wait_status
@@ -267,3 +269,51 @@ def test_a_host_keeps_its_disk_reserve():
             assert api.get("/v1/capsules").json() == []
     finally:
         stop_platform(p)
+
+
+def envd_ask(host_ip, *frames):
+    """Sends `frames` on a new connection to the envd at `host_ip`; its first answer."""
+    s = socket.create_connection((host_ip, ENVD_PORT), timeout=10)
+    try:
+        s.sendall(b"".join(frames))
+        kind, body = read_frame(s)
+        return json.loads(body)
+    finally:
+        s.close()
+
+
+def test_envd_answers_only_its_capsules_host(api, platform, running_capsule):
+    """Reaching a capsule's envd is not enough: every connection must present the capsule's
+    own token, which capsules restored from one snapshot do not share."""
+    c = running_capsule
+    token = capsule_token(platform.data_dir, c["id"])
+    assert token and len(token) == 64
+    state = platform.data_dir / "capsules" / c["id"] / "state.json"
+    assert os.stat(state).st_mode & 0o077 == 0, "the record holding the token is root's only"
+
+    health = frame({"op": "health"})
+    for frames in ([health], [auth_frame("0" * 64), health], [auth_frame(token[:-1]), health]):
+        answer = envd_ask(c["host_ip"], *frames)
+        assert answer["type"] == "error" and answer["kind"] == "unauthorized", answer
+    exec_true = frame({"op": "exec", "cmd": "id -u", "timeout_ms": 10000})
+    assert envd_ask(c["host_ip"], exec_true)["kind"] == "unauthorized"
+    assert envd_ask(c["host_ip"], auth_frame(token), health)["type"] == "health"
+
+    # Another capsule from the same template snapshot has a token of its own.
+    r = api.post("/v1/capsules", json={})
+    other = wait_status(api, r.json()["id"], {"running"}, timeout=60, fail_on={"error"})
+    try:
+        other_token = capsule_token(platform.data_dir, other["id"])
+        assert other_token and other_token != token
+        assert envd_ask(other["host_ip"], auth_frame(token), health)["kind"] == "unauthorized"
+        assert envd_ask(other["host_ip"], auth_frame(other_token), health)["type"] == "health"
+        # ... which it keeps across a pause, and the API still reaches it.
+        api.post(f"/v1/capsules/{other['id']}/pause")
+        wait_status(api, other["id"], {"paused"}, timeout=60)
+        api.post(f"/v1/capsules/{other['id']}/resume")
+        wait_status(api, other["id"], {"running"}, timeout=60, fail_on={"error"})
+        assert capsule_token(platform.data_dir, other["id"]) == other_token
+        assert envd_ask(other["host_ip"], health)["kind"] == "unauthorized"
+        assert exec_ok(api, other["id"], "echo alive")["stdout"] == "alive\n"
+    finally:
+        api.delete(f"/v1/capsules/{other['id']}")

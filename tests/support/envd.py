@@ -3,9 +3,12 @@
 One TCP connection carries one operation. A frame is 1 byte of kind, a 4-byte big-endian length,
 then that many bytes. The client opens with a JSON request frame (`{"op": ...}`); envd answers
 with frames ending with a JSON response (for an exec: output frames, then `{"type": "exit", ...}`).
+An envd holding its capsule's token needs `{"op": "auth", "token": ...}` first on every
+connection; the agent keeps the token in the capsule's `state.json` (`capsule_token`).
 """
 
 import json
+import re
 import socket
 import struct
 import subprocess
@@ -43,11 +46,30 @@ def read_frame(sock):
     return kind, body
 
 
-def envd_exec(host_ip, cmd="true", timeout_ms=30000):
+def auth_frame(token):
+    """The frame presenting `token` (nothing when there is none)."""
+    return frame({"op": "auth", "token": token}) if token else b""
+
+
+def capsule_token(data_dir, capsule_id):
+    """The token capsule `capsule_id`'s envd requires (from the agent's record under
+    `data_dir`), or None."""
+    with open(f"{data_dir}/capsules/{capsule_id}/state.json") as f:
+        return json.load(f).get("envd_token")
+
+
+def token_in_cmdline(args):
+    """The token a VM started with `args` (a QEMU command line) boots its envd with, if any."""
+    append = args[args.index("-append") + 1] if "-append" in args else ""
+    m = re.search(r"(?:^| )WRENN_ENVD_TOKEN=(\S+)", append)
+    return m.group(1) if m else None
+
+
+def envd_exec(host_ip, cmd="true", timeout_ms=30000, token=None):
     """Runs `cmd` through envd at `host_ip` (a capsule's `host_ip`) and waits for its exit."""
     s = socket.create_connection((host_ip, ENVD_PORT))
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    s.sendall(frame({"op": "exec", "cmd": cmd, "timeout_ms": timeout_ms}))
+    s.sendall(auth_frame(token) + frame({"op": "exec", "cmd": cmd, "timeout_ms": timeout_ms}))
     while True:
         kind, body = read_frame(s)
         if kind == JSON and json.loads(body).get("type") == "exit":
@@ -85,9 +107,10 @@ class EnvdProbe:
         "print('done', flush=True)\n"
     )
 
-    def __init__(self, netns):
-        code = (f"HEALTH={HEALTH_FRAME!r}\nEXEC={EXEC_TRUE_FRAME!r}\nGUEST={GUEST_IP!r}\nPORT={ENVD_PORT}\n"
-                + self.CODE)
+    def __init__(self, netns, token=None):
+        auth = auth_frame(token)
+        code = (f"HEALTH={auth + HEALTH_FRAME!r}\nEXEC={auth + EXEC_TRUE_FRAME!r}\nGUEST={GUEST_IP!r}\n"
+                f"PORT={ENVD_PORT}\n" + self.CODE)
         self.p = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", code],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.p.stdout.readline().strip() == "ready"

@@ -27,6 +27,16 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct EnvdHealth {
     pub envd_version: String,
     pub kernel_version: String,
+    /// The protocol envd speaks (`envd_proto::PROTOCOL_VERSION` of its build).
+    pub protocol: u32,
+}
+
+impl EnvdHealth {
+    /// Whether this envd takes a capsule token (older ones, in snapshots made before tokens,
+    /// do not).
+    pub fn takes_token(&self) -> bool {
+        self.protocol >= envd_proto::TOKEN_PROTOCOL_VERSION
+    }
 }
 
 /// A started background process.
@@ -50,6 +60,8 @@ pub struct EnvdClient {
     lifeline: Option<Arc<Path>>,
     /// Cancelled when the capsule's VM stops: every connection made through this client fails.
     vm_gone: CancellationToken,
+    /// The capsule's token, presented first on every connection (`Request::Auth`).
+    token: Option<Arc<str>>,
 }
 
 impl EnvdClient {
@@ -60,6 +72,7 @@ impl EnvdClient {
             dial: None,
             lifeline: None,
             vm_gone: CancellationToken::new(),
+            token: None,
         }
     }
 
@@ -70,7 +83,16 @@ impl EnvdClient {
             dial: Some(dial),
             lifeline: None,
             vm_gone: CancellationToken::new(),
+            token: None,
         }
+    }
+
+    /// A client presenting `token` on every connection (for an envd that holds one; `None`
+    /// for one that does not, or when whoever opens the connection presents it: a tunnel's
+    /// far end).
+    pub fn with_token(mut self, token: Option<&str>) -> Self {
+        self.token = token.map(Arc::from);
+        self
     }
 
     /// A client that, when TCP to envd fails, asks envd over the serial lifeline to repair the
@@ -101,12 +123,17 @@ impl EnvdClient {
     }
 
     pub(crate) async fn connect(&self) -> Result<EnvdConn> {
-        if let Some(dial) = &self.dial {
-            return Ok(EnvdConn::boxed(dial.dial().await?, self.vm_gone.clone()));
+        let mut conn = match &self.dial {
+            Some(dial) => EnvdConn::boxed(dial.dial().await?, self.vm_gone.clone()),
+            None => EnvdConn::new(self.connect_or_repair().await?, self.vm_gone.clone()),
+        };
+        if let Some(token) = &self.token {
+            let auth = Request::Auth {
+                token: token.to_string(),
+            };
+            write_json(&mut conn, &auth).await?;
         }
-        self.connect_or_repair()
-            .await
-            .map(|s| EnvdConn::new(s, self.vm_gone.clone()))
+        Ok(conn)
     }
 
     async fn connect_or_repair(&self) -> Result<TcpStream> {
@@ -164,17 +191,19 @@ impl EnvdClient {
             Response::Health {
                 envd_version,
                 kernel_version,
-                ..
+                protocol,
             } => Ok(EnvdHealth {
                 envd_version,
                 kernel_version,
+                protocol,
             }),
             other => Err(EnvdError::unexpected("health", other)),
         }
     }
 
-    /// Tells envd its VM was just restored: it sets the clock to now and reseeds entropy.
-    pub async fn restored(&self) -> Result<()> {
+    /// Tells envd its VM was just restored: it sets the clock to now and reseeds entropy, and
+    /// from now on requires `token` (when given) on every connection.
+    pub async fn restored(&self, token: Option<&str>) -> Result<()> {
         let unix_nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -183,6 +212,7 @@ impl EnvdClient {
         let req = Request::Restored {
             unix_nanos,
             seed: hex::encode(seed),
+            token: token.map(str::to_string),
         };
         match self.call(req).await? {
             Response::Done => Ok(()),

@@ -55,6 +55,9 @@ impl EnvdError {
                 message,
             },
             ErrorKind::Internal => EnvdError::Unavailable(message),
+            ErrorKind::Unauthorized => {
+                EnvdError::Unavailable(format!("envd refused the connection: {message}"))
+            }
         }
     }
 

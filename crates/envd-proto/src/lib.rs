@@ -20,8 +20,14 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub const ENVD_PORT: u16 = 49983;
 /// Largest frame either side accepts.
 pub const MAX_FRAME_LEN: u32 = 1 << 20;
-/// Protocol version; envd reports it in [`Response::Health`].
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Protocol version; envd reports it in [`Response::Health`]. 2: capsule tokens
+/// ([`Request::Auth`], `Restored::token`).
+pub const PROTOCOL_VERSION: u32 = 2;
+/// The first protocol version whose envd takes a capsule token.
+pub const TOKEN_PROTOCOL_VERSION: u32 = 2;
+/// Kernel command-line variable (an environment variable of envd) carrying the token a
+/// cold-booted guest's envd requires from its first connection.
+pub const TOKEN_ENV: &str = "WRENN_ENVD_TOKEN";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -52,6 +58,10 @@ impl FrameKind {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
+    /// The capsule's token, sent first on a connection when envd has one; the request follows
+    /// on the same connection. An envd holding a token answers anything else with `Error`
+    /// (kind `Unauthorized`): reaching its address is not enough.
+    Auth { token: String },
     /// Liveness and version check.
     Health,
     /// Run a process to completion, streaming its output back.
@@ -92,6 +102,10 @@ pub enum Request {
         unix_nanos: u64,
         /// Random bytes from the host, hex-encoded.
         seed: String,
+        /// The capsule's own token, required on every connection from now on (a snapshot's
+        /// envd holds the token of the capsule it was taken from, or none for a template's).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
     },
     /// Connect to TCP `port` on the guest's loopback (servers bound to 127.0.0.1 or to every
     /// address alike). Answer `Done` once connected (or `Error`, kind `NotFound` when nothing
@@ -286,6 +300,8 @@ pub enum ErrorKind {
     /// The program exists but cannot be executed (a shell would exit 126).
     NotExecutable,
     Internal,
+    /// The connection did not present the capsule's token.
+    Unauthorized,
 }
 
 /// One decoded frame.

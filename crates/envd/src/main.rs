@@ -9,6 +9,7 @@
 //!   hangs up, its whole process group is killed. After a normal exit, what it put in the
 //!   background keeps running (as after a shell command).
 
+mod auth;
 mod background;
 mod exec;
 mod files;
@@ -29,6 +30,7 @@ fn main() {
     if std::process::id() == 1 {
         init::become_reaper();
     }
+    auth::init_from_env();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -79,30 +81,28 @@ const FIRST_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 
 async fn handle(stream: TcpStream) {
     let (mut rd, mut wr) = stream.into_split();
-    let first = tokio::time::timeout(FIRST_REQUEST_TIMEOUT, read_frame(&mut rd)).await;
-    let Ok(first) = first else { return };
-    let request = match first {
-        Ok(Some(Frame::Json(bytes))) => match serde_json::from_slice::<Request>(&bytes) {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = write_json(
-                    &mut wr,
-                    &error(ErrorKind::InvalidRequest, format!("bad request: {e}")),
-                )
-                .await;
-                return;
-            }
-        },
-        Ok(Some(_)) => {
-            let _ = write_json(
-                &mut wr,
-                &error(ErrorKind::InvalidRequest, "expected a JSON request frame"),
-            )
-            .await;
-            return;
-        }
-        Ok(None) | Err(_) => return,
+    let Some(mut request) = read_request(&mut rd, &mut wr).await else {
+        return;
     };
+    let mut presented = None;
+    if let Request::Auth { token } = request {
+        presented = Some(token);
+        let Some(next) = read_request(&mut rd, &mut wr).await else {
+            return;
+        };
+        request = next;
+    }
+    if !auth::admits(presented.as_deref()) {
+        let _ = write_json(
+            &mut wr,
+            &error(
+                ErrorKind::Unauthorized,
+                "this guest agent answers only its capsule's host",
+            ),
+        )
+        .await;
+        return;
+    }
     match request {
         Request::Health => {
             let _ = write_json(
@@ -128,13 +128,61 @@ async fn handle(stream: TcpStream) {
         Request::WriteFile { path } => files::write(path, rd, wr).await,
         Request::Signal { selector, signal } => processes::signal(selector, signal, wr).await,
         Request::Connect { port } => forward::connect(port, rd, wr).await,
-        Request::Restored { unix_nanos, seed } => {
+        Request::Restored {
+            unix_nanos,
+            seed,
+            token,
+        } => {
             let answer = match init::restored(unix_nanos, &seed) {
-                Ok(()) => Response::Done,
+                Ok(()) => {
+                    if let Some(t) = token.filter(|t| !t.is_empty()) {
+                        auth::set(t);
+                    }
+                    Response::Done
+                }
                 Err(e) => error(ErrorKind::Internal, e),
             };
             let _ = write_json(&mut wr, &answer).await;
         }
+        // Only ever first (handled above); a second is a confused client.
+        Request::Auth { .. } => {
+            let _ = write_json(
+                &mut wr,
+                &error(ErrorKind::InvalidRequest, "one auth per connection"),
+            )
+            .await;
+        }
+    }
+}
+
+/// The next frame of a new connection, as a request (within [`FIRST_REQUEST_TIMEOUT`]);
+/// `None` (after answering why, when there is someone to answer) if there is none.
+async fn read_request(
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+) -> Option<Request> {
+    let first = tokio::time::timeout(FIRST_REQUEST_TIMEOUT, read_frame(rd)).await;
+    match first.ok()? {
+        Ok(Some(Frame::Json(bytes))) => match serde_json::from_slice::<Request>(&bytes) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                let _ = write_json(
+                    wr,
+                    &error(ErrorKind::InvalidRequest, format!("bad request: {e}")),
+                )
+                .await;
+                None
+            }
+        },
+        Ok(Some(_)) => {
+            let _ = write_json(
+                wr,
+                &error(ErrorKind::InvalidRequest, "expected a JSON request frame"),
+            )
+            .await;
+            None
+        }
+        Ok(None) | Err(_) => None,
     }
 }
 

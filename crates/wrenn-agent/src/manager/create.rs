@@ -116,6 +116,7 @@ impl CapsuleManager {
             disk: None,
             snapshot: from.map(|s| s.id.clone()),
             template_snapshot: None,
+            envd_token: None,
         };
         let started = Instant::now();
         if let Some(meta) = &from_meta {
@@ -222,8 +223,14 @@ impl CapsuleManager {
         record.vm = Some(vm.clone());
         self.persist(record)?;
         let deadline = Instant::now() + self.cfg.boot_timeout;
+        // Reached with the token the snapshot's envd holds (the record has it), which then
+        // takes this capsule's own: capsules from one snapshot share no token.
         let health = self.wait_for_envd(record, &vm, deadline).await?;
-        self.envd_for(record).restored().await?;
+        let token = health.takes_token().then(super::new_envd_token);
+        self.envd_for(record).restored(token.as_deref()).await?;
+        if token.is_some() {
+            record.envd_token = token;
+        }
         record.envd_version = Some(health.envd_version);
         record.kernel_version = Some(health.kernel_version);
         self.persist(record)?;
@@ -363,7 +370,12 @@ impl CapsuleManager {
         record: &mut CapsuleRecord,
         rootfs: &std::path::Path,
     ) -> Result<()> {
-        let cfg = self.vm_config(record);
+        let mut cfg = self.vm_config(record);
+        // The envd in the initramfs is this build's: it takes a token from its first boot.
+        let token = super::new_envd_token();
+        cfg.guest_env
+            .push((envd_proto::TOKEN_ENV.to_string(), token.clone()));
+        record.envd_token = Some(token);
         crate::disk::create_overlay(rootfs, &cfg.disk, record.disk_size_mb).await?;
         net::create(&record.slot).await?;
         let vm = self.vmm.boot(&cfg).await?;

@@ -145,6 +145,7 @@ impl CapsuleManager {
         self.persist(record)?;
         let deadline = Instant::now() + self.cfg.boot_timeout;
         self.wait_for_envd(record, &vm, deadline).await?;
-        Ok(self.envd_for(record).restored().await?)
+        // Its memory holds its token already.
+        Ok(self.envd_for(record).restored(None).await?)
     }
 }

@@ -93,6 +93,11 @@ struct CapsuleRecord {
     /// `users/`, so the snapshot is not collected while this capsule exists).
     #[serde(default)]
     template_snapshot: Option<PathBuf>,
+    /// The token this capsule's envd requires on every connection (`None`: an envd from
+    /// before tokens, in a snapshot or paused capsule made before them). The record is
+    /// readable by root only.
+    #[serde(default)]
+    envd_token: Option<String>,
     /// Cancelled when this VM stops: fails every open connection to its envd at once.
     #[serde(skip)]
     vm_gone: CancellationToken,
@@ -323,6 +328,7 @@ impl CapsuleManager {
             r.slot.reach_ip.into(),
             envd_proto::ENVD_PORT,
         ))
+        .with_token(r.envd_token.as_deref())
         .with_lifeline(r.vm.as_ref().and_then(|vm| vm.lifeline_socket.as_deref()))
         .with_cancellation(r.vm_gone.clone())
     }
@@ -360,7 +366,7 @@ impl CapsuleManager {
         let dir = self.capsule_dir(&r.id);
         let tmp = dir.join("state.json.tmp");
         let json = serde_json::to_vec_pretty(r).map_err(|e| HostError::Io(e.into()))?;
-        std::fs::write(&tmp, json)?;
+        write_private(&tmp, &json)?;
         std::fs::rename(tmp, dir.join("state.json"))?;
         Ok(())
     }
@@ -389,6 +395,24 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding one of these short critical sections cannot leave the maps
     // inconsistent (each is a single insert/remove), so a poisoned lock is still usable.
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A new capsule token for envd: 32 random bytes, hex.
+fn new_envd_token() -> String {
+    hex::encode(rand::random::<[u8; 32]>())
+}
+
+/// Writes `bytes` to a new file at `path` readable by root only (records and tokens).
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)
 }
 
 /// The last lines of a console log, for error messages.

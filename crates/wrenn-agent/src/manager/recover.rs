@@ -218,7 +218,7 @@ impl CapsuleManager {
                 if alive && healthy(&record).await {
                     record.phase = Phase::Running;
                     self.persist(&record).ok()?;
-                    let _ = self.envd_for(&record).restored().await;
+                    let _ = self.envd_for(&record).restored(None).await;
                     let _ = std::fs::remove_file(&saved);
                     return Some(record);
                 }

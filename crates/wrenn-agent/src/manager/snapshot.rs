@@ -27,8 +27,13 @@ impl CapsuleManager {
         meta: &SnapshotMeta,
     ) -> Result<()> {
         std::fs::create_dir_all(self.capsule_dir(&record.id))?;
-        self.persist(record)?;
         let dir = self.snapshot_dir(&meta.id);
+        // Its envd answers to the token of the capsule it was taken from, until it takes ours.
+        record.envd_token = std::fs::read_to_string(dir.join(ENVD_TOKEN_FILE))
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty());
+        self.persist(record)?;
         let mut cfg = self.vm_config(record);
         crate::disk::create_overlay_on_snapshot(&dir.join("disk.qcow2"), &cfg.disk, meta.disk_mb)
             .await?;
@@ -169,6 +174,13 @@ impl CapsuleManager {
                 let _ = tokio::fs::remove_dir_all(&tmp).await;
                 return Err(e);
             }
+            // The saved envd holds this capsule's token: whoever restores it needs it once.
+            if let Some(token) = &record.envd_token {
+                if let Err(e) = super::write_private(&tmp.join(ENVD_TOKEN_FILE), token.as_bytes()) {
+                    let _ = tokio::fs::remove_dir_all(&tmp).await;
+                    return Err(e.into());
+                }
+            }
             let meta = SnapshotMeta {
                 id: snapshot_id.to_string(),
                 vcpus: record.vcpus,
@@ -281,7 +293,10 @@ impl CapsuleManager {
 }
 
 /// Files of a user snapshot (besides `meta.json`, written per copy).
-pub(super) const SNAPSHOT_FILES: &[&str] = &["state", "disk.qcow2"];
+pub(super) const SNAPSHOT_FILES: &[&str] = &["state", "disk.qcow2", ENVD_TOKEN_FILE];
+/// The token the snapshot's envd holds (that of the capsule it was taken from; root only).
+/// Absent in snapshots from before tokens and in disk-only ones.
+pub(super) const ENVD_TOKEN_FILE: &str = "envd-token";
 
 impl CapsuleManager {
     /// The cache directory of templates made under `key` on this host as it boots today: the
@@ -397,6 +412,9 @@ async fn link_files(
     std::fs::create_dir_all(to)?;
     for f in SNAPSHOT_FILES {
         let (a, b) = (from.join(f), to.join(f));
+        if *f == ENVD_TOKEN_FILE && !a.exists() {
+            continue;
+        }
         if std::fs::hard_link(&a, &b).is_err() {
             tokio::fs::copy(&a, &b).await?;
         }
