@@ -198,7 +198,9 @@ impl CapsuleManager {
         let flattened = async {
             crate::disk::flatten(&frozen_disk, &tmp.join("disk.qcow2")).await?;
             meta.disk_mb = crate::disk::virtual_size_mb(&tmp.join("disk.qcow2")).await?;
-            meta.size_bytes = ["state", "disk.qcow2"]
+            // Every file a copy of the snapshot carries (the token too), so a copy's bytes
+            // and the snapshot's size agree.
+            meta.size_bytes = SNAPSHOT_FILES
                 .iter()
                 .map(|f| std::fs::metadata(tmp.join(f)).map(|m| m.len()).unwrap_or(0))
                 .sum();

@@ -43,8 +43,9 @@ async def run(code):
     ws = await websocket_connect(f"ws://{BASE}/api/kernels/{kernel}/channels")
     msg = request(code)
     await ws.write_message(json.dumps(msg))
-    status = None
-    while True:
+    # The reply (shell channel) and the idle status (iopub) come in either order.
+    status, idle = None, False
+    while status is None or not idle:
         raw = await ws.read_message()
         if raw is None:
             sys.exit("the kernel's WebSocket closed")
@@ -54,7 +55,7 @@ async def run(code):
         if m["msg_type"] == "execute_reply":
             status = m["content"]["status"]
         if m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
-            break
+            idle = True
     ws.close()
     return status
 
