@@ -1,6 +1,8 @@
 //! Virtual machine monitors. [`Vmm`] is what the capsule manager needs from one; [`qemu`] is the
 //! driver for QEMU's `microvm` machine (KVM when usable, TCG otherwise).
 
+mod migration;
+mod process;
 pub mod qemu;
 pub mod qmp;
 

@@ -5,7 +5,6 @@
 //! start time (persisted in the capsule's state), so after a restart the agent finds its VMs and
 //! never signals a recycled pid. `-name <capsule id>` labels it for humans and tests.
 
-use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -14,6 +13,9 @@ use async_trait::async_trait;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tracing::{info, warn};
 
+use super::migration;
+use super::process::{comm, find_mentioning, kill_and_wait};
+pub use super::process::{find_by_name, is_running, process_start_time};
 use super::qmp::Qmp;
 use super::{Accel, Memory, VmConfig, VmProcess, Vmm};
 use crate::cgroup::{Cgroups, Limits};
@@ -380,81 +382,11 @@ impl QemuVmm {
     }
 }
 
-/// Freezes the guest and writes its state to `state` (see [`Vmm::save`]), over an open QMP
-/// connection (QEMU serves one at a time).
-async fn save_with(qmp: &mut Qmp, state: &Path, ignore_shared: bool) -> Result<()> {
-    // `stop` drains and flushes every disk: the overlay is complete on the host from here.
-    qmp.execute("stop", None).await?;
-    set_ignore_shared(qmp, ignore_shared).await?;
-    // The default cap is 32 MiB/s; the state goes to a local file.
-    qmp.execute(
-        "migrate-set-parameters",
-        Some(serde_json::json!({ "max-bandwidth": 1u64 << 40 })),
-    )
-    .await?;
-    // QEMU writes into a descriptor the agent opened (no path, no helper process: the VMM
-    // may spawn nothing); the agent makes it durable and gives it its name, so the final name
-    // only ever holds a whole state that is on disk. The sync runs in the agent's cgroup, not
-    // under the VM's disk bandwidth limit.
-    let tmp = state.with_extension("partial");
-    let _ = std::fs::remove_file(&tmp);
-    let file = std::fs::File::create(&tmp)?;
-    let sent = async {
-        qmp.pass_fd(STATE_FD, file.as_fd()).await?;
-        qmp.execute(
-            "migrate",
-            Some(serde_json::json!({ "uri": format!("fd:{STATE_FD}") })),
-        )
-        .await?;
-        wait_migration(qmp, "saving the guest").await
-    }
-    .await;
-    if let Err(e) = sent {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    let state = state.to_path_buf();
-    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        file.sync_all()?;
-        drop(file);
-        std::fs::rename(&tmp, &state)?;
-        if let Some(dir) = state.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
-    })
-    .await
-    .map_err(|e| HostError::Vmm(format!("saving the guest's state: {e}")))??;
-    Ok(())
-}
-
-/// The name under which a migration's file descriptor is handed to QEMU.
-const STATE_FD: &str = "wrenn-state";
-
-async fn set_ignore_shared(qmp: &mut Qmp, on: bool) -> Result<()> {
-    qmp.execute(
-        "migrate-set-capabilities",
-        Some(serde_json::json!({
-            "capabilities": [{ "capability": "x-ignore-shared", "state": on }]
-        })),
-    )
-    .await?;
-    Ok(())
-}
-
 impl QemuVmm {
     /// Loads `state` into `vm` (started with `-incoming defer`), which stays frozen.
     async fn load(&self, vm: &VmProcess, state: &Path, ignore_shared: bool) -> Result<Qmp> {
         let mut qmp = self.qmp(vm).await?;
-        set_ignore_shared(&mut qmp, ignore_shared).await?;
-        let file = std::fs::File::open(state)?;
-        qmp.pass_fd(STATE_FD, file.as_fd()).await?;
-        qmp.execute(
-            "migrate-incoming",
-            Some(serde_json::json!({ "uri": format!("fd:{STATE_FD}") })),
-        )
-        .await?;
-        wait_migration(&mut qmp, "loading the saved guest").await?;
+        migration::load_with(&mut qmp, state, ignore_shared).await?;
         Ok(qmp)
     }
 }
@@ -464,35 +396,6 @@ fn with_qemu_log(cfg: &VmConfig, e: HostError) -> HostError {
     let log = std::fs::read_to_string(cfg.dir.join("qemu.log")).unwrap_or_default();
     let last = log.lines().rev().take(3).collect::<Vec<_>>().join(" | ");
     HostError::Vmm(format!("{e}; qemu: {last}"))
-}
-
-/// How long writing or loading a guest's state may take (a large, busy guest under TCG).
-const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// Polls `query-migrate` until the migration ends; `Err` with QEMU's reason when it fails.
-async fn wait_migration(qmp: &mut Qmp, what: &str) -> Result<()> {
-    let deadline = std::time::Instant::now() + MIGRATION_TIMEOUT;
-    loop {
-        let info = qmp.execute("query-migrate", None).await?;
-        match info.get("status").and_then(|s| s.as_str()) {
-            Some("completed") => return Ok(()),
-            Some("failed") | Some("cancelled") => {
-                let why = info
-                    .get("error-desc")
-                    .and_then(|e| e.as_str())
-                    .unwrap_or("no reason given");
-                return Err(HostError::Vmm(format!("{what} failed: {why}")));
-            }
-            _ => {}
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = qmp.execute("migrate_cancel", None).await;
-            return Err(HostError::Vmm(format!(
-                "{what} did not finish within {MIGRATION_TIMEOUT:?}"
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 #[async_trait]
@@ -527,7 +430,7 @@ impl Vmm for QemuVmm {
 
     async fn save(&self, vm: &VmProcess, state: &Path, ignore_shared: bool) -> Result<()> {
         let mut qmp = self.qmp(vm).await?;
-        save_with(&mut qmp, state, ignore_shared).await
+        migration::save_with(&mut qmp, state, ignore_shared).await
     }
 
     async fn snapshot(&self, vm: &VmProcess, new_disk: &Path, state: &Path) -> Result<()> {
@@ -544,7 +447,7 @@ impl Vmm for QemuVmm {
             )
             .await;
         let saved = match moved {
-            Ok(_) => save_with(&mut qmp, state, false).await,
+            Ok(_) => migration::save_with(&mut qmp, state, false).await,
             Err(e) => Err(e),
         };
         // The guest runs on whatever happened (after a completed migration `cont` also takes
@@ -586,7 +489,7 @@ impl Vmm for QemuVmm {
         let result = async {
             let mut qmp = self.load(&vm, state_in, false).await?;
             // Still frozen (never `cont`): nothing in the guest moved since it was saved.
-            save_with(&mut qmp, state_out, true).await
+            migration::save_with(&mut qmp, state_out, true).await
         }
         .await;
         let _ = self.stop(&vm).await;
@@ -639,105 +542,6 @@ impl Vmm for QemuVmm {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-}
-
-/// SIGKILLs `vm` and waits until its process is gone.
-async fn kill_and_wait(vm: &VmProcess) -> Result<()> {
-    if !is_running(vm) {
-        return Ok(());
-    }
-    // The capsule's state is being thrown away, so there is nothing to flush: kill at once.
-    // SAFETY: kill(2) on a pid whose start time proves it is still this capsule's QEMU.
-    unsafe {
-        libc::kill(vm.pid as i32, libc::SIGKILL);
-    }
-    for _ in 0..500 {
-        if !is_running(vm) {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Err(HostError::Vmm(format!("qemu pid {} did not exit", vm.pid)))
-}
-
-/// True while the VM's process lives: same pid *and* same start time (so a recycled pid never
-/// passes), and not a zombie. Reads only /proc/<pid>/stat, which never blocks on the process's
-/// memory (a busy QEMU's cmdline can read back empty; identifying VMs by it once leaked one).
-pub fn is_running(vm: &VmProcess) -> bool {
-    match stat_fields(vm.pid) {
-        Some((state, start)) => state != 'Z' && start == vm.start_time,
-        None => false,
-    }
-}
-
-/// The process's start time (clock ticks after boot), stable across exec.
-pub fn process_start_time(pid: u32) -> Option<u64> {
-    stat_fields(pid).map(|(_, start)| start)
-}
-
-/// (state, starttime) from /proc/<pid>/stat.
-fn stat_fields(pid: u32) -> Option<(char, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may contain spaces and parentheses: fields start after the last ')'.
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // After the name: field 3 (state) is fields[0], field 22 (starttime) is fields[19].
-    let state = fields.first()?.chars().next()?;
-    let start = fields.get(19)?.parse().ok()?;
-    Some((state, start))
-}
-
-fn comm(pid: u32) -> Option<String> {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .ok()
-        .map(|c| c.trim().to_string())
-}
-
-/// PIDs of the QEMU processes whose command line names `id` (diagnostics and tests; the agent
-/// itself identifies its VMs by pid and start time).
-/// QEMU processes whose command line mentions `needle` (e.g. an agent's capsules directory),
-/// with their `-name`.
-fn find_mentioning(needle: &str) -> Vec<(u32, String)> {
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    rd.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| comm(*pid).is_some_and(|c| c.starts_with("qemu-system")))
-        .filter(|pid| stat_fields(*pid).is_some_and(|(state, _)| state != 'Z'))
-        .filter_map(|pid| {
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-            let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
-            if !args
-                .iter()
-                .any(|a| String::from_utf8_lossy(a).contains(needle))
-            {
-                return None;
-            }
-            let name = args
-                .iter()
-                .position(|a| *a == b"-name")
-                .and_then(|i| args.get(i + 1))
-                .map(|n| String::from_utf8_lossy(n).to_string())?;
-            Some((pid, name))
-        })
-        .collect()
-}
-
-pub fn find_by_name(id: &str) -> Vec<u32> {
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    rd.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| comm(*pid).is_some_and(|c| c.starts_with("qemu-system")))
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| c.split(|&b| b == 0).any(|a| a == id.as_bytes()))
-                .unwrap_or(false)
-        })
-        .filter(|pid| stat_fields(*pid).is_some_and(|(state, _)| state != 'Z'))
-        .collect()
 }
 
 /// The probe's answer is cached per host boot: KVM does not change while the host runs.
@@ -868,36 +672,4 @@ pub async fn host_tsc_khz() -> Option<u64> {
     }
     #[cfg(not(target_arch = "x86_64"))]
     None
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn identity_is_pid_and_start_time() {
-        let pid = std::process::id();
-        let start_time = process_start_time(pid).expect("own stat is readable");
-        let me = VmProcess {
-            pid,
-            start_time,
-            qmp_socket: "/nonexistent".into(),
-            console_log: "/nonexistent".into(),
-            cgroup: None,
-            lifeline_socket: None,
-        };
-        assert!(is_running(&me));
-        let recycled = VmProcess {
-            start_time: start_time + 1,
-            ..me.clone()
-        };
-        assert!(
-            !is_running(&recycled),
-            "same pid, other start time: not ours"
-        );
-        assert!(!is_running(&VmProcess {
-            pid: u32::MAX,
-            ..me
-        }));
-    }
 }
