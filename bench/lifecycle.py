@@ -68,7 +68,9 @@ def raw_cycle(cmdline, snap_dir, work):
     proc = spawn(args)
     q = Qmp(work / "raw.qmp")
     q.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
-    q.cmd("migrate-incoming", uri=f"exec:cat {snap_dir / 'state'}")
+    with open(snap_dir / "state", "rb") as f:
+        q.pass_fd("raw-state", f.fileno())
+    q.cmd("migrate-incoming", uri="fd:raw-state")
     q.wait_migration()
     q.cmd("cont")
     probe.go()  # as the platform does: ask envd once the guest runs
@@ -82,8 +84,17 @@ def raw_cycle(cmdline, snap_dir, work):
     q.cmd("stop")
     q.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": False}])
     q.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
-    q.cmd("migrate", uri=f"exec:dd of={state} bs=1M conv=fsync status=none")
-    q.wait_migration()
+    # As the platform saves: QEMU writes into a descriptor, which is then synced and named.
+    partial = work / "raw.partial"
+    with open(partial, "wb") as f:
+        q.pass_fd("raw-state", f.fileno())
+        q.cmd("migrate", uri="fd:raw-state")
+        q.wait_migration()
+        os.fsync(f.fileno())
+    os.rename(partial, state)
+    dir_fd = os.open(work, os.O_RDONLY)
+    os.fsync(dir_fd)
+    os.close(dir_fd)
     q.cmd("quit")
     proc.wait()
     out["pause"] = time.perf_counter() - t0
@@ -94,7 +105,9 @@ def raw_cycle(cmdline, snap_dir, work):
     t0 = time.perf_counter()
     proc = spawn(args)
     q = Qmp(work / "raw.qmp")
-    q.cmd("migrate-incoming", uri=f"exec:cat {state}")
+    with open(state, "rb") as f:
+        q.pass_fd("raw-state", f.fileno())
+    q.cmd("migrate-incoming", uri="fd:raw-state")
     q.wait_migration()
     q.cmd("cont")
     probe.go()  # as the platform does: ask envd once the guest runs

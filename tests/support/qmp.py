@@ -35,6 +35,19 @@ class Qmp:
             if "error" in m:
                 raise RuntimeError(f"{execute}: {m['error']}")
 
+    def pass_fd(self, name, fd):
+        """Hands QEMU a copy of descriptor `fd` under `name` (`getfd` with SCM_RIGHTS), for
+        `fd:<name>` migrations, as the agent does."""
+        self.f.flush()
+        msg = json.dumps({"execute": "getfd", "arguments": {"fdname": name}}) + "\n"
+        socket.send_fds(self.s, [msg.encode()], [fd])
+        while True:
+            m = json.loads(self.f.readline())
+            if "return" in m:
+                return
+            if "error" in m:
+                raise RuntimeError(f"getfd: {m['error']}")
+
     def wait_migration(self):
         while True:
             st = self.cmd("query-migrate").get("status")
