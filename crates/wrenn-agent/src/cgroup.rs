@@ -12,8 +12,9 @@
 //!   limits the agent itself runs under.
 //!
 //! Neither is required: a host without usable cgroups runs VMs unconfined and says so.
-//! A VM joins its group before QEMU starts ([`VmCgroup::procs`], written from the child
-//! before exec), so none of its threads ever runs outside it. Groups are removed when their
+//! A VM joins its group right after QEMU's exec, while QEMU starts and before its guest runs
+//! (see `vmm::qemu`: before exec, the ~10 ms a first v1 attach can take was added to every
+//! create). Groups are removed when their
 //! VM has stopped (a VM that died is torn down like any other); any left by an agent that
 //! crashed are empty and removed at its next start.
 
@@ -74,7 +75,7 @@ pub struct VmCgroup {
 }
 
 impl VmCgroup {
-    /// The `cgroup.procs` files a process writes `0` into to join the group.
+    /// The `cgroup.procs` files a process's pid is written into to move it into the group.
     pub fn procs(&self) -> Vec<PathBuf> {
         self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
     }

@@ -22,6 +22,30 @@ use crate::cgroup::{Cgroups, Limits};
 use crate::config::AccelChoice;
 use crate::error::{HostError, Result};
 
+/// Moves the just-started QEMU `pid` (all its threads) into its cgroup, in the background.
+///
+/// Right after exec rather than before it: a process's first move into a v1 cgroup after the
+/// host was idle waits ~10 ms for an RCU grace period, which every create would otherwise pay
+/// on top; here it overlaps QEMU's own start, before the guest runs anything (a restore waits
+/// for its state, a boot is still in its firmware). A VM that cannot be confined is killed.
+fn join_cgroup(id: &str, procs: Vec<std::path::PathBuf>, pid: u32, start_time: u64) {
+    let id = id.to_string();
+    tokio::task::spawn_blocking(move || {
+        for p in procs {
+            if let Err(e) = std::fs::write(&p, pid.to_string()) {
+                tracing::error!(capsule_id = %id, cgroup = %p.display(), error = %e, "cannot put the VM in its cgroup; killing it");
+                if process_start_time(pid) == Some(start_time) {
+                    // SAFETY: kill(2) on a pid whose start time proves it is this VM's QEMU.
+                    unsafe {
+                        libc::kill(pid as i32, libc::SIGKILL);
+                    }
+                }
+                return;
+            }
+        }
+    });
+}
+
 /// Kernel command line measured to boot fastest here (microvm, PVH vmlinux, uncompressed
 /// initramfs: 1.8 s to exec-ready under TCG on a 2-core host).
 const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 quiet reboot=t mitigations=off tsc=reliable \
@@ -270,12 +294,6 @@ impl QemuVmm {
             }
             None => None,
         };
-        let join: Vec<std::ffi::CString> = group
-            .iter()
-            .flat_map(|g| g.procs())
-            .map(|p| std::ffi::CString::new(p.into_os_string().into_encoded_bytes()))
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|e| HostError::Vmm(format!("bad cgroup path: {e}")))?;
         let mut child = tokio::process::Command::new("ip");
         child
             .args(["netns", "exec", &cfg.netns, &self.binary])
@@ -284,29 +302,14 @@ impl QemuVmm {
             .stdout(log.try_clone()?)
             .stderr(log)
             .process_group(0);
-        // SAFETY: the closure runs in the forked child before exec and makes only
-        // async-signal-safe system calls (setpriority, open, write, close) on memory prepared
-        // before the fork (`join`'s C strings, a static byte); it allocates nothing.
+        // SAFETY: the closure runs in the forked child before exec and makes one
+        // async-signal-safe system call; it touches no memory shared with the parent.
         unsafe {
-            child.pre_exec(move || {
+            child.pre_exec(|| {
                 // Guests yield to the platform: a busy VM must not delay the control plane's
                 // and agent's answers (QEMU and all its threads inherit this).
                 if libc::setpriority(libc::PRIO_PROCESS, 0, VM_NICE) != 0 {
                     return Err(std::io::Error::last_os_error());
-                }
-                // Into the VM's cgroup before QEMU runs a single instruction ("0": this
-                // process).
-                for procs in &join {
-                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                    if fd < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-                    let e = std::io::Error::last_os_error();
-                    libc::close(fd);
-                    if written != 1 {
-                        return Err(e);
-                    }
                 }
                 Ok(())
             });
@@ -355,6 +358,9 @@ impl QemuVmm {
                 return Err(e);
             }
         };
+        if let Some(g) = &group {
+            join_cgroup(&cfg.id, g.procs(), pid, start_time);
+        }
         // Reap the process whenever it exits so it never lingers as a zombie.
         tokio::spawn(async move {
             let _ = child.wait().await;
