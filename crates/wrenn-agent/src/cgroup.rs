@@ -67,6 +67,16 @@ pub struct Cgroups {
     disk: Option<String>,
 }
 
+/// What one VM's group has used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    /// CPU time of all its tasks since the group was made.
+    pub cpu_ns: u64,
+    /// Its memory working set: everything charged to it less the inactive file cache (which
+    /// the kernel reclaims first when the group nears its limit).
+    pub memory_bytes: u64,
+}
+
 /// One VM's group.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmCgroup {
@@ -221,12 +231,62 @@ impl Cgroups {
         }
     }
 
+    /// What the group `name` has used so far; `None` where the layout does not account it.
+    pub fn usage(&self, name: &str) -> Option<Usage> {
+        match &self.layout {
+            Layout::V2 { scope, .. } => {
+                let dir = scope.join(name);
+                let cpu = read_stat(&dir.join("cpu.stat"), "usage_usec")?;
+                let current = read_number(&dir.join("memory.current"))?;
+                let inactive = read_stat(&dir.join("memory.stat"), "inactive_file").unwrap_or(0);
+                Some(Usage {
+                    cpu_ns: cpu.saturating_mul(1000),
+                    memory_bytes: current.saturating_sub(inactive),
+                })
+            }
+            Layout::V1 { dirs } => {
+                let dir = |c: &str| {
+                    dirs.iter()
+                        .find(|(n, _)| *n == c)
+                        .map(|(_, d)| d.join(name))
+                };
+                let memory = dir("memory")?;
+                let usage = read_number(&memory.join("memory.usage_in_bytes"))?;
+                let inactive =
+                    read_stat(&memory.join("memory.stat"), "total_inactive_file").unwrap_or(0);
+                // `cpuacct` is accounted where it shares the hierarchy with `cpu` (the usual
+                // `cpu,cpuacct` mount).
+                let cpu_ns = read_number(&dir("cpu")?.join("cpuacct.usage"))?;
+                Some(Usage {
+                    cpu_ns,
+                    memory_bytes: usage.saturating_sub(inactive),
+                })
+            }
+        }
+    }
+
     fn scopes(&self) -> Vec<PathBuf> {
         match &self.layout {
             Layout::V2 { scope, .. } => vec![scope.clone()],
             Layout::V1 { dirs } => dirs.iter().map(|(_, d)| d.clone()).collect(),
         }
     }
+}
+
+fn read_number(file: &Path) -> Option<u64> {
+    std::fs::read_to_string(file).ok()?.trim().parse().ok()
+}
+
+/// The value of `key` in a flat-keyed cgroup file (`key value` lines, as `memory.stat`).
+fn read_stat(file: &Path, key: &str) -> Option<u64> {
+    parse_stat(&std::fs::read_to_string(file).ok()?, key)
+}
+
+fn parse_stat(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
 }
 
 fn write(dir: &Path, file: &str, value: &str) -> std::io::Result<()> {
@@ -359,6 +419,16 @@ mod tests {
         );
         assert_eq!(v1_own_group(own, "cpuacct").as_deref(), Some("/"));
         assert_eq!(v1_own_group(own, "pids"), None);
+    }
+
+    #[test]
+    fn reads_flat_keyed_files() {
+        let stat =
+            "usage_usec 1234\nuser_usec 1000\ninactive_file 4096\ntotal_inactive_file 8192\n";
+        assert_eq!(parse_stat(stat, "usage_usec"), Some(1234));
+        assert_eq!(parse_stat(stat, "inactive_file"), Some(4096));
+        assert_eq!(parse_stat(stat, "total_inactive_file"), Some(8192));
+        assert_eq!(parse_stat(stat, "usage"), None);
     }
 
     #[test]

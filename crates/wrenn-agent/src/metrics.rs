@@ -1,9 +1,11 @@
 //! Per-capsule resource metrics: a sample every 500 ms, kept in three rings:
 //! 10 min of raw samples, 2 h of 30 s averages, 24 h of 5 min averages.
 //!
-//! `cpu_pct` is the VMM process's CPU time over the interval, normalised to the capsule's
-//! vCPUs (0–100); `mem_bytes` is its resident set; `disk_bytes` the allocated bytes of the
-//! capsule's disk layers. Rings are saved beside the capsule when it pauses and picked up again
+//! `cpu_pct` is the VM's CPU time over the interval, normalised to the capsule's vCPUs (0–100);
+//! `mem_bytes` its memory; both from the VM's cgroup (every QEMU thread; the working set its
+//! memory limit holds it to, `crate::cgroup::Usage`) where it has one, else from the QEMU
+//! process (CPU time, resident set). `disk_bytes` is the allocated bytes of the capsule's disk
+//! layers. Rings are saved beside the capsule when it pauses and picked up again
 //! when it resumes.
 
 use std::collections::VecDeque;

@@ -66,6 +66,15 @@ pub enum Memory {
     PrivateFile(PathBuf),
 }
 
+/// A VM's resource use at one moment.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Usage {
+    /// CPU time used since it started, in seconds.
+    pub cpu_seconds: f64,
+    /// Memory it holds, in bytes.
+    pub memory_bytes: i64,
+}
+
 /// A VM process the VMM started (or re-adopted after an agent restart).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct VmProcess {
@@ -96,6 +105,9 @@ pub trait Vmm: Send + Sync {
     async fn boot(&self, cfg: &VmConfig) -> Result<VmProcess>;
     /// True while the VM process lives.
     fn is_alive(&self, vm: &VmProcess) -> bool;
+    /// What the VM has used so far (its cgroup's accounting where it has one, else its
+    /// process's); `None` once it is gone.
+    fn usage(&self, vm: &VmProcess) -> Option<Usage>;
     /// Stops the VM and waits until its process is gone.
     async fn stop(&self, vm: &VmProcess) -> Result<()>;
     /// Freezes the guest and writes its whole state (devices and RAM) to `state`, flushing

@@ -15,7 +15,8 @@ use crate::error::Result;
 #[derive(Default)]
 pub(super) struct Sampler {
     pub(super) rings: crate::metrics::Rings,
-    pub(super) last_cpu: Option<(u64, Instant)>,
+    /// CPU seconds used and when they were read.
+    pub(super) last_cpu: Option<(f64, Instant)>,
 }
 
 impl CapsuleManager {
@@ -27,7 +28,6 @@ impl CapsuleManager {
             .collect();
         let now = Instant::now();
         let unix = chrono::Utc::now().timestamp();
-        let ticks_per_sec = crate::metrics::clock_ticks();
         for (id, entry) in entries {
             let Ok(state) = entry.state.try_lock() else {
                 continue;
@@ -36,7 +36,7 @@ impl CapsuleManager {
                 continue;
             };
             let Some(vm) = &r.vm else { continue };
-            let Some((ticks, rss)) = crate::metrics::process_usage(vm.pid) else {
+            let Some(usage) = self.vmm.usage(vm) else {
                 continue;
             };
             // The guest decides how much it prints: its console log is kept a bounded ring.
@@ -47,17 +47,17 @@ impl CapsuleManager {
             let mut all = lock(&self.metrics);
             let s = all.entry(id).or_default();
             let cpu_pct = match s.last_cpu {
-                Some((t0, at)) if ticks >= t0 => {
+                Some((used0, at)) if usage.cpu_seconds >= used0 => {
                     let secs = now.duration_since(at).as_secs_f64().max(1e-3);
-                    ((ticks - t0) as f64 / ticks_per_sec / secs / vcpus * 100.0).clamp(0.0, 100.0)
+                    ((usage.cpu_seconds - used0) / secs / vcpus * 100.0).clamp(0.0, 100.0)
                 }
                 _ => 0.0,
             };
-            s.last_cpu = Some((ticks, now));
+            s.last_cpu = Some((usage.cpu_seconds, now));
             s.rings.push(MetricPoint {
                 timestamp_unix: unix,
                 cpu_pct,
-                mem_bytes: rss,
+                mem_bytes: usage.memory_bytes,
                 disk_bytes: disk,
             });
         }

@@ -17,7 +17,7 @@ use super::migration;
 use super::process::{comm, find_mentioning, kill_and_wait};
 pub use super::process::{find_by_name, is_running, process_start_time};
 use super::qmp::Qmp;
-use super::{Accel, Memory, VmConfig, VmProcess, Vmm};
+use super::{Accel, Memory, Usage, VmConfig, VmProcess, Vmm};
 use crate::cgroup::{Cgroups, Limits};
 use crate::config::AccelChoice;
 use crate::error::{HostError, Result};
@@ -52,11 +52,17 @@ const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 quiet reboot=t mitigations=of
 no_timer_check i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd 8250.nr_uarts=1 \
 random.trust_cpu=on cryptomgr.notests";
 
-/// How long the KVM probe may take before KVM is declared unusable.
+/// QEMU's seccomp filter, installed before it touches guest data: no obsolete system calls,
+/// no set*uid (a VM never regains privileges), no fork/exec (migrations go through descriptors
+/// the agent passes, never `exec:`), no scheduler or NUMA changes (its share of the host is the
+/// agent's to set: niceness and cgroup).
+const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
 /// Scheduling niceness of every VMM process: guests share the CPU fairly among themselves but
 /// yield to the platform's own processes (measured: ~1 ms less API latency per exec on two busy
 /// cores).
 pub const VM_NICE: libc::c_int = 5;
+/// How long the KVM probe may take before KVM is declared unusable.
 const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(8);
 /// TCG's translation cache per VM, MiB (QEMU's default is 1 GiB).
 const TCG_TB_MB: u32 = 256;
@@ -189,6 +195,8 @@ impl QemuVmm {
         Ok(vec![
             "-name".into(),
             cfg.id.clone(),
+            "-sandbox".into(),
+            SANDBOX.into(),
             "-accel".into(),
             accel,
             "-nodefaults".into(),
@@ -424,6 +432,27 @@ impl Vmm for QemuVmm {
 
     fn is_alive(&self, vm: &VmProcess) -> bool {
         is_running(vm)
+    }
+
+    fn usage(&self, vm: &VmProcess) -> Option<Usage> {
+        let (ticks, rss) = crate::metrics::process_usage(vm.pid)?;
+        // The group counts every task and the memory charged to the VM (what its limit holds
+        // it to); the process alone is the fallback on hosts without cgroups.
+        let group = self
+            .cgroups
+            .as_ref()
+            .zip(vm.cgroup.as_deref())
+            .and_then(|(c, name)| c.usage(name));
+        Some(match group {
+            Some(u) => Usage {
+                cpu_seconds: u.cpu_ns as f64 / 1e9,
+                memory_bytes: i64::try_from(u.memory_bytes).unwrap_or(i64::MAX),
+            },
+            None => Usage {
+                cpu_seconds: ticks as f64 / crate::metrics::clock_ticks(),
+                memory_bytes: rss,
+            },
+        })
     }
 
     async fn stop(&self, vm: &VmProcess) -> Result<()> {
