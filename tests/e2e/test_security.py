@@ -119,6 +119,8 @@ def read(path):
 def test_each_vm_runs_in_its_own_cgroup_with_limits(api, platform, running_capsule):
     c = running_capsule
     pid = vmm_pid(c["id"])
+    # QEMU's seccomp filter is on (`-sandbox on`): a filter mode, not none.
+    assert status_kib(pid, "Seccomp") == 2
     mem = cgroup_dir(pid, "memory")
     assert mem.endswith("/" + c["id"]), mem
     want_mem = (c["memory_mb"] + 448) << 20
@@ -145,6 +147,10 @@ def test_each_vm_runs_in_its_own_cgroup_with_limits(api, platform, running_capsu
     assert e["stdout"] == "survived\n" or e["exit_code"] != 0
     assert vmm_pid(c["id"]) == pid, "QEMU was killed"
     assert exec_ok(api, c["id"], "echo alive")["stdout"] == "alive\n"
+    # Its metrics are its group's: what the limit holds it to.
+    time.sleep(1)
+    pts = api.get(f"/v1/capsules/{c['id']}/metrics").json()["points"]
+    assert pts and all(0 < p["mem_bytes"] <= want_mem for p in pts), pts[-3:]
 
     # The group goes with its VM.
     api.delete(f"/v1/capsules/{c['id']}")
@@ -317,3 +323,102 @@ def test_envd_answers_only_its_capsules_host(api, platform, running_capsule):
         assert exec_ok(api, other["id"], "echo alive")["stdout"] == "alive\n"
     finally:
         api.delete(f"/v1/capsules/{other['id']}")
+
+
+def reach(api, cid, *addrs):
+    """What the guest of `cid` gets from port 8080 of each address: `hi`, `refused` (at once,
+    as a policy refuses) or `timeout`."""
+    script = " ".join(
+        f"(r=$(timeout 4 bash -c 'exec 3<>/dev/tcp/{a}/8080 && head -c 2 <&3' 2>/dev/null);"
+        f" rc=$?; [ $rc = 124 ] && echo {a}=timeout || echo {a}=${{r:-refused}});"
+        for a in addrs)
+    out = exec_ok(api, cid, script)["stdout"]
+    return dict(line.split("=", 1) for line in out.split())
+
+
+def test_an_egress_policy_opens_and_closes_destinations(api, platform):
+    """`network` on create and PUT /network: allow_out, deny_out and internet false, enforced
+    from the first instruction, changed on a running capsule at once and on a paused one at its
+    resume; the platform's own way in (exec) keeps working whatever the policy."""
+    ns = "wrtest-net"
+    run = lambda *c: subprocess.run(c, check=True, capture_output=True)  # noqa: E731
+    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    subprocess.run(["ip", "link", "del", "wrtnet0"], capture_output=True)
+    server = None
+    cid = None
+    try:
+        # Two "internet" addresses in a namespace of our own (TEST-NET-3), routed via the host.
+        run("ip", "netns", "add", ns)
+        run("ip", "link", "add", "wrtnet0", "type", "veth", "peer", "name", "wrtnet1", "netns", ns)
+        run("ip", "addr", "add", "203.0.113.1/24", "dev", "wrtnet0")
+        run("ip", "link", "set", "wrtnet0", "up")
+        for a in ("203.0.113.2/24", "203.0.113.3/24"):
+            run("ip", "-n", ns, "addr", "add", a, "dev", "wrtnet1")
+        run("ip", "-n", ns, "link", "set", "wrtnet1", "up")
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", ns, "python3", "-c",
+             "import socket\ns = socket.create_server(('0.0.0.0', 8080))\n"
+             "while True:\n    c, _ = s.accept(); c.sendall(b'hi'); c.close()"])
+        time.sleep(0.5)
+        a, b = "203.0.113.2", "203.0.113.3"
+
+        for bad in ({"allow_out": ["2001:db8::1"]}, {"deny_out": ["*.example.com"]},
+                    {"internet": "no"}, {"allow": []}):
+            r = api.post("/v1/capsules", json={"network": bad})
+            assert r.status_code == 400, (bad, r.text)
+            assert r.json()["error"]["code"] == "invalid_request"
+
+        r = api.post("/v1/capsules", json={"network": {"internet": False, "allow_out": [a]}})
+        assert r.status_code == 202, r.text
+        cid = r.json()["id"]
+        want = {"internet": False, "allow_out": [f"{a}/32"], "deny_out": []}
+        assert r.json()["network"] == want
+        c = wait_status(api, cid, {"running"}, timeout=60, fail_on={"error"})
+        assert c["network"] == want
+        assert reach(api, cid, a, b) == {a: "hi", b: "refused"}
+
+        # Changed while it runs: at once.
+        r = api.put(f"/v1/capsules/{cid}/network", json={"deny_out": ["203.0.113.2/31"]})
+        assert r.status_code == 200, r.text
+        assert r.json() == {"internet": True, "allow_out": [], "deny_out": ["203.0.113.2/31"]}
+        assert reach(api, cid, a, b) == {a: "refused", b: "refused"}
+        r = api.put(f"/v1/capsules/{cid}/network",
+                    json={"allow_out": [b], "deny_out": ["203.0.113.0/24"]})
+        assert r.status_code == 200, r.text
+        assert reach(api, cid, a, b) == {a: "refused", b: "hi"}
+        r = api.put(f"/v1/capsules/{cid}/network", json={"deny_out": ["not a host"]})
+        assert r.status_code == 400 and "deny_out" in r.json()["error"]["message"], r.text
+        assert api.put("/v1/capsules/cap-nosuchcapsule/network", json={}).status_code == 404
+
+        # A domain opens what the host resolves it to, and DNS with it.
+        r = api.put(f"/v1/capsules/{cid}/network", json={"internet": False, "allow_out": ["LocalHost."]})
+        assert r.status_code == 200 and r.json()["allow_out"] == ["localhost"], r.text
+        rules = subprocess.run(["ip", "netns", "exec", slot_netns(c["host_ip"]), "nft", "list",
+                                "table", "ip", "wrenn_egress"], capture_output=True, text=True).stdout
+        assert "127.0.0.1" in rules and "dport 53" in rules, rules
+        assert reach(api, cid, a, b) == {a: "refused", b: "refused"}
+
+        # Changed while paused: from the resume on.
+        api.post(f"/v1/capsules/{cid}/pause")
+        wait_status(api, cid, {"paused"}, timeout=60)
+        r = api.put(f"/v1/capsules/{cid}/network", json={"internet": True, "deny_out": [b]})
+        assert r.status_code == 200, r.text
+        api.post(f"/v1/capsules/{cid}/resume")
+        c = wait_status(api, cid, {"running"}, timeout=60, fail_on={"error"})
+        assert c["network"] == {"internet": True, "allow_out": [], "deny_out": [f"{b}/32"]}
+        assert api.get(f"/v1/capsules/{cid}/network").json() == c["network"]
+        assert reach(api, cid, a, b) == {a: "hi", b: "refused"}
+
+        # Back to the default: no table left in the slot.
+        assert api.put(f"/v1/capsules/{cid}/network", json={}).status_code == 200
+        assert reach(api, cid, a, b) == {a: "hi", b: "hi"}
+        listed = subprocess.run(["ip", "netns", "exec", slot_netns(c["host_ip"]), "nft", "list",
+                                 "tables"], capture_output=True, text=True).stdout
+        assert "wrenn_egress" not in listed, listed
+    finally:
+        if cid:
+            api.delete(f"/v1/capsules/{cid}")
+        if server:
+            server.kill()
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", "wrtnet0"], capture_output=True)

@@ -8,6 +8,7 @@
 //! - `images`: kernel, initramfs and template root filesystems, built once and cached by recipe.
 //! - `disk`: per-capsule copy-on-write overlays.
 //! - [`net`]: network slots (netns + TAP + veth + NAT) and the host's firewall table.
+//! - `egress`: a capsule's egress policy as its slot's firewall table.
 //! - [`vmm`]: the VMM trait and its QEMU `microvm` driver, the KVM probe, QMP.
 //! - `metrics`: the per-capsule sample rings.
 //! - [`uplink`]: registration with a control plane, credentials, heartbeats.
@@ -20,6 +21,7 @@ mod cmd;
 mod config;
 mod console;
 mod disk;
+mod egress;
 mod error;
 mod images;
 mod manager;

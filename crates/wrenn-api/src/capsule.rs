@@ -85,6 +85,9 @@ pub struct Capsule {
     /// SDK extension: current disk usage; only on single-capsule GET.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub disk_used_mb: Option<u32>,
+    /// Where its guest may connect to (a Wrenn extension).
+    #[serde(default)]
+    pub network: crate::NetworkPolicy,
 }
 
 pub const DEFAULT_TEMPLATE: &str = "minimal";
@@ -110,6 +113,9 @@ pub struct CreateCapsuleRequest {
     /// Who may reach the capsule's ports besides its team (a Wrenn extension).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy: Option<crate::ProxyAccess>,
+    /// Where its guest may connect to (a Wrenn extension; default: anywhere public).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<crate::NetworkPolicy>,
 }
 
 /// A create request with defaults applied and every bound checked.
@@ -120,6 +126,9 @@ pub struct CapsuleSpec {
     pub memory_mb: u32,
     pub disk_size_mb: u32,
     pub timeout_sec: u32,
+    /// Its egress policy (absent from older agents' and control planes' messages: open).
+    #[serde(default)]
+    pub network: crate::NetworkPolicy,
 }
 
 impl CreateCapsuleRequest {
@@ -166,12 +175,17 @@ impl CreateCapsuleRequest {
             t if t > u32::MAX as i64 => return Err(format!("timeout_sec is too large: {t}")),
             t => (t as u32).max(MIN_TIMEOUT_SEC),
         };
+        let network = match &self.network {
+            Some(n) => n.validate().map_err(|e| format!("network.{e}"))?,
+            None => crate::NetworkPolicy::default(),
+        };
         Ok(CapsuleSpec {
             template,
             vcpus,
             memory_mb,
             disk_size_mb,
             timeout_sec,
+            network,
         })
     }
 }
@@ -273,7 +287,8 @@ mod tests {
                 vcpus: 1,
                 memory_mb: 512,
                 disk_size_mb: 5120,
-                timeout_sec: 0
+                timeout_sec: 0,
+                network: crate::NetworkPolicy::default(),
             }
         );
     }

@@ -12,7 +12,7 @@
 
 use envd_client::EnvdClient;
 use serde::{Deserialize, Serialize};
-use wrenn_api::{CapsuleSpec, MetricPoint, MetricsRange};
+use wrenn_api::{CapsuleSpec, MetricPoint, MetricsRange, NetworkPolicy};
 
 use crate::error::HostError;
 use crate::rpc::RemoteHost;
@@ -144,6 +144,9 @@ host_operations! {
     fn pause(id: String) -> ();
     /// Restores a paused capsule; on error it stays paused.
     fn resume(id: String) -> CapsuleInfo;
+    /// Replaces a capsule's egress policy: in its slot's firewall at once while it runs, in
+    /// the record it resumes from while it is paused.
+    fn set_network(id: String, policy: NetworkPolicy) -> ();
     /// A live snapshot of a running capsule, stored on this host as `snapshot_id`.
     fn snapshot(id: String, snapshot_id: String) -> SnapshotMeta;
     /// Deletes a user snapshot (idempotent); files in use by capsules stay until those are

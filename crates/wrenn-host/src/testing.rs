@@ -43,6 +43,8 @@ struct State {
     /// Per capsule: cancelled when its VM stops (pause, destroy, death), which fails every
     /// guest connection made before, as the real agent does.
     vm_gone: HashMap<String, CancellationToken>,
+    /// Each capsule's egress policy, as created or last set.
+    networks: HashMap<String, wrenn_api::NetworkPolicy>,
 }
 
 impl State {
@@ -84,6 +86,11 @@ impl FakeHost {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The egress policy capsule `id` holds on this host (created with or set since).
+    pub fn network_of(&self, id: &str) -> Option<wrenn_api::NetworkPolicy> {
+        self.lock().networks.get(id).cloned()
     }
 
     /// Calls of `op` from now on wait until [`FakeHost::release`].
@@ -238,6 +245,7 @@ impl FakeHost {
             | Call::destroy { id }
             | Call::pause { id }
             | Call::resume { id }
+            | Call::set_network { id, .. }
             | Call::snapshot { id, .. }
             | Call::metrics { id, .. } => Some(id.clone()),
             Call::delete_snapshot { snapshot_id } => Some(snapshot_id.clone()),
@@ -254,7 +262,7 @@ impl FakeHost {
             Call::capacity {} => answer(*self.capacity.lock().unwrap_or_else(|e| e.into_inner())),
             Call::list {} => answer(self.lock().capsules.values().cloned().collect::<Vec<_>>()),
             Call::reap_dead {} => answer(std::mem::take(&mut self.lock().dead)),
-            Call::create { id, .. } => {
+            Call::create { id, spec, .. } => {
                 let mut s = self.lock();
                 if s.capsules.contains_key(&id) {
                     return Err(HostError::InvalidState(format!(
@@ -262,6 +270,7 @@ impl FakeHost {
                     )));
                 }
                 let c = info(&id, Phase::Running);
+                s.networks.insert(id.clone(), spec.network);
                 s.capsules.insert(id, c.clone());
                 answer(c)
             }
@@ -276,6 +285,11 @@ impl FakeHost {
                 answer(())
             }
             Call::resume { id } => answer(self.moved(&id, Phase::Paused, Phase::Running)?),
+            Call::set_network { id, policy } => {
+                self.with_capsule(&id, |_| Ok(()))?;
+                self.lock().networks.insert(id, policy);
+                answer(())
+            }
             Call::snapshot { id, snapshot_id } => {
                 self.with_capsule(&id, |_| Ok(()))?;
                 answer(SnapshotMeta {

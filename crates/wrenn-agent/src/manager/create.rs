@@ -117,6 +117,7 @@ impl CapsuleManager {
             snapshot: from.map(|s| s.id.clone()),
             template_snapshot: None,
             envd_token: None,
+            network: spec.network.clone(),
         };
         let started = Instant::now();
         if let Some(meta) = &from_meta {
@@ -208,7 +209,7 @@ impl CapsuleManager {
         let mut cfg = self.vm_config(record);
         cfg.memory = crate::vmm::Memory::PrivateFile(snap.ram());
         crate::disk::create_overlay_on_snapshot(&snap.disk(), &cfg.disk, snap.disk_mb).await?;
-        net::create(&record.slot).await?;
+        self.make_slot(record).await?;
         let vm = self.vmm.restore(&cfg, &snap.state(), true).await?;
         self.adopt_restored(record, vm).await
     }
@@ -377,7 +378,7 @@ impl CapsuleManager {
             .push((envd_proto::TOKEN_ENV.to_string(), token.clone()));
         record.envd_token = Some(token);
         crate::disk::create_overlay(rootfs, &cfg.disk, record.disk_size_mb).await?;
-        net::create(&record.slot).await?;
+        self.make_slot(record).await?;
         let vm = self.vmm.boot(&cfg).await?;
         record.vm = Some(vm.clone());
         self.persist(record)?;

@@ -138,7 +138,7 @@ impl CapsuleManager {
         record: &mut CapsuleRecord,
         saved: &std::path::Path,
     ) -> Result<()> {
-        net::create(&record.slot).await?;
+        self.make_slot(record).await?;
         let cfg = self.vm_config(record);
         let vm = self.vmm.restore(&cfg, saved, false).await?;
         record.vm = Some(vm.clone());

@@ -18,6 +18,7 @@
 mod create;
 mod housekeeping;
 mod lifecycle;
+mod network;
 mod recover;
 mod sampling;
 mod snapshot;
@@ -98,6 +99,9 @@ struct CapsuleRecord {
     /// readable by root only.
     #[serde(default)]
     envd_token: Option<String>,
+    /// Where its guest may connect to (enforced in its slot whenever it runs).
+    #[serde(default)]
+    network: wrenn_api::NetworkPolicy,
     /// Cancelled when this VM stops: fails every open connection to its envd at once.
     #[serde(skip)]
     vm_gone: CancellationToken,
@@ -116,6 +120,8 @@ pub struct CapsuleManager {
     capsules: Mutex<HashMap<String, Arc<Entry>>>,
     slots: Mutex<BTreeSet<u32>>,
     metrics: Mutex<HashMap<String, Sampler>>,
+    /// The egress rules in force in each running capsule's slot (none: the open default).
+    egress: Mutex<HashMap<String, crate::egress::Resolved>>,
     /// When unused per-shape template snapshots were last collected.
     collected_at: Mutex<Option<std::time::Instant>>,
 }
@@ -150,6 +156,7 @@ impl CapsuleManager {
             capsules: Mutex::new(HashMap::new()),
             slots: Mutex::new(BTreeSet::new()),
             metrics: Mutex::new(HashMap::new()),
+            egress: Mutex::new(HashMap::new()),
             collected_at: Mutex::new(None),
         });
         mgr.recover().await;
@@ -161,6 +168,16 @@ impl CapsuleManager {
                 tick.tick().await;
                 let Some(mgr) = weak.upgrade() else { return };
                 mgr.sample_metrics();
+            }
+        });
+        let weak = Arc::downgrade(&mgr);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(crate::egress::REFRESH);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tick.tick().await;
+                let Some(mgr) = weak.upgrade() else { return };
+                mgr.refresh_egress().await;
             }
         });
         Ok(mgr)
@@ -454,6 +471,9 @@ impl Host for CapsuleManager {
     }
     async fn resume(&self, id: String) -> Result<CapsuleInfo> {
         self.resume_capsule(&id).await
+    }
+    async fn set_network(&self, id: String, policy: wrenn_api::NetworkPolicy) -> Result<()> {
+        self.change_network(&id, &policy).await
     }
     async fn snapshot(&self, id: String, snapshot_id: String) -> Result<SnapshotMeta> {
         self.take_snapshot(&id, &snapshot_id).await

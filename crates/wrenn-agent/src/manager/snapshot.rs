@@ -9,7 +9,6 @@ use wrenn_host::{HostError, SnapshotMeta};
 
 use super::{lock, running, CapsuleManager, CapsuleRecord};
 use crate::error::Result;
-use crate::net;
 
 /// Snapshot ids become directory names: letters, digits and dashes only.
 pub(super) fn valid_snapshot_id(id: &str) -> Result<()> {
@@ -37,7 +36,7 @@ impl CapsuleManager {
         let mut cfg = self.vm_config(record);
         crate::disk::create_overlay_on_snapshot(&dir.join("disk.qcow2"), &cfg.disk, meta.disk_mb)
             .await?;
-        net::create(&record.slot).await?;
+        self.make_slot(record).await?;
         let mut state = dir.join("state");
         if self.cfg.template_snapshots {
             match self.split_snapshot_memory(record, meta).await {

@@ -429,6 +429,7 @@ impl Run<'_> {
             disk_size_mb: Some(b.disk_size_mb.into()),
             timeout_sec: Some(0),
             proxy: None,
+            network: None,
         };
         let actor = EventActor::system("template-build");
         let capsule = match &b.base_image {

@@ -10,7 +10,8 @@
 //! metrics), `reconcile` (the database against what hosts hold; the TTL reaper and the
 //! dead-VM pass), `host_events` (hosts coming and going), `events` (what is published and
 //! audited), `activity` (what is in use, for the inactivity timer), `proxy` and `access` (the
-//! port proxy's way into a capsule, and who besides the team may take it).
+//! port proxy's way into a capsule, and who besides the team may take it), `network` (where
+//! its guest may connect to).
 
 mod access;
 mod activity;
@@ -18,6 +19,7 @@ mod events;
 mod exec;
 mod host_events;
 mod lifecycle;
+mod network;
 mod proxy;
 mod reconcile;
 mod snapshots;

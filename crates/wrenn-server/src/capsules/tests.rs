@@ -358,3 +358,62 @@ async fn a_host_down_to_its_disk_reserve_takes_no_capsule_and_resumes_none() {
     w.wait_for(&id, CapsuleStatus::Running).await;
     w.create(0).await;
 }
+
+#[tokio::test]
+async fn an_egress_policy_reaches_the_host_and_changes_only_once_the_host_applied_it() {
+    let w = world("egress").await;
+    let policy = wrenn_api::NetworkPolicy {
+        internet: false,
+        allow_out: vec!["PyPI.org".into(), "203.0.113.7".into()],
+        deny_out: vec![],
+    };
+    let req = CreateCapsuleRequest {
+        network: Some(policy.clone()),
+        ..Default::default()
+    };
+    let c = w.svc.create(&w.team, req, &user()).await.unwrap();
+    // Normalised before it is kept or sent anywhere.
+    let want = policy.validate().unwrap();
+    assert_eq!(want.allow_out, ["203.0.113.7/32", "pypi.org"]);
+    assert_eq!(c.network, want);
+    w.wait_for(&c.id, CapsuleStatus::Running).await;
+    assert_eq!(w.host.network_of(&c.id), Some(want.clone()));
+
+    // A host that cannot apply a new policy leaves the old one in force and on record.
+    let open = wrenn_api::NetworkPolicy::default();
+    w.host
+        .fail_next("set_network", HostError::Vmm("nft failed".into()));
+    let err = w
+        .svc
+        .set_network(&w.team, &c.id, &open, &user())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::AgentError);
+    assert_eq!(w.svc.network(&w.team, &c.id).await.unwrap(), want);
+
+    w.svc
+        .set_network(&w.team, &c.id, &open, &user())
+        .await
+        .unwrap();
+    assert_eq!(w.host.network_of(&c.id), Some(open.clone()));
+    assert_eq!(w.svc.get(&w.team, &c.id).await.unwrap().network, open);
+
+    // Bad entries are the caller's error; other teams' capsules do not exist.
+    let bad = wrenn_api::NetworkPolicy {
+        deny_out: vec!["2001:db8::/32".into()],
+        ..Default::default()
+    };
+    let err = w
+        .svc
+        .set_network(&w.team, &c.id, &bad, &user())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidRequest);
+    assert!(err.message.contains("deny_out"), "{}", err.message);
+    let err = w
+        .svc
+        .set_network("team-other", &c.id, &open, &user())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound);
+}

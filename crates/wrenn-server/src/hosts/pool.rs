@@ -323,6 +323,7 @@ mod tests {
             memory_mb,
             disk_size_mb: 1024,
             timeout_sec: 0,
+            network: Default::default(),
         }
     }
 

@@ -5,7 +5,8 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use wrenn_api::{
-    CreateCapsuleRequest, CreateProxyTokenRequest, ExecRequest, ProxyAccess, ProxyToken,
+    CreateCapsuleRequest, CreateProxyTokenRequest, ExecRequest, NetworkPolicy, ProxyAccess,
+    ProxyToken,
 };
 
 use super::ApiJson;
@@ -197,6 +198,30 @@ pub async fn set_proxy_access(
     Ok(Json(
         s.capsules
             .set_proxy_access(&auth.team_id, &id, &req, &auth.actor.event())
+            .await?,
+    ))
+}
+
+/// `GET /v1/capsules/{id}/network`: where the capsule's guest may connect to.
+pub async fn network(
+    State(s): State<AppState>,
+    auth: TeamAuth,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, HttpError> {
+    Ok(Json(s.capsules.network(&auth.team_id, &id).await?))
+}
+
+/// `PUT /v1/capsules/{id}/network`: replaces the capsule's egress policy (applied at once
+/// while it runs, at its resume while it is paused).
+pub async fn set_network(
+    State(s): State<AppState>,
+    auth: TeamAuth,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<NetworkPolicy>,
+) -> Result<impl IntoResponse, HttpError> {
+    Ok(Json(
+        s.capsules
+            .set_network(&auth.team_id, &id, &req, &auth.actor.event())
             .await?,
     ))
 }

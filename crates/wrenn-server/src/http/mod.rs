@@ -122,6 +122,10 @@ fn capsule_routes() -> Router<AppState> {
             get(capsules::proxy_access).put(capsules::set_proxy_access),
         )
         .route(
+            "/v1/capsules/{id}/network",
+            get(capsules::network).put(capsules::set_network),
+        )
+        .route(
             "/v1/capsules/{id}/proxy/tokens",
             post(capsules::create_proxy_token).delete(capsules::revoke_proxy_tokens),
         )

@@ -20,7 +20,7 @@ pub struct CapsuleRow {
 
 const COLUMNS: &str =
     "id, team_id, host_id, template, status, vcpus, memory_mb, disk_size_mb, timeout_sec, \
-     guest_ip, host_ip, metadata, error, created_at, started_at, last_active_at, last_updated";
+     guest_ip, host_ip, metadata, error, created_at, started_at, last_active_at, last_updated, network";
 
 fn from_row(r: &AnyRow) -> Result<CapsuleRow> {
     let opt_ts = |name: &str| -> Result<Option<chrono::DateTime<Utc>>> {
@@ -35,6 +35,12 @@ fn from_row(r: &AnyRow) -> Result<CapsuleRow> {
         .map(|m| serde_json::from_str::<BTreeMap<String, String>>(&m))
         .transpose()
         .map_err(|e| StoreError::Corrupt(format!("capsule metadata: {e}")))?;
+    let network: Option<String> = r.try_get("network")?;
+    let network = network
+        .map(|n| serde_json::from_str::<wrenn_api::NetworkPolicy>(&n))
+        .transpose()
+        .map_err(|e| StoreError::Corrupt(format!("capsule network policy: {e}")))?
+        .unwrap_or_default();
     let capsule = Capsule {
         id: r.try_get("id")?,
         status: CapsuleStatus::parse(&status)
@@ -52,6 +58,7 @@ fn from_row(r: &AnyRow) -> Result<CapsuleRow> {
         metadata,
         disk_size_mb: Some(r.try_get::<i64, _>("disk_size_mb")? as u32),
         disk_used_mb: None,
+        network,
     };
     Ok(CapsuleRow {
         capsule,
@@ -72,7 +79,8 @@ impl Store {
         let now = ts(Utc::now());
         sqlx::query(
             "INSERT INTO capsules (id, team_id, host_id, template, status, vcpus, memory_mb, disk_size_mb, \
-             timeout_sec, created_at, last_updated) VALUES ($1, $2, $3, $4, 'starting', $5, $6, $7, $8, $9, $9)",
+             timeout_sec, created_at, last_updated, network) \
+             VALUES ($1, $2, $3, $4, 'starting', $5, $6, $7, $8, $9, $9, $10)",
         )
         .bind(id)
         .bind(team_id)
@@ -83,6 +91,7 @@ impl Store {
         .bind(spec.disk_size_mb as i64)
         .bind(spec.timeout_sec as i64)
         .bind(&now)
+        .bind(network_json(&spec.network)?)
         .execute(&self.pool)
         .await?;
         self.capsule(id)
@@ -319,6 +328,21 @@ impl Store {
         Ok(())
     }
 
+    /// Records capsule `id`'s egress policy.
+    pub async fn set_capsule_network(
+        &self,
+        id: &str,
+        network: &wrenn_api::NetworkPolicy,
+    ) -> Result<()> {
+        sqlx::query("UPDATE capsules SET network = $1, last_updated = $2 WHERE id = $3")
+            .bind(network_json(network)?)
+            .bind(ts(Utc::now()))
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     pub async fn touch_capsule(&self, id: &str) -> Result<()> {
         sqlx::query("UPDATE capsules SET last_active_at = $1 WHERE id = $2")
             .bind(ts(Utc::now()))
@@ -327,6 +351,16 @@ impl Store {
             .await?;
         Ok(())
     }
+}
+
+/// The stored form of a policy: NULL for the default.
+fn network_json(network: &wrenn_api::NetworkPolicy) -> Result<Option<String>> {
+    if *network == wrenn_api::NetworkPolicy::default() {
+        return Ok(None);
+    }
+    serde_json::to_string(network)
+        .map(Some)
+        .map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 /// A capsule's port proxy access, as [`Store::proxy_access`] reads it.
