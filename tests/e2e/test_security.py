@@ -9,7 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from tests.support.envd import ENVD_PORT, auth_frame, capsule_token, frame, read_frame
-from tests.support.platform import start_platform, stop_platform
+from tests.support.platform import images_dir, start_platform, stop_platform
 from tests.support.qemu import vmm_processes
 from tests.support.waits import wait_status
 
@@ -167,6 +167,71 @@ def test_each_vm_runs_in_its_own_cgroup_with_limits(api, platform, running_capsu
     finally:
         for i in ids:
             api.delete(f"/v1/capsules/{i}")
+
+
+def test_each_vm_runs_jailed(api, platform, running_capsule):
+    """QEMU runs as the slot's own uid with no capability, seccomp-filtered, in a mount
+    namespace that holds only its own files: not the data directory, not other capsules."""
+    c = running_capsule
+    pid = vmm_pid(c["id"])
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            fields[k] = v.split()
+    uid = int(fields["Uid"][0])
+    assert uid >= 0x4000_0000 and set(fields["Uid"]) == {str(uid)}, fields["Uid"]
+    assert set(fields["Gid"]) == {str(uid)}, fields["Gid"]
+    assert fields["Groups"] == []
+    for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(fields[cap][0], 16) == 0, (cap, fields[cap])
+    assert fields["NoNewPrivs"] == ["1"] and fields["Seccomp"] == ["2"]
+    assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+
+    # What its root holds: the system read-only, its devices, its own files, and of the shared
+    # images only those its disk and boot read.
+    root = f"/proc/{pid}/root"
+    data = str(platform.data_dir).lstrip("/")
+    images = str(images_dir()).lstrip("/")
+    assert os.listdir(f"{root}/etc") == ["ld.so.cache"]
+    assert set(os.listdir(f"{root}/dev")) - {"kvm"} == {"net", "null", "random", "urandom", "zero"}
+    files = set()
+    for top in set(os.listdir(root)) - {"usr", "bin", "sbin", "lib", "lib64", "etc", "dev", "proc"}:
+        for d, _, names in os.walk(f"{root}/{top}"):
+            files |= {os.path.join(d, n)[len(root) + 1:] for n in names}
+    capsule = f"{data}/capsules/{c['id']}"
+    assert {f"{capsule}/disk.qcow2", f"{capsule}/console.log"} <= files, files
+    # No record, no token, no saved state, no database, no key, no other capsule's files.
+    strays = {f for f in files if not f.startswith(images + "/")} - {
+        f"{capsule}/disk.qcow2", f"{capsule}/console.log"}
+    assert not strays, strays
+    shared = {os.path.basename(f) for f in files if f.startswith(images + "/")}
+    assert shared <= {"vmlinux", "initramfs.cpio", "disk.qcow2"} | {
+        n for n in shared if n.endswith((".ext4", ".img", ".cpio"))}, shared
+    host_own = platform.data_dir / "capsules" / c["id"]
+    assert os.stat(host_own / "disk.qcow2").st_uid == uid
+    assert os.stat(host_own / "state.json").st_uid == 0
+    assert os.stat(host_own).st_uid == 0, "the capsule's directory stays root's"
+
+    # Mounts: the root and everything but its disk and console read-only.
+    with open(f"/proc/{pid}/mountinfo") as f:
+        mounts = [line.split() for line in f]
+    by_point = {m[4]: m[5].split(",") for m in mounts}
+    assert "ro" in by_point["/"] and "ro" in by_point["/usr"], by_point
+    rw = {p for p, opts in by_point.items() if "rw" in opts}
+    assert rw <= {f"/{data}/capsules/{c['id']}/disk.qcow2", f"/{data}/capsules/{c['id']}/console.log",
+                  "/proc"}, rw
+    assert "hidepid=invisible" in open(f"/proc/{pid}/mountinfo").read() or \
+        "hidepid=2" in open(f"/proc/{pid}/mountinfo").read()
+
+    # It still works as a VM: exec, and a pause and resume (states through descriptors).
+    assert exec_ok(api, c["id"], "echo jailed")["stdout"] == "jailed\n"
+    api.post(f"/v1/capsules/{c['id']}/pause")
+    wait_status(api, c["id"], {"paused"}, timeout=60)
+    api.post(f"/v1/capsules/{c['id']}/resume")
+    wait_status(api, c["id"], {"running"}, timeout=60, fail_on={"error"})
+    assert exec_ok(api, c["id"], "echo again")["stdout"] == "again\n"
+    assert vmm_pid(c["id"]) != pid
 
 
 def test_a_console_flood_stays_small_on_disk(api, platform, running_capsule):

@@ -40,7 +40,7 @@ def qemu_cmdline(capsule_id):
 
 def rewrite(cmdline, work, disk, memory=None):
     """The platform's QEMU command line, with the raw run's own disk, sockets, console and
-    (when given) memory backend."""
+    (when given) memory backend (the platform's RAM file is a descriptor only it has)."""
     args, it = [], iter(cmdline)
     for a in it:
         args.append(a)
@@ -54,6 +54,9 @@ def rewrite(cmdline, work, disk, memory=None):
             spec = next(it)
             if spec.startswith("socket,id=lifeline"):
                 spec = f"socket,id=lifeline,path={work}/raw.life,server=on,wait=off"
+            elif spec.startswith("socket,id=qmp"):
+                # The platform hands QEMU sockets it bound; the raw run lets QEMU bind its own.
+                spec = f"socket,id=qmp,path={work}/raw.qmp,server=on,wait=off"
             elif spec.startswith("file,id=console"):
                 spec = f"file,id=console,path={work}/raw.console,append=on"
             args.append(spec)

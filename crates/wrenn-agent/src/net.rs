@@ -17,7 +17,9 @@
 //! - A guest speaks only as itself: the namespace's `netdev wrenn_guard` table drops, on the
 //!   TAP's ingress, every frame not from the guest's MAC and every packet not IPv4 or ARP from
 //!   the guest's address (no spoofed sources, no IPv6, no other protocols).
-//! - `<T>` is derived from the slot's address, so every name is unique on the host.
+//! - `<T>` is derived from the slot's address, so every name is unique on the host; so is the
+//!   uid the slot's VM runs as ([`Slot::vm_uid`]), which owns the TAP (QEMU attaches it without
+//!   any capability).
 //! - Deleting the namespace deletes the TAP and both veth ends: teardown is one command, and a
 //!   namespace named `wrenn-s*` that no capsule owns is garbage to be collected.
 
@@ -44,7 +46,16 @@ pub struct Slot {
     pub reach_ip: Ipv4Addr,
 }
 
+/// VM uids and gids are this plus the slot's tag: one per slot on the host, never a real
+/// user's or group's.
+pub const VM_ID_BASE: u32 = 0x4000_0000;
+
 impl Slot {
+    /// The uid (and gid) the VM in this slot runs as; its `tap0` belongs to it.
+    pub fn vm_uid(&self) -> u32 {
+        VM_ID_BASE + name_tag(u32::from(self.host_side_ip) - 1)
+    }
+
     pub fn new(base: Ipv4Addr, index: u32) -> Self {
         let net = u32::from(base) + index * 4;
         // Names come from the slot's address, not its index, so agents with disjoint ranges on
@@ -134,7 +145,7 @@ async fn build(slot: &Slot) -> Result<()> {
          addr add {reach}/30 dev veth0\n\
          link set veth0 up\n\
          route add default via {host}\n\
-         tuntap add tap0 mode tap\n\
+         tuntap add tap0 mode tap user {uid} group {uid}\n\
          link set tap0 address {gwmac}\n\
          addr add {gw}/24 dev tap0\n\
          link set tap0 up\n",
@@ -142,6 +153,7 @@ async fn build(slot: &Slot) -> Result<()> {
         host = slot.host_side_ip,
         gwmac = GATEWAY_MAC,
         gw = GATEWAY_IP,
+        uid = slot.vm_uid(),
     );
     cmd::run_with_input("ip", &["-n", ns, "-batch", "-"], Some(&batch)).await?;
     let rules = format!(
@@ -235,5 +247,8 @@ mod tests {
         assert_ne!(a.netns, other.netns);
         assert_ne!(a.host_veth, other.host_veth);
         assert!(a.host_veth.len() <= 15 && Slot::new(base, 99999).host_veth.len() <= 15);
+        assert_ne!(a.vm_uid(), b.vm_uid());
+        assert_ne!(a.vm_uid(), other.vm_uid());
+        assert!(a.vm_uid() >= VM_ID_BASE && Slot::new(base, 99999).vm_uid() < u32::MAX - 1);
     }
 }

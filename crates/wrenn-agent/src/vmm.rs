@@ -1,10 +1,12 @@
 //! Virtual machine monitors. [`Vmm`] is what the capsule manager needs from one; [`qemu`] is the
 //! driver for QEMU's `microvm` machine (KVM when usable, TCG otherwise).
 
+mod jail;
 mod migration;
 mod process;
 pub mod qemu;
 pub mod qmp;
+mod ram;
 
 use std::path::{Path, PathBuf};
 
@@ -37,6 +39,8 @@ pub struct VmConfig {
     pub dir: PathBuf,
     /// Network namespace the VMM runs in (it opens `tap0` there).
     pub netns: String,
+    /// The uid and gid the VMM runs as (the slot's: `net::Slot::vm_uid`; it owns `tap0`).
+    pub uid: u32,
     pub vcpus: u32,
     pub memory_mb: u32,
     pub kernel: PathBuf,
@@ -90,6 +94,9 @@ pub struct VmProcess {
     /// The cgroup the VM runs in (removed once it has stopped); `None` when unconfined.
     #[serde(default)]
     pub cgroup: Option<String>,
+    /// The uid it runs as (`None`: a VM started before VMs had their own).
+    #[serde(default)]
+    pub uid: Option<u32>,
 }
 
 #[async_trait]
@@ -116,10 +123,17 @@ pub trait Vmm: Send + Sync {
     /// With `ignore_shared`, RAM in a shared file is left out of the state (it stays in the
     /// file).
     async fn save(&self, vm: &VmProcess, state: &Path, ignore_shared: bool) -> Result<()>;
-    /// A live snapshot: freezes the guest, moves its disk onto a new overlay `new_disk` (the
-    /// current file becomes read-only: the snapshot's disk), writes the whole state to `state`,
-    /// and lets the guest run on. Once the disk has moved it stays moved, even if saving fails.
-    async fn snapshot(&self, vm: &VmProcess, new_disk: &Path, state: &Path) -> Result<()>;
+    /// A live snapshot: freezes the guest, moves its disk (now `disk`) onto a new overlay
+    /// `new_disk` (the current file becomes read-only: the snapshot's disk), writes the whole
+    /// state to `state`, and lets the guest run on. Once the disk has moved it stays moved, even
+    /// if saving fails; `new_disk` exists afterwards exactly when it moved.
+    async fn snapshot(
+        &self,
+        vm: &VmProcess,
+        disk: &Path,
+        new_disk: &Path,
+        state: &Path,
+    ) -> Result<()>;
     /// Resumes a guest frozen by [`Vmm::save`].
     async fn thaw(&self, vm: &VmProcess) -> Result<()>;
     /// Starts a VM from a state [`Vmm::save`] wrote, with the same configuration; returns

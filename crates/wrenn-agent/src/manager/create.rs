@@ -160,6 +160,7 @@ impl CapsuleManager {
                 .unwrap_or_else(|| dir.join("disk.qcow2")),
             dir,
             netns: record.slot.netns.clone(),
+            uid: record.slot.vm_uid(),
             vcpus: record.vcpus,
             memory_mb: record.memory_mb,
             kernel: self.boot.kernel.vmlinux.clone(),
@@ -325,6 +326,7 @@ impl CapsuleManager {
         cfg.dir = tmp.to_path_buf();
         cfg.disk = tmp.join("disk.qcow2");
         cfg.netns = slot.netns.clone();
+        cfg.uid = slot.vm_uid();
         cfg.qmp_socket = self.cfg.run_dir().join(format!("{name}.qmp"));
         cfg.lifeline_socket = self.cfg.run_dir().join(format!("{name}.life"));
         cfg.memory = crate::vmm::Memory::SharedFile(tmp.join("ram"));

@@ -142,6 +142,7 @@ impl CapsuleManager {
             &boot.kernel.vmlinux,
             &boot.initramfs,
             &cfg.images_dir(),
+            &cfg.run_dir().join("jail"),
         )
         .await?;
         // One scope per agent (named by its slot range, like its network table), so agents

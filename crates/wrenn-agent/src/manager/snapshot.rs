@@ -164,7 +164,10 @@ impl CapsuleManager {
             let next = self
                 .capsule_dir(id)
                 .join(format!("disk-{:08x}.qcow2", rand::random::<u32>()));
-            let result = self.vmm.snapshot(&vm, &next, &tmp.join("state")).await;
+            let result = self
+                .vmm
+                .snapshot(&vm, &frozen, &next, &tmp.join("state"))
+                .await;
             if next.exists() {
                 record.disk = Some(next);
                 self.persist(record)?;

@@ -119,6 +119,7 @@ mod tests {
             qmp_socket: "/nonexistent".into(),
             console_log: "/nonexistent".into(),
             cgroup: None,
+            uid: None,
             lifeline_socket: None,
         };
         assert!(is_running(&me));

@@ -1,22 +1,32 @@
 //! The QEMU `microvm` driver.
 //!
-//! QEMU runs inside the capsule's network namespace (`ip netns exec`), in its own process group so
-//! a Ctrl-C on the agent's terminal does not reach it. A VM is identified by pid and process
-//! start time (persisted in the capsule's state), so after a restart the agent finds its VMs and
-//! never signals a recycled pid. `-name <capsule id>` labels it for humans and tests.
+//! Every VM's QEMU starts confined (`jail`): in the capsule's network namespace, in a mount
+//! namespace holding only its own files, as the slot's own uid without capabilities, under its
+//! own seccomp filter (`-sandbox on`), in a cgroup of its own, in its own process group so a
+//! Ctrl-C on the agent's terminal does not reach it. What it cannot open there it gets as
+//! descriptors: its QMP and lifeline sockets, its RAM file, states, a live snapshot's overlay.
+//! A VM is identified by pid and process start time (persisted in the capsule's state), so
+//! after a restart the agent finds its VMs and never signals a recycled pid. `-name <capsule
+//! id>` labels it for humans and tests.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tracing::{info, warn};
 
+use super::jail::{self, Jail, JailSpec};
 use super::migration;
 use super::process::{comm, find_mentioning, kill_and_wait};
 pub use super::process::{find_by_name, is_running, process_start_time};
 use super::qmp::Qmp;
+use super::ram::{self, TemplateRam};
 use super::{Accel, Memory, Usage, VmConfig, VmProcess, Vmm};
 use crate::cgroup::{Cgroups, Limits};
 use crate::config::AccelChoice;
@@ -94,6 +104,8 @@ fn cpu_model(accel: Accel) -> &'static str {
 
 pub struct QemuVmm {
     binary: String,
+    /// The binary's absolute path (what a jail execs: it has no `PATH` of the host's).
+    binary_path: PathBuf,
     version: String,
     machine: String,
     accel: Accel,
@@ -101,6 +113,19 @@ pub struct QemuVmm {
     tsc_khz: Option<u64>,
     /// The cgroups VMs run in (none: unconfined).
     cgroups: Option<Cgroups>,
+    /// The empty directory every VM's jail root is mounted on (in its own namespace).
+    jail_root: PathBuf,
+    /// Sealed copies of template RAM files.
+    ram: TemplateRam,
+    /// RAM files lent to a running VM's uid, by its pid: given back to root when it stops.
+    lent: Mutex<HashMap<u32, PathBuf>>,
+}
+
+/// The descriptors one VM starts with (their numbers go on its command line).
+struct VmFds {
+    qmp: RawFd,
+    lifeline: RawFd,
+    memory: Option<RawFd>,
 }
 
 impl QemuVmm {
@@ -111,7 +136,12 @@ impl QemuVmm {
         kernel: &Path,
         initramfs: &Path,
         cache_dir: &Path,
+        jail_root: &Path,
     ) -> Result<Self> {
+        let binary_path = find_binary(binary).ok_or_else(|| {
+            HostError::Vmm(format!("cannot find {binary} (install qemu-system-x86)"))
+        })?;
+        std::fs::create_dir_all(jail_root)?;
         let out = tokio::process::Command::new(binary)
             .arg("--version")
             .output()
@@ -153,11 +183,15 @@ impl QemuVmm {
         info!(%version, accel = accel.as_str(), tsc_khz, "vmm ready");
         Ok(Self {
             binary: binary.to_string(),
+            binary_path,
             machine,
             version,
             accel,
             tsc_khz,
             cgroups: None,
+            jail_root: jail_root.to_path_buf(),
+            ram: TemplateRam::default(),
+            lent: Mutex::new(HashMap::new()),
         })
     }
 
@@ -167,16 +201,28 @@ impl QemuVmm {
         self
     }
 
-    /// Removes the stopped `vm`'s cgroup.
+    /// Removes the stopped `vm`'s cgroup and gives back what it was lent.
     async fn release(&self, vm: &VmProcess) {
+        self.give_back(vm.pid);
         if let (Some(c), Some(name)) = (&self.cgroups, &vm.cgroup) {
             c.remove(name).await;
         }
     }
 
+    fn give_back(&self, pid: u32) {
+        let lent = self
+            .lent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&pid);
+        if let Some(path) = lent {
+            ram::give_back(&path);
+        }
+    }
+
     /// QEMU's arguments. `incoming`: start frozen, waiting for a saved state (`-S -incoming
     /// defer`); the machine must be exactly the one that was saved, so both paths share this.
-    fn args(&self, cfg: &VmConfig, incoming: bool) -> Result<Vec<String>> {
+    fn args(&self, cfg: &VmConfig, incoming: bool, fds: &VmFds) -> Result<Vec<String>> {
         let s = |p: &Path| -> Result<String> { Ok(crate::images::path_str(p)?.to_string()) };
         let mut cmdline = BASE_CMDLINE.to_string();
         if let Some(khz) = self.tsc_khz {
@@ -208,18 +254,17 @@ impl QemuVmm {
             "-m".into(),
             format!("{}M", cfg.memory_mb),
             "-object".into(),
-            match &cfg.memory {
-                Memory::Anonymous => format!("memory-backend-ram,id=mem,size={}M", cfg.memory_mb),
-                Memory::SharedFile(p) => format!(
-                    "memory-backend-file,id=mem,size={}M,mem-path={},share=on",
-                    cfg.memory_mb,
-                    s(p)?
+            // A RAM file comes as a descriptor (see `ram`): the jail holds no path to it.
+            match (&cfg.memory, fds.memory) {
+                (Memory::SharedFile(_), Some(fd)) => format!(
+                    "memory-backend-file,id=mem,size={}M,mem-path=/proc/self/fd/{fd},share=on",
+                    cfg.memory_mb
                 ),
-                Memory::PrivateFile(p) => format!(
-                    "memory-backend-file,id=mem,size={}M,mem-path={},share=off",
-                    cfg.memory_mb,
-                    s(p)?
+                (Memory::PrivateFile(_), Some(fd)) => format!(
+                    "memory-backend-file,id=mem,size={}M,mem-path=/proc/self/fd/{fd},share=off",
+                    cfg.memory_mb
                 ),
+                _ => format!("memory-backend-ram,id=mem,size={}M", cfg.memory_mb),
             },
             "-machine".into(),
             "memory-backend=mem".into(),
@@ -260,18 +305,18 @@ impl QemuVmm {
             // breaks the guest network.
             "-device".into(),
             "virtio-serial-device,max_ports=2".into(),
+            // Both sockets are listening sockets the agent bound at their paths.
             "-chardev".into(),
-            format!(
-                "socket,id=lifeline,path={},server=on,wait=off",
-                s(&cfg.lifeline_socket)?
-            ),
+            format!("socket,id=lifeline,fd={},server=on,wait=off", fds.lifeline),
             "-device".into(),
             format!(
                 "virtserialport,chardev=lifeline,nr=1,name={}",
                 envd_proto::lifeline::PORT_NAME
             ),
-            "-qmp".into(),
-            format!("unix:{},server=on,wait=off", s(&cfg.qmp_socket)?),
+            "-chardev".into(),
+            format!("socket,id=qmp,fd={},server=on,wait=off", fds.qmp),
+            "-mon".into(),
+            "chardev=qmp,mode=control".into(),
         ]
         .into_iter()
         .chain(
@@ -284,11 +329,98 @@ impl QemuVmm {
     }
 
     async fn spawn(&self, cfg: &VmConfig, incoming: bool) -> Result<VmProcess> {
-        // Sockets a previous QEMU of this capsule left (a paused capsule's) would make this
-        // one fail to listen.
-        for sock in [&cfg.qmp_socket, &cfg.lifeline_socket] {
-            let _ = std::fs::remove_file(sock);
+        let uid = cfg.uid;
+        // Its control sockets: bound here (a previous QEMU of this capsule may have left the
+        // paths), listened on by QEMU.
+        let bind = |path: &Path| -> Result<UnixListener> {
+            let _ = std::fs::remove_file(path);
+            UnixListener::bind(path)
+                .map_err(|e| HostError::Vmm(format!("cannot listen on {}: {e}", path.display())))
+        };
+        let qmp = bind(&cfg.qmp_socket)?;
+        let lifeline = bind(&cfg.lifeline_socket)?;
+        // Its RAM file, if any, as a descriptor (see `ram`).
+        let (memory, lent): (Option<OwnedFd>, Option<PathBuf>) = match &cfg.memory {
+            Memory::Anonymous => (None, None),
+            Memory::PrivateFile(p) => {
+                let sealed = self.ram.get(p).await?;
+                (Some(sealed.try_clone()?), None)
+            }
+            Memory::SharedFile(p) => (Some(ram::lend(p, uid, uid)?.into()), Some(p.clone())),
+        };
+        let started = self
+            .start_jailed(cfg, incoming, &qmp, &lifeline, memory.as_ref())
+            .await;
+        drop((qmp, lifeline, memory));
+        match started {
+            Ok(vm) => {
+                if let Some(p) = lent {
+                    self.lent
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(vm.pid, p);
+                }
+                Ok(vm)
+            }
+            Err(e) => {
+                if let Some(p) = lent {
+                    ram::give_back(&p);
+                }
+                Err(e)
+            }
         }
+    }
+
+    /// Starts QEMU in its jail and its cgroup (see `jail`), with the descriptors given.
+    async fn start_jailed(
+        &self,
+        cfg: &VmConfig,
+        incoming: bool,
+        qmp: &UnixListener,
+        lifeline: &UnixListener,
+        memory: Option<&OwnedFd>,
+    ) -> Result<VmProcess> {
+        let uid = cfg.uid;
+        let console = cfg.dir.join("console.log");
+        // The files it writes are its own; everything else it sees is read-only.
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&console)?;
+        for f in [&cfg.disk, &console] {
+            std::os::unix::fs::chown(f, Some(uid), Some(uid))?;
+        }
+        let mut read_only = vec![
+            cfg.kernel.clone(),
+            cfg.initramfs.clone(),
+            self.binary_path.clone(),
+        ];
+        read_only.extend(crate::disk::backing_chain(&cfg.disk)?);
+        let mut devices: Vec<PathBuf> = jail::DEVICES.iter().map(PathBuf::from).collect();
+        if self.accel == Accel::Kvm {
+            devices.push("/dev/kvm".into());
+        }
+        let fds = VmFds {
+            qmp: qmp.as_raw_fd(),
+            lifeline: lifeline.as_raw_fd(),
+            memory: memory.map(|m| m.as_raw_fd()),
+        };
+        let jail = Jail::prepare(&JailSpec {
+            uid,
+            gid: uid,
+            groups: Vec::new(),
+            netns: cfg.netns.clone(),
+            root: self.jail_root.clone(),
+            read_only,
+            read_write: vec![cfg.disk.clone(), console],
+            devices,
+            fds: [fds.qmp, fds.lifeline]
+                .into_iter()
+                .chain(fds.memory)
+                .collect(),
+            nice: VM_NICE,
+        })
+        .map_err(|e| HostError::Vmm(format!("cannot prepare the VM's jail: {e}")))?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -302,25 +434,18 @@ impl QemuVmm {
             }
             None => None,
         };
-        let mut child = tokio::process::Command::new("ip");
+        let mut child = tokio::process::Command::new(&self.binary_path);
         child
-            .args(["netns", "exec", &cfg.netns, &self.binary])
-            .args(self.args(cfg, incoming)?)
+            .args(self.args(cfg, incoming, &fds)?)
+            .env_clear()
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .process_group(0);
-        // SAFETY: the closure runs in the forked child before exec and makes one
-        // async-signal-safe system call; it touches no memory shared with the parent.
+        // SAFETY: `Jail::enter` runs in the forked child before exec; it makes only system
+        // calls on memory prepared before the fork (see its documentation).
         unsafe {
-            child.pre_exec(|| {
-                // Guests yield to the platform: a busy VM must not delay the control plane's
-                // and agent's answers (QEMU and all its threads inherit this).
-                if libc::setpriority(libc::PRIO_PROCESS, 0, VM_NICE) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+            child.pre_exec(move || jail.enter());
         }
         let mut child = match child.spawn() {
             Ok(c) => c,
@@ -328,15 +453,18 @@ impl QemuVmm {
                 if let (Some(c), Some(_)) = (&self.cgroups, &group) {
                     c.remove(&cfg.id).await;
                 }
-                return Err(HostError::Vmm(format!("cannot start {}: {e}", self.binary)));
+                return Err(with_qemu_log(
+                    cfg,
+                    HostError::Vmm(format!("cannot start {}: {e}", self.binary)),
+                ));
             }
         };
         let started = async {
             let pid = child
                 .id()
                 .ok_or_else(|| HostError::Vmm("qemu exited at once".into()))?;
-            // `ip netns exec` enters the namespace and execs QEMU in place (same pid). Wait for
-            // the exec so a QEMU that cannot start at all is reported here, with its log.
+            // The spawn returned after the exec: a QEMU that cannot start at all exits at
+            // once; wait for its name so that is reported here, with its log.
             let deadline = std::time::Instant::now() + Duration::from_secs(5);
             while !comm(pid).is_some_and(|c| c.starts_with("qemu-system")) {
                 if let Ok(Some(status)) = child.try_wait() {
@@ -380,6 +508,7 @@ impl QemuVmm {
             console_log: cfg.dir.join("console.log"),
             lifeline_socket: Some(cfg.lifeline_socket.clone()),
             cgroup: group.map(|_| cfg.id.clone()),
+            uid: Some(uid),
         })
     }
 
@@ -468,29 +597,62 @@ impl Vmm for QemuVmm {
         migration::save_with(&mut qmp, state, ignore_shared).await
     }
 
-    async fn snapshot(&self, vm: &VmProcess, new_disk: &Path, state: &Path) -> Result<()> {
-        let mut qmp = self.qmp(vm).await?;
-        qmp.execute("stop", None).await?;
-        let moved = qmp
-            .execute(
-                "blockdev-snapshot-sync",
-                Some(serde_json::json!({
-                    "device": "d0",
-                    "snapshot-file": crate::images::path_str(new_disk)?,
-                    "format": "qcow2",
-                })),
-            )
-            .await;
-        let saved = match moved {
-            Ok(_) => migration::save_with(&mut qmp, state, false).await,
-            Err(e) => Err(e),
-        };
-        // The guest runs on whatever happened (after a completed migration `cont` also takes
-        // the disk back from the finished migration).
-        let thawed = qmp.execute("cont", None).await;
-        saved?;
-        thawed?;
-        Ok(())
+    async fn snapshot(
+        &self,
+        vm: &VmProcess,
+        disk: &Path,
+        new_disk: &Path,
+        state: &Path,
+    ) -> Result<()> {
+        // The jailed VM cannot make files: the overlay is made here, given to its uid, and
+        // handed over as a descriptor set (read-write, and read-only for when a later snapshot
+        // turns it into a backing file). Its header names `disk` by path, for restores.
+        crate::disk::create_overlay_on_live(disk, new_disk).await?;
+        let mut moved_ok = false;
+        let result = async {
+            if let Some(uid) = vm.uid {
+                std::os::unix::fs::chown(new_disk, Some(uid), Some(uid))?;
+            }
+            let rw = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(new_disk)?;
+            let ro = std::fs::File::open(new_disk)?;
+            let mut qmp = self.qmp(vm).await?;
+            // One set per overlay: a name QEMU has not used in this run.
+            let fdset = rand::random::<u32>() >> 1;
+            qmp.add_fd(fdset, rw.as_fd()).await?;
+            qmp.add_fd(fdset, ro.as_fd()).await?;
+            qmp.execute("stop", None).await?;
+            let moved = qmp
+                .execute(
+                    "blockdev-snapshot-sync",
+                    Some(serde_json::json!({
+                        "device": "d0",
+                        "snapshot-file": format!("/dev/fdset/{fdset}"),
+                        "format": "qcow2",
+                        "mode": "existing",
+                    })),
+                )
+                .await;
+            moved_ok = moved.is_ok();
+            let saved = match moved {
+                Ok(_) => migration::save_with(&mut qmp, state, false).await,
+                Err(e) => Err(e),
+            };
+            // The guest runs on whatever happened (after a completed migration `cont` also
+            // takes the disk back from the finished migration).
+            let thawed = qmp.execute("cont", None).await;
+            saved?;
+            thawed?;
+            Ok::<_, HostError>(())
+        }
+        .await;
+        // Whether the disk moved is what the caller learns from `new_disk` existing.
+        if !moved_ok {
+            let _ = std::fs::remove_file(new_disk);
+        }
+        result
     }
 
     async fn thaw(&self, vm: &VmProcess) -> Result<()> {
@@ -537,6 +699,7 @@ impl Vmm for QemuVmm {
             for _ in 0..500 {
                 if !is_running(vm) {
                     // A pause ends here: its group goes in the background, not on its clock.
+                    self.give_back(vm.pid);
                     if let (Some(c), Some(name)) = (self.cgroups.clone(), vm.cgroup.clone()) {
                         tokio::spawn(async move { c.remove(&name).await });
                     }
@@ -577,6 +740,17 @@ impl Vmm for QemuVmm {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+}
+
+/// `binary`'s absolute path: itself when it names a file, else the first match on `PATH`.
+fn find_binary(binary: &str) -> Option<PathBuf> {
+    if binary.contains('/') {
+        return std::fs::canonicalize(binary).ok();
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(binary))
+        .find(|p| p.is_file())
+        .and_then(|p| std::fs::canonicalize(p).ok())
 }
 
 /// The probe's answer is cached per host boot: KVM does not change while the host runs.

@@ -64,10 +64,29 @@ impl Qmp {
     /// SCM_RIGHTS), for a `fd:<name>` migration: QEMU then needs no path and no helper process
     /// to reach the file.
     pub async fn pass_fd(&mut self, name: &str, fd: BorrowedFd<'_>) -> Result<()> {
-        let line = format!(
-            "{}\n",
-            json!({ "execute": "getfd", "arguments": { "fdname": name } })
-        );
+        self.execute_with_fd(
+            json!({ "execute": "getfd", "arguments": { "fdname": name } }),
+            fd,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Adds a copy of `fd` to QEMU's descriptor set `fdset` (`add-fd`): a file QEMU then opens
+    /// as `/dev/fdset/<fdset>` (with the access mode of one of the set's descriptors), which a
+    /// VM in its jail could not open by path.
+    pub async fn add_fd(&mut self, fdset: u32, fd: BorrowedFd<'_>) -> Result<()> {
+        self.execute_with_fd(
+            json!({ "execute": "add-fd", "arguments": { "fdset-id": fdset } }),
+            fd,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Runs `command` with `fd` attached to its first byte; its `return`.
+    async fn execute_with_fd(&mut self, command: Value, fd: BorrowedFd<'_>) -> Result<Value> {
+        let line = format!("{command}\n");
         let bytes = line.as_bytes();
         let sock: &UnixStream = self.writer.as_ref();
         let sent = loop {
@@ -84,11 +103,11 @@ impl Qmp {
         self.writer.write_all(&bytes[sent..]).await?;
         loop {
             let m = self.read_message().await?;
-            if m.get("return").is_some() {
-                return Ok(());
+            if let Some(r) = m.get("return") {
+                return Ok(r.clone());
             }
             if let Some(e) = m.get("error") {
-                return Err(HostError::Vmm(format!("qmp getfd: {e}")));
+                return Err(HostError::Vmm(format!("qmp {}: {e}", command["execute"])));
             }
         }
     }
