@@ -234,6 +234,35 @@ def test_each_vm_runs_jailed(api, platform, running_capsule):
     assert vmm_pid(c["id"]) != pid
 
 
+def test_a_fork_bomb_stays_in_its_capsule(api, platform):
+    """A fork bomb fills its own guest; its neighbour, the API and the host serve on, and the
+    capsule is destroyed cleanly."""
+    ids = [api.post("/v1/capsules", json={}).json()["id"] for _ in range(2)]
+    try:
+        bomb, neighbour = (wait_status(api, i, {"running"}, timeout=60, fail_on={"error"}) for i in ids)
+        pid = vmm_pid(bomb["id"])
+        r = api.post(f"/v1/capsules/{bomb['id']}/exec",
+                     json={"cmd": "sh -c 'b(){ b | b & }; b' >/dev/null 2>&1 &", "background": True})
+        assert r.status_code in (200, 202), r.text
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            t0 = time.time()
+            assert exec_ok(api, neighbour["id"], "echo fine")["stdout"] == "fine\n"
+            assert time.time() - t0 < 5, "the neighbour slowed to a crawl"
+            assert api.get("/v1/capsules").status_code == 200
+            time.sleep(1)
+        # The bomb's QEMU is still one process within its task limit.
+        assert vmm_pid(bomb["id"]) == pid
+        assert len(os.listdir(f"/proc/{pid}/task")) <= 256
+        r = api.delete(f"/v1/capsules/{bomb['id']}")
+        assert r.status_code in (202, 204), r.text
+        wait_status(api, bomb["id"], {"stopped"}, timeout=60)
+        assert not vmm_processes(bomb["id"])
+    finally:
+        for i in ids:
+            api.delete(f"/v1/capsules/{i}")
+
+
 def test_a_console_flood_stays_small_on_disk(api, platform, running_capsule):
     cid = running_capsule["id"]
     log = platform.data_dir / "capsules" / cid / "console.log"

@@ -605,8 +605,11 @@ impl Vmm for QemuVmm {
         state: &Path,
     ) -> Result<()> {
         // The jailed VM cannot make files: the overlay is made here, given to its uid, and
-        // handed over as a descriptor set (read-write, and read-only for when a later snapshot
-        // turns it into a backing file). Its header names `disk` by path, for restores.
+        // handed over as a descriptor set, then added as a node opened read-write from the
+        // start and without image locks (QEMU's locks live on open file descriptions; an
+        // fd-set image opened read-only first and upgraded kept a stale lock on the first one,
+        // and `cont` then failed to take its write lock). The VM is the only user of its
+        // overlay. Its header names `disk` by path, for restores.
         crate::disk::create_overlay_on_live(disk, new_disk).await?;
         let mut moved_ok = false;
         let result = async {
@@ -617,24 +620,35 @@ impl Vmm for QemuVmm {
                 .read(true)
                 .write(true)
                 .open(new_disk)?;
-            let ro = std::fs::File::open(new_disk)?;
             let mut qmp = self.qmp(vm).await?;
             // One set per overlay: a name QEMU has not used in this run.
             let fdset = rand::random::<u32>() >> 1;
             qmp.add_fd(fdset, rw.as_fd()).await?;
-            qmp.add_fd(fdset, ro.as_fd()).await?;
+            drop(rw);
             qmp.execute("stop", None).await?;
-            let moved = qmp
-                .execute(
-                    "blockdev-snapshot-sync",
+            let node = format!("overlay{fdset}");
+            let moved = async {
+                qmp.execute(
+                    "blockdev-add",
                     Some(serde_json::json!({
-                        "device": "d0",
-                        "snapshot-file": format!("/dev/fdset/{fdset}"),
-                        "format": "qcow2",
-                        "mode": "existing",
+                        "driver": "qcow2",
+                        "node-name": node,
+                        "file": {
+                            "driver": "file",
+                            "filename": format!("/dev/fdset/{fdset}"),
+                            "locking": "off",
+                        },
+                        "backing": null,
                     })),
                 )
-                .await;
+                .await?;
+                qmp.execute(
+                    "blockdev-snapshot",
+                    Some(serde_json::json!({ "node": "d0", "overlay": node })),
+                )
+                .await
+            }
+            .await;
             moved_ok = moved.is_ok();
             let saved = match moved {
                 Ok(_) => migration::save_with(&mut qmp, state, false).await,

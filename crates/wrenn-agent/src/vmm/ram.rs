@@ -8,6 +8,12 @@
 //! mappings of it still share its pages between capsules. Copies unused for
 //! [`KEEP_UNUSED`] are dropped (a running VM keeps its own mapping).
 //!
+//! A copy is allocated whole, holes included: a fault on a hole of a shared-memory file
+//! allocates a page in it, even in a private mapping, and that page would be charged to the
+//! faulting VM's cgroup as unreclaimable memory (a VM reading its RAM's untouched pages was
+//! killed at its limit). Allocated up front, the copy is charged once, to the agent, and costs
+//! the template's RAM size while it is kept.
+//!
 //! A RAM file a VM writes through (`share=on`: a template being made) is lent to the VM's uid
 //! for as long as it runs ([`lend`]) and given back to root after.
 
@@ -85,7 +91,7 @@ impl TemplateRam {
     }
 }
 
-/// A memfd holding `path`'s bytes (its holes and zero pages left unallocated), sealed.
+/// A memfd holding `path`'s bytes, every page allocated, sealed.
 fn sealed_copy(path: &Path) -> std::io::Result<OwnedFd> {
     let src = File::open(path)?;
     let len = src.metadata()?.len();
@@ -102,6 +108,10 @@ fn sealed_copy(path: &Path) -> std::io::Result<OwnedFd> {
         File::from(OwnedFd::from_raw_fd(raw))
     };
     dst.set_len(len)?;
+    // SAFETY: fallocate on a descriptor we own, with integer arguments.
+    if unsafe { libc::fallocate(dst.as_raw_fd(), 0, 0, len as libc::off_t) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = 0u64;
     while pos < len {
@@ -176,7 +186,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn copies_are_sealed_sparse_and_kept_per_version() {
+    async fn copies_are_sealed_whole_and_kept_per_version() {
         let dir = std::env::temp_dir().join(format!("wrenn-ram-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -196,8 +206,8 @@ mod tests {
         assert_eq!(&got, b"hello");
         // Sealed: no writes, whoever asks.
         assert!(copy.write_all_at(b"x", 0).is_err());
-        // Sparse: only the page holding data was allocated.
-        assert!(copy.metadata().unwrap().blocks() * 512 <= 2 * PAGE as u64);
+        // Whole: no fault on it allocates later (and charges the faulting VM).
+        assert!(copy.metadata().unwrap().blocks() * 512 >= 64 << 20);
         // The same version is the same copy; a new one is copied again.
         assert_eq!(ram.get(&path).await.unwrap().as_raw_fd(), fd.as_raw_fd());
         std::fs::OpenOptions::new()
