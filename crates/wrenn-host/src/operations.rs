@@ -18,6 +18,14 @@ use crate::error::HostError;
 use crate::rpc::RemoteHost;
 use crate::types::*;
 
+/// What a host answers at once: lists, capacity, metrics, lookups.
+pub const QUERY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(15);
+/// What moves a VM or its files: create (a template snapshot may be made first), pause and
+/// resume (a whole memory state written or read), snapshots, installs of copied snapshots.
+pub const OPERATION_DEADLINE: std::time::Duration = std::time::Duration::from_secs(600);
+/// An OCI image import (the agent ends its own pull after 30 minutes).
+pub const IMPORT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(35 * 60);
+
 macro_rules! host_operations {
     ($(
         $(#[$doc:meta])*
@@ -64,6 +72,18 @@ macro_rules! host_operations {
         }
 
         impl Call {
+            /// How long a host may take to answer this call before the caller gives up on it
+            /// (see [`QUERY_DEADLINE`] and the others).
+            pub fn deadline(&self) -> std::time::Duration {
+                match self.name() {
+                    "templates" | "base_templates" | "capacity" | "list" | "reap_dead"
+                    | "metrics" | "machine" | "shape_snapshots" | "holds_snapshot"
+                    | "snapshot_manifest" => QUERY_DEADLINE,
+                    "import_image" => IMPORT_DEADLINE,
+                    _ => OPERATION_DEADLINE,
+                }
+            }
+
             /// The operation's name (for logs).
             pub fn name(&self) -> &'static str {
                 match self {
@@ -80,14 +100,25 @@ macro_rules! host_operations {
         }
 
         /// Hosts that answer [`Call`]s ([`RemoteHost`] sends them to an agent; the test
-        /// double answers them in memory) are `Host`s without a line per operation.
+        /// double answers them in memory) are `Host`s without a line per operation. Every call
+        /// has a deadline (`deadline_for`, by default [`Call::deadline`]): a host that does not
+        /// answer in time is unreachable for that call, so a silent host holds up only the
+        /// request that asked it.
         macro_rules! host_by_dispatch {
             ($t:ty) => {
                 #[async_trait::async_trait]
                 impl Host for $t {
                     $(
                         async fn $name(&self, $($arg: $ty),*) -> Result<$ret, HostError> {
-                            decode(self.dispatch(Call::$name { $($arg),* }).await?)
+                            let call = Call::$name { $($arg),* };
+                            let limit = self.deadline_for(&call);
+                            match tokio::time::timeout(limit, self.dispatch(call)).await {
+                                Ok(answer) => decode(answer?),
+                                Err(_) => Err(HostError::Unreachable(format!(
+                                    "the host did not answer {} within {limit:?}",
+                                    stringify!($name)
+                                ))),
+                            }
                         }
                     )*
 

@@ -62,6 +62,8 @@ pub struct FakeHost {
     state: Mutex<State>,
     changed: Notify,
     capacity: Mutex<HostCapacity>,
+    /// Every call's deadline instead of the real one ([`FakeHost::set_deadline`]).
+    deadline: Mutex<Option<std::time::Duration>>,
 }
 
 impl FakeHost {
@@ -76,7 +78,20 @@ impl FakeHost {
                 disk_free_mb: 100_000,
                 disk_reserve_mb: 0,
             }),
+            deadline: Mutex::new(None),
         })
+    }
+
+    /// Gives every call to this host `d` as its deadline (a silent host, say, gives up fast).
+    pub fn set_deadline(&self, d: std::time::Duration) {
+        *self.deadline.lock().unwrap_or_else(|e| e.into_inner()) = Some(d);
+    }
+
+    pub(crate) fn deadline_for(&self, call: &Call) -> std::time::Duration {
+        self.deadline
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(|| call.deadline())
     }
 
     /// What the host reports as its capacity from now on.

@@ -230,10 +230,14 @@ impl ControlPlane {
             pool.clone(),
             events.clone(),
         ));
-        capsules
-            .reconcile()
-            .await
-            .map_err(|e| service_err("reconcile")(e.message))?;
+        // In the background: a host that does not answer must not keep the API from serving
+        // (each host's calls have deadlines, and hosts are reconciled concurrently).
+        let startup = capsules.clone();
+        tasks.spawn(async move {
+            if let Err(e) = startup.reconcile().await {
+                warn!(error = %e.message, "start-up reconcile failed");
+            }
+        });
         let replica = replica_id(&c.data_dir)?;
         store
             .ensure_platform_team()

@@ -55,6 +55,11 @@ impl RemoteHost {
     }
 
     /// Sends one host operation; its answer as JSON.
+    /// How long the agent may take to answer `call`.
+    pub(crate) fn deadline_for(&self, call: &Call) -> std::time::Duration {
+        call.deadline()
+    }
+
     pub(crate) async fn dispatch(&self, call: Call) -> Result<serde_json::Value, HostError> {
         Ok(self.client.clone().call(call).await?.into_inner())
     }

@@ -2,6 +2,8 @@
 //! host comes back, periodically), the dead-VM pass and the TTL reaper.
 
 use std::collections::HashMap;
+
+use futures_util::future::join_all;
 use tracing::{info, warn};
 use wrenn_api::{CapsuleStatus, EventActor, EventKind};
 
@@ -24,12 +26,14 @@ impl CapsuleService {
     /// Makes the DB agree with what every connected host actually holds (at start-up): hosts
     /// are the source of truth for running and paused capsules. A host that does not answer is
     /// left to the liveness monitor.
+    /// Hosts are handled concurrently: a slow one delays no other.
     pub async fn reconcile(&self) -> Result<()> {
-        for host in self.pool.all() {
+        join_all(self.pool.all().into_iter().map(|host| async move {
             if let Err(e) = self.reconcile_on(&host).await {
                 warn!(host_id = host.host_id(), error = %e.message, "cannot reconcile with host");
             }
-        }
+        }))
+        .await;
         Ok(())
     }
 
@@ -39,17 +43,34 @@ impl CapsuleService {
     /// minute are left alone (an operation may be in flight); every fix is logged. Copies of
     /// deleted templates whose host was away at the time are deleted now.
     pub async fn reconcile_pass(&self) -> Result<()> {
-        use CapsuleStatus::*;
         if let Err(e) = self.copies.collect_orphans().await {
             warn!(error = %e, "cannot collect copies of deleted templates");
         }
         let settle = chrono::Utc::now() - chrono::Duration::seconds(60);
-        for host in self.pool.all() {
+        // Hosts concurrently: a slow one delays no other.
+        let passes = join_all(
+            self.pool
+                .all()
+                .into_iter()
+                .map(|host| async move { self.reconcile_host_pass(&host, settle).await }),
+        )
+        .await;
+        passes.into_iter().collect()
+    }
+
+    /// One host's share of [`CapsuleService::reconcile_pass`].
+    async fn reconcile_host_pass(
+        &self,
+        host: &HostHandle,
+        settle: chrono::DateTime<chrono::Utc>,
+    ) -> Result<()> {
+        use CapsuleStatus::*;
+        {
             let Ok(client) = self.pool.online(host.host_id()).await else {
-                continue;
+                return Ok(());
             };
             let Ok(live) = live_phases(&client).await else {
-                continue;
+                return Ok(());
             };
             for row in self
                 .store
@@ -185,8 +206,9 @@ impl CapsuleService {
     }
 
     /// Marks `error`, with the reason, every capsule whose VM died under it.
+    /// Hosts are asked concurrently: a slow one delays no other.
     pub async fn record_dead_vms(&self) -> Result<()> {
-        for host in self.pool.all() {
+        let passes = join_all(self.pool.all().into_iter().map(|host| async move {
             match host.reap_dead().await {
                 Ok(dead) => {
                     for wrenn_host::DeadCapsule { id, reason } in dead {
@@ -203,8 +225,10 @@ impl CapsuleService {
                     tracing::debug!(host_id = host.host_id(), error = %e, "dead-VM check skipped")
                 }
             }
-        }
-        Ok(())
+            Ok(())
+        }))
+        .await;
+        passes.into_iter().collect()
     }
 
     /// One pass of the TTL reaper: auto-pauses every running capsule whose inactivity timeout

@@ -417,3 +417,53 @@ async fn an_egress_policy_reaches_the_host_and_changes_only_once_the_host_applie
         .unwrap_err();
     assert_eq!(err.code, ErrorCode::NotFound);
 }
+
+#[tokio::test]
+async fn a_silent_host_delays_no_other_and_its_calls_give_up() {
+    let w = world("silent-host").await;
+    let id = w.running().await;
+    // A host that accepts calls and never answers, first in the order passes take.
+    let silent = FakeHost::new();
+    silent.hold("reap_dead");
+    silent.hold("list");
+    w.svc.pool.add("a-silent-host", silent.clone());
+
+    // The dead-VM pass records the good host's dead VM while the silent one still holds it.
+    w.host
+        .kill(&id, "the VM exited unexpectedly (qemu: killed)");
+    let svc = Arc::new(w.svc);
+    let pass = tokio::spawn({
+        let svc = svc.clone();
+        async move { svc.record_dead_vms().await }
+    });
+    silent.waiting("reap_dead", 1).await;
+    let mut status = CapsuleStatus::Running;
+    for _ in 0..200 {
+        status = svc.get(&w.team, &id).await.unwrap().status;
+        if status == CapsuleStatus::Error {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        status,
+        CapsuleStatus::Error,
+        "the good host waited for the silent one"
+    );
+    assert!(!pass.is_finished());
+    silent.release("reap_dead");
+    pass.await.unwrap().unwrap();
+
+    // Every call has a deadline: the silent host's list gives up and says so.
+    silent.set_deadline(Duration::from_millis(200));
+    let started = std::time::Instant::now();
+    let err = wrenn_host::Host::list(&*silent).await.unwrap_err();
+    assert!(matches!(err, HostError::Unreachable(_)), "{err}");
+    assert!(err.to_string().contains("did not answer list"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // ... so the start-up reconcile ends too.
+    tokio::time::timeout(Duration::from_secs(5), svc.reconcile())
+        .await
+        .expect("reconcile waited for a silent host")
+        .unwrap();
+}

@@ -136,8 +136,11 @@ impl HostPool {
         self.read().get(host_id).cloned()
     }
 
+    /// Every connected host, by id (a stable order for passes over them and their logs).
     pub fn all(&self) -> Vec<HostHandle> {
-        self.read().values().cloned().collect()
+        let mut all: Vec<HostHandle> = self.read().values().cloned().collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all
     }
 
     /// The host of a capsule, if it is online and connected.
