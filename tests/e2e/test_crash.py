@@ -98,3 +98,73 @@ def test_kill_9_during_create_pause_resume_and_snapshot():
     finally:
         stop_platform(p)
     assert slot_namespaces(CRASH_SLOT_BASE) == [], "network namespaces left behind"
+
+
+def test_an_unreadable_record_is_kept_aside_not_deleted():
+    """A capsule whose record the agent cannot read after a restart is moved, with its disk, to
+    `quarantine/` for a human; the control plane says the capsule was lost."""
+    p = start_platform(slot_base=CRASH_SLOT_BASE, destroy_on_exit=False)
+    data_dir = p.data_dir
+    try:
+        c = httpx.Client(base_url=p.base_url, headers={"X-API-Key": p.api_key}, timeout=60)
+        cid = c.post("/v1/capsules", json={}).json()["id"]
+        assert wait_for(c, cid, {"running", "error"}) == "running"
+        exec_ok(c, cid, "echo precious > /root/marker; sync")
+        assert c.post(f"/v1/capsules/{cid}/pause").status_code == 202
+        assert wait_for(c, cid, {"paused"}) == "paused"
+        c.close()
+        p.proc.send_signal(signal.SIGTERM)
+        assert p.proc.wait(timeout=60) == 0
+        p.log.close()
+
+        (data_dir / "capsules" / cid / "state.json").write_text('{"id": "half a rec')
+        p = start_platform(data_dir=data_dir, slot_base=CRASH_SLOT_BASE, destroy_on_exit=True)
+        c = httpx.Client(base_url=p.base_url, headers={"X-API-Key": p.api_key}, timeout=60)
+        assert wait_for(c, cid, {"error"}) == "error"
+        assert not (data_dir / "capsules" / cid).exists()
+        kept = [d for d in (data_dir / "quarantine").iterdir() if d.name.startswith(cid + "-")]
+        assert len(kept) == 1, kept
+        assert (kept[0] / "disk.qcow2").exists() and (kept[0] / "state.json").exists()
+        assert "capsule directory quarantined" in (data_dir / "wrenn-up.log").read_text()
+        c.close()
+    finally:
+        stop_platform(p)
+    assert slot_namespaces(CRASH_SLOT_BASE) == [], "network namespaces left behind"
+
+
+def test_a_crash_right_after_a_live_snapshot_moved_the_disk_loses_no_write():
+    """The agent dies just after a live snapshot moved the VM onto its new overlay, before the
+    state is saved (an injected crash point). After the restart the VM runs on, and what it
+    writes then is still there after a pause and a resume: the record named the new overlay
+    before the VM moved onto it."""
+    p = start_platform(slot_base=CRASH_SLOT_BASE, destroy_on_exit=False,
+                       env_extra={"WRENN_FAILPOINT": "snapshot-after-switch"})
+    data_dir = p.data_dir
+    try:
+        c = httpx.Client(base_url=p.base_url, headers={"X-API-Key": p.api_key}, timeout=60)
+        cid = c.post("/v1/capsules", json={}).json()["id"]
+        assert wait_for(c, cid, {"running", "error"}) == "running"
+        exec_ok(c, cid, "echo before > /root/marker; sync")
+        try:
+            c.post("/v1/snapshots", json={"sandbox_id": cid, "name": "crash-switch"}, timeout=30)
+        except httpx.TransportError:
+            pass
+        assert p.proc.wait(timeout=60) != 0, "the crash point was not reached"
+        p.log.close()
+        c.close()
+
+        p = start_platform(data_dir=data_dir, slot_base=CRASH_SLOT_BASE, destroy_on_exit=True)
+        c = httpx.Client(base_url=p.base_url, headers={"X-API-Key": p.api_key}, timeout=60)
+        assert wait_for(c, cid, {"running", "error"}) == "running"
+        exec_ok(c, cid, "echo after >> /root/marker; sync")
+        assert c.post(f"/v1/capsules/{cid}/pause").status_code == 202
+        assert wait_for(c, cid, {"paused", "error"}) == "paused"
+        assert c.post(f"/v1/capsules/{cid}/resume").status_code == 202
+        assert wait_for(c, cid, {"running", "error"}) == "running"
+        assert exec_ok(c, cid, "cat /root/marker") == "before\nafter\n"
+        c.delete(f"/v1/capsules/{cid}")
+        wait_for(c, cid, {"stopped"})
+        c.close()
+    finally:
+        stop_platform(p)
+    assert slot_namespaces(CRASH_SLOT_BASE) == [], "network namespaces left behind"

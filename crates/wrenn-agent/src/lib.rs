@@ -23,6 +23,7 @@ mod console;
 mod disk;
 mod egress;
 mod error;
+mod failpoint;
 mod images;
 mod manager;
 mod metrics;

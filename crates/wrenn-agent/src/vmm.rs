@@ -123,10 +123,11 @@ pub trait Vmm: Send + Sync {
     /// With `ignore_shared`, RAM in a shared file is left out of the state (it stays in the
     /// file).
     async fn save(&self, vm: &VmProcess, state: &Path, ignore_shared: bool) -> Result<()>;
-    /// A live snapshot: freezes the guest, moves its disk (now `disk`) onto a new overlay
-    /// `new_disk` (the current file becomes read-only: the snapshot's disk), writes the whole
-    /// state to `state`, and lets the guest run on. Once the disk has moved it stays moved, even
-    /// if saving fails; `new_disk` exists afterwards exactly when it moved.
+    /// A live snapshot: freezes the guest, moves its disk (now `disk`) onto `new_disk`, an
+    /// empty overlay on `disk` the caller made (the current file becomes read-only: the
+    /// snapshot's disk), writes the whole state to `state`, and lets the guest run on. Once the
+    /// disk has moved it stays moved, even if saving fails; `new_disk` exists afterwards
+    /// exactly when it moved.
     async fn snapshot(
         &self,
         vm: &VmProcess,

@@ -380,12 +380,21 @@ impl CapsuleManager {
         self.cfg.capsules_dir().join(id)
     }
 
+    /// Writes the capsule's record: a new file renamed over the old, so a crash of the agent
+    /// leaves the old record or the new, never a torn one. A paused capsule's record is also
+    /// synced, file and directory: after a power loss its files are all that is left of it
+    /// (its saved state is synced when written). A running capsule's VM would not survive a
+    /// power loss anyway, and syncing every record cost each create and pause ~10 ms.
     fn persist(&self, r: &CapsuleRecord) -> Result<()> {
         let dir = self.capsule_dir(&r.id);
         let tmp = dir.join("state.json.tmp");
         let json = serde_json::to_vec_pretty(r).map_err(|e| HostError::Io(e.into()))?;
-        write_private(&tmp, &json)?;
+        let durable = r.phase == Phase::Paused;
+        write_private(&tmp, &json, durable)?;
         std::fs::rename(tmp, dir.join("state.json"))?;
+        if durable {
+            std::fs::File::open(&dir)?.sync_all()?;
+        }
         Ok(())
     }
 }
@@ -420,8 +429,9 @@ fn new_envd_token() -> String {
     hex::encode(rand::random::<[u8; 32]>())
 }
 
-/// Writes `bytes` to a new file at `path` readable by root only (records and tokens).
-fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes `bytes` to a new file at `path` readable by root only (records and tokens), synced
+/// to disk when `durable`.
+fn write_private(path: &std::path::Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
@@ -430,7 +440,11 @@ fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
         .truncate(true)
         .mode(0o600)
         .open(path)?;
-    f.write_all(bytes)
+    f.write_all(bytes)?;
+    if durable {
+        f.sync_all()?;
+    }
+    Ok(())
 }
 
 /// The last lines of a console log, for error messages.

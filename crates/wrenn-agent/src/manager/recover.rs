@@ -66,6 +66,29 @@ impl CapsuleManager {
         }
     }
 
+    /// Moves a capsule directory the agent cannot make sense of to `<data>/quarantine/`, with
+    /// the reason in the log: its disks may hold a user's data.
+    fn quarantine(&self, dir: &std::path::Path, why: &str) {
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let to = self.cfg.data_dir.join("quarantine").join(format!(
+            "{name}-{}",
+            chrono::Utc::now().format("%Y%m%dT%H%M%S")
+        ));
+        let moved = std::fs::create_dir_all(self.cfg.data_dir.join("quarantine"))
+            .and_then(|()| std::fs::rename(dir, &to));
+        match moved {
+            Ok(()) => {
+                tracing::error!(dir = %dir.display(), kept_at = %to.display(), why, "capsule directory quarantined")
+            }
+            Err(e) => {
+                tracing::error!(dir = %dir.display(), why, error = %e, "capsule directory cannot be quarantined; left in place")
+            }
+        }
+    }
+
     /// Re-adopts live VMs from a previous agent run and removes whatever dead ones left.
     pub(super) async fn recover(&self) {
         self.remove_interrupted_snapshots().await;
@@ -73,13 +96,26 @@ impl CapsuleManager {
             return;
         };
         for dir in rd.flatten().map(|e| e.path()) {
-            let record: Option<CapsuleRecord> = std::fs::read(dir.join("state.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok());
-            let Some(record) = record else {
-                warn!(dir = %dir.display(), "capsule directory without state; removing");
-                let _ = tokio::fs::remove_dir_all(&dir).await;
-                continue;
+            let record: CapsuleRecord = match std::fs::read(dir.join("state.json")) {
+                Ok(bytes) => match serde_json::from_slice(&bytes) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // A record that cannot be read may still sit beside a user's disk:
+                        // kept aside for a human, never deleted.
+                        self.quarantine(&dir, &format!("unreadable state.json: {e}"));
+                        continue;
+                    }
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    // A create that stopped before its first record: nothing of a user's yet.
+                    warn!(dir = %dir.display(), "capsule directory without state; removing");
+                    let _ = tokio::fs::remove_dir_all(&dir).await;
+                    continue;
+                }
+                Err(e) => {
+                    self.quarantine(&dir, &format!("state.json cannot be read: {e}"));
+                    continue;
+                }
             };
             lock(&self.slots).insert(record.slot.index);
             match self.recover_one(record.clone(), &dir).await {

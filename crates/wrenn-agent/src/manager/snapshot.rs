@@ -164,12 +164,25 @@ impl CapsuleManager {
             let next = self
                 .capsule_dir(id)
                 .join(format!("disk-{:08x}.qcow2", rand::random::<u32>()));
+            // The new overlay is recorded before the VM moves onto it: a crash at any point
+            // leaves a record naming a disk that holds every write (before the move the empty
+            // overlay shows its backing file, which still takes the writes; after it, it takes
+            // them itself).
+            crate::disk::create_overlay_on_live(&frozen, &next).await?;
+            record.disk = Some(next.clone());
+            if let Err(e) = self.persist(record) {
+                let _ = std::fs::remove_file(&next);
+                record.disk = Some(frozen.clone());
+                let _ = tokio::fs::remove_dir_all(&tmp).await;
+                return Err(e);
+            }
             let result = self
                 .vmm
                 .snapshot(&vm, &frozen, &next, &tmp.join("state"))
                 .await;
-            if next.exists() {
-                record.disk = Some(next);
+            if !next.exists() {
+                // It did not move: the frozen layer is still its disk.
+                record.disk = Some(frozen.clone());
                 self.persist(record)?;
             }
             if let Err(e) = result {
@@ -178,7 +191,9 @@ impl CapsuleManager {
             }
             // The saved envd holds this capsule's token: whoever restores it needs it once.
             if let Some(token) = &record.envd_token {
-                if let Err(e) = super::write_private(&tmp.join(ENVD_TOKEN_FILE), token.as_bytes()) {
+                if let Err(e) =
+                    super::write_private(&tmp.join(ENVD_TOKEN_FILE), token.as_bytes(), true)
+                {
                     let _ = tokio::fs::remove_dir_all(&tmp).await;
                     return Err(e.into());
                 }

@@ -600,17 +600,17 @@ impl Vmm for QemuVmm {
     async fn snapshot(
         &self,
         vm: &VmProcess,
-        disk: &Path,
+        // Named in `new_disk`'s header already: QEMU needs no path to it.
+        _disk: &Path,
         new_disk: &Path,
         state: &Path,
     ) -> Result<()> {
-        // The jailed VM cannot make files: the overlay is made here, given to its uid, and
-        // handed over as a descriptor set, then added as a node opened read-write from the
+        // The jailed VM cannot make files: the overlay (made by the caller) is given to its
+        // uid and handed over as a descriptor set, then added as a node opened read-write from the
         // start and without image locks (QEMU's locks live on open file descriptions; an
         // fd-set image opened read-only first and upgraded kept a stale lock on the first one,
         // and `cont` then failed to take its write lock). The VM is the only user of its
         // overlay. Its header names `disk` by path, for restores.
-        crate::disk::create_overlay_on_live(disk, new_disk).await?;
         let mut moved_ok = false;
         let result = async {
             if let Some(uid) = vm.uid {
@@ -650,6 +650,9 @@ impl Vmm for QemuVmm {
             }
             .await;
             moved_ok = moved.is_ok();
+            if moved_ok {
+                crate::failpoint::hit("snapshot-after-switch");
+            }
             let saved = match moved {
                 Ok(_) => migration::save_with(&mut qmp, state, false).await,
                 Err(e) => Err(e),
@@ -710,8 +713,10 @@ impl Vmm for QemuVmm {
     async fn shutdown(&self, vm: &VmProcess) -> Result<()> {
         if let Ok(mut qmp) = self.qmp(vm).await {
             let _ = qmp.execute("quit", None).await;
-            for _ in 0..500 {
-                if !is_running(vm) {
+            // Done once its files are closed (the disk and the state are free): the rest of
+            // its exit (its jail's mounts, its memory) goes on in the background.
+            for _ in 0..2500 {
+                if !is_running(vm) || files_closed(vm.pid) {
                     // A pause ends here: its group goes in the background, not on its clock.
                     self.give_back(vm.pid);
                     if let (Some(c), Some(name)) = (self.cgroups.clone(), vm.cgroup.clone()) {
@@ -719,7 +724,7 @@ impl Vmm for QemuVmm {
                     }
                     return Ok(());
                 }
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
             }
             warn!(pid = vm.pid, "qemu did not quit; killing it");
         }
@@ -753,6 +758,15 @@ impl Vmm for QemuVmm {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+}
+
+/// Whether process `pid` has closed all its files (it is exiting: the kernel drops its file
+/// table before it tears down its namespaces and becomes a zombie).
+fn files_closed(pid: u32) -> bool {
+    match std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        Ok(mut fds) => fds.next().is_none(),
+        Err(_) => true,
     }
 }
 
