@@ -26,7 +26,8 @@ from pathlib import Path
 from tests.support.envd import EnvdProbe
 from tests.support.platform import images_dir, start_bench_platform, stop_platform
 from tests.support.qemu import (
-    RAW_NICE, RAW_NS, qemu_cmdline, rewrite, setup_raw_netns, sh, teardown_raw_netns, vmm_processes,
+    RAW_NICE, RAW_NS, backing_file, drive_file, qemu_cmdline, rewrite, setup_raw_netns, sh,
+    teardown_raw_netns, vmm_processes,
 )
 from tests.support.qmp import Qmp
 from tests.support.waits import wait_status
@@ -137,6 +138,9 @@ def platform_cycle(api, snapshot):
     first_exec(api, cid)
     out["create"] = time.perf_counter() - t0
     cmdline = qemu_cmdline(cid)
+    # The platform hands QEMU the template's RAM as a descriptor; the template snapshot is the
+    # directory of the disk the capsule's overlay sits on.
+    out["snap_dir"] = Path(backing_file(drive_file(cmdline))).parent
     time.sleep(2)
     pid = vmm_processes(cid)[0]
     out["mem"] = memory_kib(pid)
@@ -177,8 +181,7 @@ def main():
         plat, raw = [], []
         for _ in range(args.runs):  # interleaved, so load drift hits both alike
             p, cmdline = platform_cycle(api, "bench-snapshot")
-            mem_path = next(a for a in cmdline if "mem-path=" in a)
-            snap_dir = Path(mem_path.split("mem-path=")[1].split(",")[0]).parent
+            snap_dir = p["snap_dir"]
             assert snap_dir.parent == images / "snapshots", snap_dir
             plat.append(p)
             raw.append(raw_cycle(cmdline, snap_dir, work))

@@ -38,6 +38,27 @@ def qemu_cmdline(capsule_id):
     raise RuntimeError("no QEMU process for " + capsule_id)
 
 
+def backing_file(image):
+    """The file a qcow2 image sits on (from its header), or None."""
+    with open(image, "rb") as f:
+        head = f.read(20)
+        if head[:4] != b"QFI\xfb":
+            return None
+        offset = int.from_bytes(head[8:16], "big")
+        size = int.from_bytes(head[16:20], "big")
+        if not offset:
+            return None
+        f.seek(offset)
+        name = f.read(size).decode()
+    return str(Path(image).parent / name) if not name.startswith("/") else name
+
+
+def drive_file(cmdline):
+    """The disk file on a QEMU command line (its `-drive file=`)."""
+    spec = cmdline[cmdline.index("-drive") + 1]
+    return next(p[len("file="):] for p in spec.split(",") if p.startswith("file="))
+
+
 def rewrite(cmdline, work, disk, memory=None):
     """The platform's QEMU command line, with the raw run's own disk, sockets, console and
     (when given) memory backend (the platform's RAM file is a descriptor only it has)."""
