@@ -230,14 +230,14 @@ impl ControlPlane {
             pool.clone(),
             events.clone(),
         ));
-        // In the background: a host that does not answer must not keep the API from serving
-        // (each host's calls have deadlines, and hosts are reconciled concurrently).
-        let startup = capsules.clone();
-        tasks.spawn(async move {
-            if let Err(e) = startup.reconcile().await {
-                warn!(error = %e.message, "start-up reconcile failed");
-            }
-        });
+        // Before the liveness monitor starts (it would mark capsules of hosts not heard from
+        // yet `missing` under the reconcile's feet). Bounded: every host call has a deadline
+        // and hosts are reconciled concurrently, so a silent host delays the start by at most
+        // one query deadline.
+        capsules
+            .reconcile()
+            .await
+            .map_err(|e| service_err("reconcile")(e.message))?;
         let replica = replica_id(&c.data_dir)?;
         store
             .ensure_platform_team()

@@ -137,6 +137,7 @@ impl CapsuleService {
                     Stopping,
                     Stopped,
                     Error,
+                    Missing,
                 ],
             )
             .await?;
@@ -195,6 +196,11 @@ impl CapsuleService {
             }
         }
         for id in live.keys().filter(|id| !known.contains(*id)) {
+            // Only a VM that no capsule row claims at all is the host's to lose.
+            if self.store.capsule(id).await?.is_some() {
+                warn!(capsule_id = %id, host_id = host.host_id(), "host holds a capsule recorded elsewhere; left alone");
+                continue;
+            }
             warn!(capsule_id = %id, "host holds a capsule the control plane does not know; destroying");
             host.destroy(id.clone()).await.or_log(
                 "destroying an unknown capsule's VM",

@@ -467,3 +467,28 @@ async fn a_silent_host_delays_no_other_and_its_calls_give_up() {
         .expect("reconcile waited for a silent host")
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_reconcile_never_destroys_a_capsule_it_has_a_row_for() {
+    // A host that went quiet: its capsules are `missing`; when it is reconciled again it still
+    // holds them, and they come back instead of being destroyed as unknown.
+    let w = world("missing-known").await;
+    let id = w.running().await;
+    let host_id = w
+        .store
+        .capsule(&id)
+        .await
+        .unwrap()
+        .unwrap()
+        .host_id
+        .unwrap();
+    assert_eq!(w.svc.mark_missing(&host_id).await.unwrap(), 1);
+    assert_eq!(w.status(&id).await, CapsuleStatus::Missing);
+    w.svc.reconcile().await.unwrap();
+    assert_eq!(w.status(&id).await, CapsuleStatus::Running);
+    assert!(
+        !w.host.calls().iter().any(|c| c == &format!("destroy {id}")),
+        "{:?}",
+        w.host.calls()
+    );
+}
