@@ -65,55 +65,53 @@ impl CapsuleService {
         settle: chrono::DateTime<chrono::Utc>,
     ) -> Result<()> {
         use CapsuleStatus::*;
+        let Ok(client) = self.pool.online(host.host_id()).await else {
+            return Ok(());
+        };
+        let Ok(live) = live_phases(&client).await else {
+            return Ok(());
+        };
+        for row in self
+            .store
+            .capsules_on_host(host.host_id(), &[Running, Paused])
+            .await?
         {
-            let Ok(client) = self.pool.online(host.host_id()).await else {
-                return Ok(());
-            };
-            let Ok(live) = live_phases(&client).await else {
-                return Ok(());
-            };
-            for row in self
-                .store
-                .capsules_on_host(host.host_id(), &[Running, Paused])
-                .await?
-            {
-                let c = &row.capsule;
-                if c.last_updated > settle || live.contains_key(&c.id) {
-                    continue;
-                }
-                warn!(capsule_id = %c.id, host_id = host.host_id(), status = c.status.as_str(), "reconciler: capsule no longer on its host");
-                self.store
-                    .mark_error(&c.id, "the capsule vanished from its host")
-                    .await?;
-                self.events
-                    .changed(&c.id, c.status, Error, Some("vanished_from_host"))
-                    .await;
+            let c = &row.capsule;
+            if c.last_updated > settle || live.contains_key(&c.id) {
+                continue;
             }
-            for id in live.keys() {
-                let orphan = match self.store.capsule(id).await? {
-                    None => true,
-                    Some(r) => {
-                        r.capsule.status.is_terminal() && r.capsule.last_updated < settle
-                            || r.host_id.as_deref() != Some(host.host_id())
-                    }
-                };
-                if orphan {
-                    warn!(capsule_id = %id, host_id = host.host_id(), "reconciler: destroying a VM no live capsule owns");
-                    let outcome = client
-                        .destroy(id.clone())
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| e.to_string());
-                    self.events
-                        .action(
-                            EventKind::CapsuleDestroy,
-                            id,
-                            &EventActor::system("reconciler"),
-                            outcome,
-                            &[("reason", "orphaned")],
-                        )
-                        .await;
+            warn!(capsule_id = %c.id, host_id = host.host_id(), status = c.status.as_str(), "reconciler: capsule no longer on its host");
+            self.store
+                .mark_error(&c.id, "the capsule vanished from its host")
+                .await?;
+            self.events
+                .changed(&c.id, c.status, Error, Some("vanished_from_host"))
+                .await;
+        }
+        for id in live.keys() {
+            let orphan = match self.store.capsule(id).await? {
+                None => true,
+                Some(r) => {
+                    r.capsule.status.is_terminal() && r.capsule.last_updated < settle
+                        || r.host_id.as_deref() != Some(host.host_id())
                 }
+            };
+            if orphan {
+                warn!(capsule_id = %id, host_id = host.host_id(), "reconciler: destroying a VM no live capsule owns");
+                let outcome = client
+                    .destroy(id.clone())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string());
+                self.events
+                    .action(
+                        EventKind::CapsuleDestroy,
+                        id,
+                        &EventActor::system("reconciler"),
+                        outcome,
+                        &[("reason", "orphaned")],
+                    )
+                    .await;
             }
         }
         Ok(())
