@@ -17,6 +17,9 @@ from tests.support.waits import wait_status
 from conftest import admin_browser, new_user, platform_env
 from test_capsules import assert_error
 
+# test_an_interrupted_build_fails_and_leaves_nothing's platform (see tests/support/platform.py).
+RESTART_SLOT_BASE = "10.201.210.0"
+
 
 def unique(prefix):
     return f"{prefix}-{int(time.time() * 1000) % 10**9}"
@@ -349,7 +352,9 @@ def test_bad_requests(platform, admin, api, mail_sink):
 
 def test_an_interrupted_build_fails_and_leaves_nothing(mail_sink, github, receiver):
     env = {**platform_env(mail_sink, github, receiver), "WRENN_ADMIN_PASSWORD": "restart-password-1"}
-    p = start_platform(env_extra=env, destroy_on_exit=False)
+    # A slot range of its own: the session platform (10.201.100.0) may be running beside it,
+    # and an agent's recovery clears what it finds in its range.
+    p = start_platform(env_extra=env, destroy_on_exit=False, slot_base=RESTART_SLOT_BASE)
     p.admin_password = "restart-password-1"
     try:
         admin = admin_browser(p)
@@ -367,7 +372,7 @@ def test_an_interrupted_build_fails_and_leaves_nothing(mail_sink, github, receiv
         p.proc.kill()
         p.proc.wait()
         p.log.close()
-        p = start_platform(data_dir=p.data_dir, env_extra=env)
+        p = start_platform(data_dir=p.data_dir, env_extra=env, slot_base=RESTART_SLOT_BASE)
         p.admin_password = "restart-password-1"
         admin = admin_browser(p)
         b = admin.get(f"/v1/admin/builds/{bid}").json()

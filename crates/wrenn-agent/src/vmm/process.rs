@@ -77,14 +77,28 @@ pub(super) fn find_mentioning(needle: &str) -> Vec<(u32, String)> {
             {
                 return None;
             }
-            let name = args
-                .iter()
-                .position(|a| *a == b"-name")
-                .and_then(|i| args.get(i + 1))
-                .map(|n| String::from_utf8_lossy(n).to_string())?;
-            Some((pid, name))
+            Some((pid, name_in(&args)?))
         })
         .collect()
+}
+
+/// The `-name` a QEMU process was started with (its capsule id, and its cgroup's name).
+pub(super) fn vm_name(pid: u32) -> Option<String> {
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    name_in(&cmd.split(|&b| b == 0).collect::<Vec<_>>())
+}
+
+fn name_in(args: &[&[u8]]) -> Option<String> {
+    args.iter()
+        .position(|a| *a == b"-name")
+        .and_then(|i| args.get(i + 1))
+        .map(|n| String::from_utf8_lossy(n).to_string())
+}
+
+/// Whether `pid` has exited: gone, or a zombie nobody reaps (an adopted VM whose parent, a
+/// previous agent, is gone, on a host whose init does not reap orphans).
+pub(super) fn has_exited(pid: u32) -> bool {
+    stat_fields(pid).is_none_or(|(state, _)| state == 'Z')
 }
 
 /// PIDs of the QEMU processes whose command line names `id` (diagnostics and tests; the agent

@@ -23,7 +23,7 @@ use tracing::{info, warn};
 mod start;
 
 use super::migration;
-use super::process::{comm, find_mentioning, kill_and_wait};
+use super::process::{self, comm, find_mentioning, kill_and_wait};
 pub use super::process::{find_by_name, is_running, process_start_time};
 use super::qmp::Qmp;
 use super::ram::{self, TemplateRam};
@@ -534,15 +534,21 @@ impl Vmm for QemuVmm {
         if !comm(pid).is_some_and(|c| c.starts_with("qemu-system")) {
             return;
         }
+        let group = process::vm_name(pid);
         // SAFETY: kill(2) on a QEMU process this agent found by its command line.
         unsafe {
             libc::kill(pid as i32, libc::SIGKILL);
         }
         for _ in 0..500 {
-            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            if process::has_exited(pid) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Its group (named after its capsule) goes with it: a VM found at start-up that no
+        // record accounts for was not in any group the start-up collection could remove.
+        if let (Some(c), Some(name)) = (&self.cgroups, group) {
+            c.remove(&name).await;
         }
     }
 }
