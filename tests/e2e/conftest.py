@@ -268,6 +268,10 @@ def platform_env(mail_sink, github, receiver):
         # Hosts silent for 3 intervals are unreachable: short, so the test sees it happen.
         "WRENN_HEARTBEAT_INTERVAL_SEC": "2",
         "WRENN_RECONCILE_INTERVAL_SEC": "3",
+        # Streams re-check their caller's credential every second, so revocations show at once.
+        "WRENN_STREAM_RECHECK_SEC": "1",
+        # Few enough streams per team that test_limits.py can open one past the cap.
+        "WRENN_TEAM_MAX_STREAMS": "24",
         # Notifications: Telegram's API is the local receiver; retries come quickly.
         "WRENN_TELEGRAM_API_URL": receiver.base_url + "/telegram",
         "WRENN_CHANNEL_RETRY_DELAYS": "1,2",

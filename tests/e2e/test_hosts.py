@@ -1,6 +1,7 @@
 """Hosts over HTTP: records and permissions, registration with one-time tokens, host tokens and
 refresh rotation, mTLS material, heartbeats and liveness, tags, capsule events, deletion."""
 
+import itertools
 import time
 
 import httpx
@@ -15,7 +16,12 @@ def err(r, status, code):
     assert r.json()["error"]["code"] == code, r.text
 
 
-def register(platform, token, address="127.0.0.1:7443", **specs):
+# One host per address: each registration of these tests gets a port of its own.
+_PORTS = itertools.count(17443)
+
+
+def register(platform, token, address=None, **specs):
+    address = address or f"127.0.0.1:{next(_PORTS)}"
     body = {"token": token, "address": address, "arch": "x86_64", "cpu_cores": 8, "memory_mb": 16384, "disk_gb": 100, **specs}
     return httpx.post(platform.base_url + "/v1/hosts/register", json=body)
 
@@ -105,7 +111,7 @@ def test_registration_tokens_refresh_and_liveness(platform):
     host, token = r.json()["host"], r.json()["registration_token"]
     err(register(platform, token, address="not-an-address"), 400, "invalid_request")
     err(register(platform, "0" * 64), 401, "unauthorized")
-    r = register(platform, token, address="127.0.0.1:7443")
+    r = register(platform, token, address="127.0.0.1:07443")
     assert r.status_code == 201, r.text
     reg = r.json()
     err(register(platform, token), 401, "unauthorized")  # single use
@@ -121,6 +127,13 @@ def test_registration_tokens_refresh_and_liveness(platform):
     ca.public_key().verify(cert.signature, cert.tbs_certificate_bytes, __import__("cryptography.hazmat.primitives.asymmetric.ec", fromlist=["ECDSA"]).ECDSA(cert.signature_hash_algorithm))
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    # It names the host: the control plane connects to that name, so a certificate issued to
+    # another host (even one at this address) is refused.
+    assert san.get_values_for_type(x509.DNSName) == [f"{host['id']}.hosts.wrenn.internal"]
+    # One host per address, however it is spelled: another host cannot take this one's.
+    other = admin.post("/v1/hosts", json={"type": "regular"}).json()
+    err(register(platform, other["registration_token"], address=" 127.0.0.1:7443 "), 409, "conflict")
+    assert admin.delete(f"/v1/hosts/{other['host']['id']}").status_code == 204
     assert ExtendedKeyUsageOID.SERVER_AUTH in cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
     assert "PRIVATE KEY" in reg["tls"]["key"]

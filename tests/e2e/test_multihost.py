@@ -55,8 +55,9 @@ def wait_log(path, pattern, proc, timeout=600):
 
 
 class Agent:
-    def __init__(self, name, cp_url, token=None, data_dir=None, port=None):
+    def __init__(self, name, cp_url, token=None, data_dir=None, port=None, slot_base=None):
         self.name = name
+        self.slot_base = slot_base or SLOTS[name]
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix=f"wrenn-agent-{name}-"))
         self.port = port or free_port()
         self.cp_url = cp_url
@@ -65,7 +66,7 @@ class Agent:
     def start(self, token=None):
         env = env_base(self.data_dir)
         env.pop("DATABASE_URL", None)
-        env.update(WRENN_SLOT_BASE=SLOTS[self.name], WRENN_MAX_SLOTS="16", WRENN_DESTROY_ON_EXIT="true")
+        env.update(WRENN_SLOT_BASE=self.slot_base, WRENN_MAX_SLOTS="16", WRENN_DESTROY_ON_EXIT="true")
         args = [wrenn(), "agent", "--control-plane", self.cp_url]
         if token:
             args += ["--register", token, "--address", f"127.0.0.1:{self.port}"]

@@ -35,6 +35,8 @@ pub enum ErrorCode {
     PortNotListening,
     /// The host's disk is down to the free space it keeps (507).
     InsufficientStorage,
+    /// A team quota would be passed (403; the message names the limit).
+    QuotaExceeded,
 }
 
 impl ErrorCode {
@@ -67,6 +69,7 @@ impl ErrorCode {
             ErrorCode::DeliveryFailed => "delivery_failed",
             ErrorCode::PortNotListening => "port_not_listening",
             ErrorCode::InsufficientStorage => "insufficient_storage",
+            ErrorCode::QuotaExceeded => "quota_exceeded",
         }
     }
 
@@ -79,7 +82,7 @@ impl ErrorCode {
             | ErrorCode::LastLoginMethod
             | ErrorCode::DeliveryFailed => 400,
             ErrorCode::Unauthorized | ErrorCode::WrongPassword => 401,
-            ErrorCode::Forbidden | ErrorCode::AccountDeactivated => 403,
+            ErrorCode::Forbidden | ErrorCode::AccountDeactivated | ErrorCode::QuotaExceeded => 403,
             ErrorCode::NotFound | ErrorCode::ProviderNotFound => 404,
             ErrorCode::InvalidState
             | ErrorCode::Conflict

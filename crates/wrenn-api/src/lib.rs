@@ -15,6 +15,7 @@ pub mod id;
 pub mod metrics;
 pub mod network;
 pub mod proxy;
+pub mod quota;
 pub mod stats;
 pub mod template;
 

@@ -21,5 +21,5 @@ mod types;
 
 pub use error::HostError;
 pub use operations::Host;
-pub use rpc::{serve, RemoteHost, TlsMaterial};
+pub use rpc::{host_cert_name, serve, RemoteHost, TlsMaterial};
 pub use types::*;

@@ -9,6 +9,7 @@ use wrenn_api::id::{new_id, prefix};
 
 use crate::accounts::team_slug;
 use crate::accounts::{hash_api_key, key_prefix, new_api_key};
+use crate::fsutil::write_private;
 use crate::store::{NewTeam, Store, StoreError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -80,17 +81,4 @@ pub async fn ensure(
     write_private(&file, &serde_json::to_vec_pretty(&b).unwrap_or_default())
         .map_err(|e| StoreError::Corrupt(format!("cannot write {}: {e}", file.display())))?;
     Ok(Some(b))
-}
-
-/// The file holds a credential: readable by its owner only.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(bytes)
 }

@@ -31,12 +31,13 @@ use crate::audit::AuditLog;
 use crate::bootstrap::Bootstrap;
 use crate::builds::{BuildConfig, BuildService};
 use crate::capsules::{CapsuleService, Emitter};
-use crate::channels::{ChannelConfig, ChannelService, ConfigCipher};
+use crate::channels::{ChannelConfig, ChannelService, Sealer};
 use crate::clock::SystemClock;
 use crate::events::EventBus;
 use crate::hosts::pki::Pki;
 use crate::hosts::pool::{HostPool, Overcommit};
 use crate::hosts::{HostConfig, HostService};
+use crate::http::limits::{RateLimiter, RateLimits, StreamSlots};
 use crate::http::proxy::{Proxy, ProxySettings};
 use crate::stats::StatsService;
 use crate::store::{Store, StoreError};
@@ -69,6 +70,15 @@ pub struct Config {
     pub stats_interval: Duration,
     pub heartbeat_interval: Duration,
     pub reconcile_interval: Duration,
+    /// How often WebSocket and SSE streams re-check that their caller may still use them.
+    pub stream_recheck_interval: Duration,
+    /// Requests a second per API key and per session (0: no limit), and their burst.
+    pub rate_limit_per_sec: u32,
+    pub rate_limit_burst: u32,
+    /// WebSocket and SSE streams a team may hold open on one replica.
+    pub team_max_streams: usize,
+    /// What a team may hold unless a platform admin set its own limits.
+    pub team_quota: wrenn_api::quota::QuotaFigures,
     pub overcommit: Overcommit,
     pub smtp_url: Option<String>,
     pub smtp_from: String,
@@ -207,6 +217,9 @@ impl ControlPlane {
             None => Store::open_sqlite(&c.data_dir.join("wrenn.db")).await,
         }
         .map_err(store_err("cannot open the database"))?;
+        // One key seals every secret at rest: channel configs and the platform's own keys.
+        let sealer = Arc::new(platform_sealer(&c)?);
+        let store = store.seal_secrets_with(sealer.clone());
         info!(backend = ?store.backend(), "database ready");
         let mut tasks = Tasks {
             set: JoinSet::new(),
@@ -225,11 +238,10 @@ impl ControlPlane {
             )))?,
             None => EventBus::local(),
         });
-        let capsules = Arc::new(CapsuleService::new(
-            store.clone(),
-            pool.clone(),
-            events.clone(),
-        ));
+        let capsules = Arc::new(
+            CapsuleService::new(store.clone(), pool.clone(), events.clone())
+                .with_quota_defaults(c.team_quota),
+        );
         // Before the liveness monitor starts (it would mark capsules of hosts not heard from
         // yet `missing` under the reconcile's feet). Bounded: every host call has a deadline
         // and hosts are reconciled concurrently, so a silent host delays the start by at most
@@ -265,7 +277,13 @@ impl ControlPlane {
             followers.prune_followers();
             std::future::ready(Ok::<(), std::convert::Infallible>(()))
         });
-        keep_capsules_truthful(&mut tasks, &capsules, c.reconcile_interval);
+        keep_capsules_truthful(
+            &mut tasks,
+            &capsules,
+            c.reconcile_interval,
+            &store,
+            replica.clone(),
+        );
         let stats = Arc::new(StatsService::new(store.clone(), c.stats_interval));
         sample_stats(&mut tasks, &stats, &store, replica.clone());
 
@@ -292,7 +310,7 @@ impl ControlPlane {
             capsules.clone(),
         ));
         watch_hosts(&mut tasks, &hosts, c.heartbeat_interval);
-        let channels = Arc::new(channel_service(&c, &store)?);
+        let channels = Arc::new(channel_service(&c, &store, sealer));
         let proxy = Arc::new(Proxy::new(ProxySettings::new(
             &base_url,
             c.proxy_domain.as_deref(),
@@ -312,6 +330,19 @@ impl ControlPlane {
             .map_err(service_err("notification queue"))?;
         tasks.spawn(channels.clone().run(queue, events.closed()));
 
+        let rate_limits = RateLimits {
+            per_sec: c.rate_limit_per_sec,
+            burst: c.rate_limit_burst,
+        };
+        // With Redis the buckets are shared by every replica.
+        let limiter = Arc::new(match &c.redis_url {
+            Some(url) => RateLimiter::redis(url, rate_limits)
+                .await
+                .map_err(service_err(&format!(
+                    "cannot use Redis at {url} for rate limits"
+                )))?,
+            None => RateLimiter::local(rate_limits),
+        });
         let state = AppState {
             audit: AuditLog::new(store.clone()),
             store,
@@ -324,6 +355,9 @@ impl ControlPlane {
             events: events.clone(),
             channels,
             proxy: proxy.clone(),
+            stream_recheck: c.stream_recheck_interval,
+            limiter,
+            streams: Arc::new(StreamSlots::new(c.team_max_streams)),
         };
         let (server, local_addr) = serve(c.listen, state, tasks.cancel.clone()).await?;
         // After the API serves: `minimal` is ready now, the others build in the background.
@@ -419,13 +453,45 @@ async fn connect_hosts(
     Ok((pool, embedded_id))
 }
 
-/// Every 2 s capsules whose VM died turn `error` and idle ones are auto-paused; periodically
-/// the database is reconciled with every online host.
-fn keep_capsules_truthful(tasks: &mut Tasks, capsules: &Arc<CapsuleService>, every: Duration) {
+/// Every 2 s capsules whose VM died turn `error` and idle ones are auto-paused, by the one
+/// replica holding the `capsule-reaper` lease (two reapers would pause what the other's
+/// replica holds busy); every replica writes its activity and busy marks as often.
+/// Periodically the database is reconciled with every online host.
+fn keep_capsules_truthful(
+    tasks: &mut Tasks,
+    capsules: &Arc<CapsuleService>,
+    every: Duration,
+    store: &Store,
+    replica: String,
+) {
+    let flusher = capsules.clone();
+    tasks.every(REAPER_INTERVAL, "activity-flush", move || {
+        let c = flusher.clone();
+        async move { c.flush_activity().await.map_err(|e| e.message) }
+    });
     let reaper = capsules.clone();
+    let (store, replica) = (store.clone(), Arc::new(replica));
+    let leading = Arc::new(AtomicBool::new(false));
+    let ttl =
+        chrono::Duration::from_std(REAPER_INTERVAL * 5).unwrap_or(chrono::Duration::seconds(10));
     tasks.every(REAPER_INTERVAL, "capsule-reaper", move || {
-        let c = reaper.clone();
+        let (c, store, replica, leading) = (
+            reaper.clone(),
+            store.clone(),
+            replica.clone(),
+            leading.clone(),
+        );
         async move {
+            let held = store
+                .hold_lease("capsule-reaper", &replica, chrono::Utc::now(), ttl)
+                .await
+                .map_err(|e| format!("lease unavailable: {e}"))?;
+            if held != leading.swap(held, Ordering::SeqCst) {
+                info!(replica = %replica, reaping = held, "capsule reaper lease changed");
+            }
+            if !held {
+                return Ok(());
+            }
             if let Err(e) = c.record_dead_vms().await {
                 warn!(error = %e.message, "dead-VM pass failed");
             }
@@ -508,10 +574,21 @@ fn check(c: &Config) -> Result<(), StartError> {
         ("stats interval", c.stats_interval),
         ("heartbeat interval", c.heartbeat_interval),
         ("reconcile interval", c.reconcile_interval),
+        ("stream recheck interval", c.stream_recheck_interval),
     ] {
         if d.is_zero() {
             return Err(StartError::Config(format!("the {what} must be positive")));
         }
+    }
+    if c.team_max_streams == 0 {
+        return Err(StartError::Config(
+            "a team must be allowed at least one stream".into(),
+        ));
+    }
+    if c.rate_limit_per_sec > 0 && c.rate_limit_burst == 0 {
+        return Err(StartError::Config(
+            "the rate limit's burst must be at least 1".into(),
+        ));
     }
     if c.build_concurrency == 0 {
         return Err(StartError::Config(
@@ -654,31 +731,35 @@ fn account_service(
     ))
 }
 
-/// Notification channels: configs sealed with a key every replica shares.
-fn channel_service(c: &Config, store: &Store) -> Result<ChannelService, StartError> {
-    let cipher = match &c.encryption_key {
-        Some(k) => ConfigCipher::from_hex(k).map_err(service_err("WRENN_ENCRYPTION_KEY"))?,
+/// The key that seals secrets at rest (channel configs, the host CA, token keys): one every
+/// replica shares.
+fn platform_sealer(c: &Config) -> Result<Sealer, StartError> {
+    Ok(match &c.encryption_key {
+        Some(k) => Sealer::from_hex(k).map_err(service_err("WRENN_ENCRYPTION_KEY"))?,
         None => {
             if c.redis_url.is_some() {
                 // Replicas: a key of each one's own would make every other's deliveries fail.
-                return Err(StartError::Config("with REDIS_URL (several control-plane replicas) set WRENN_ENCRYPTION_KEY: the 64-hex key every replica shares to seal channel secrets (e.g. `openssl rand -hex 32`)".into()));
+                return Err(StartError::Config("with REDIS_URL (several control-plane replicas) set WRENN_ENCRYPTION_KEY: the 64-hex key every replica shares to seal secrets at rest (e.g. `openssl rand -hex 32`)".into()));
             }
             if c.database_url.is_some() {
-                warn!("WRENN_ENCRYPTION_KEY is not set: channel secrets are sealed with a key kept in the data dir; another replica on this database would need the same key");
+                warn!("WRENN_ENCRYPTION_KEY is not set: secrets are sealed with a key kept in the data dir; another replica on this database would need the same key");
             }
-            ConfigCipher::load_or_create(&c.data_dir)
-                .map_err(service_err("channel encryption key"))?
+            Sealer::load_or_create(&c.data_dir).map_err(service_err("encryption key"))?
         }
-    };
-    Ok(ChannelService::new(
+    })
+}
+
+/// Notification channels: configs sealed with the platform's key.
+fn channel_service(c: &Config, store: &Store, sealer: Arc<Sealer>) -> ChannelService {
+    ChannelService::new(
         store.clone(),
-        Arc::new(cipher),
+        sealer,
         ChannelConfig {
             telegram_api_url: c.telegram_api_url.clone(),
             retry_delays: c.channel_retry_delays.clone(),
             allow_private_targets: c.channel_allow_private_targets,
         },
-    ))
+    )
 }
 
 /// This replica's name in leases: kept in `<data>/replica-id`, so a restarted control plane

@@ -23,8 +23,10 @@ pub mod clock;
 pub mod control_plane;
 mod error;
 mod events;
+mod fsutil;
 pub(crate) mod hosts;
 mod http;
+pub mod sealing;
 mod stats;
 pub mod store;
 
@@ -48,4 +50,10 @@ pub(crate) struct AppState {
     pub audit: audit::AuditLog,
     pub channels: Arc<channels::ChannelService>,
     pub proxy: Arc<http::proxy::Proxy>,
+    /// How often a WebSocket or SSE stream re-checks its caller's credential.
+    pub stream_recheck: std::time::Duration,
+    /// Requests per API key and per session.
+    pub limiter: Arc<http::limits::RateLimiter>,
+    /// Open WebSocket and SSE streams per team.
+    pub streams: Arc<http::limits::StreamSlots>,
 }

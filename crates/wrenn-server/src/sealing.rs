@@ -1,5 +1,7 @@
-//! Channel config values at rest: AES-256-GCM, each value sealed on its own as
-//! base64(12-byte random nonce ‖ ciphertext and tag), the reference platform's format.
+//! Secrets at rest (channel config values, and the platform's own keys in
+//! `platform_secrets`: the host CA, the host-token and proxy-token keys): AES-256-GCM, each
+//! value sealed on its own as base64(12-byte random nonce ‖ ciphertext and tag), the reference
+//! platform's format for channel configs.
 //!
 //! The key is `WRENN_ENCRYPTION_KEY` (64 hex) or, when that is not set, one generated on first
 //! start and kept in `<data>/encryption.key` (0600). Replicas of one platform must share it.
@@ -30,11 +32,11 @@ pub enum CipherError {
     Io(String, std::io::Error),
 }
 
-pub struct ConfigCipher {
+pub struct Sealer {
     aead: Aes256Gcm,
 }
 
-impl ConfigCipher {
+impl Sealer {
     pub fn from_hex(key: &str) -> Result<Self, CipherError> {
         let bytes = hex::decode(key.trim()).map_err(|_| CipherError::BadKey)?;
         let aead = Aes256Gcm::new_from_slice(&bytes).map_err(|_| CipherError::BadKey)?;
@@ -132,13 +134,13 @@ mod tests {
 
     #[test]
     fn values_round_trip_and_are_bound_to_their_key() {
-        let c = ConfigCipher::from_hex(&"ab".repeat(32)).unwrap();
+        let c = Sealer::from_hex(&"ab".repeat(32)).unwrap();
         let a = c.seal("https://hooks.example/secret");
         let b = c.seal("https://hooks.example/secret");
         assert_ne!(a, b, "fresh nonce per value");
         assert!(!a.contains("secret"));
         assert_eq!(c.open(&a).unwrap(), "https://hooks.example/secret");
-        let other = ConfigCipher::from_hex(&"cd".repeat(32)).unwrap();
+        let other = Sealer::from_hex(&"cd".repeat(32)).unwrap();
         assert!(matches!(other.open(&a), Err(CipherError::Rejected)));
         let mut raw = base64::engine::general_purpose::STANDARD
             .decode(&a)
@@ -148,15 +150,15 @@ mod tests {
         let tampered = base64::engine::general_purpose::STANDARD.encode(raw);
         assert!(matches!(c.open(&tampered), Err(CipherError::Rejected)));
         assert!(matches!(c.open("!!"), Err(CipherError::Malformed)));
-        assert!(ConfigCipher::from_hex("abcd").is_err());
+        assert!(Sealer::from_hex("abcd").is_err());
     }
 
     #[test]
     fn a_generated_key_is_kept_and_private() {
         let dir = std::env::temp_dir().join(format!("wrenn-key-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let a = ConfigCipher::load_or_create(&dir).unwrap();
-        let b = ConfigCipher::load_or_create(&dir).unwrap();
+        let a = Sealer::load_or_create(&dir).unwrap();
+        let b = Sealer::load_or_create(&dir).unwrap();
         assert_eq!(b.open(&a.seal("x")).unwrap(), "x");
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.join(KEY_FILE))

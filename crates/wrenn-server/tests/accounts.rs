@@ -578,11 +578,27 @@ async fn teams_members_and_roles(store: Store) {
     assert!(after.role.is_none());
     assert_eq!(code(e.svc.list_api_keys(&after).await), "forbidden");
     assert_eq!(code(e.svc.get_team(&after, &team).await), "not_found");
-    // Removing the admin.
+    // Removing the admin: the API key they made in the team stops working with them.
+    let admin_key = e
+        .svc
+        .create_api_key(&admin, CreateApiKeyRequest::default())
+        .await
+        .unwrap()
+        .key
+        .unwrap();
+    let key_owner = || async {
+        e.store
+            .api_key_by_hash(&wrenn_server::accounts::hash_api_key(&admin_key))
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    assert!(key_owner().await.creator_active);
     e.svc
         .remove_member(&owner, &team, &admin_r.user_id)
         .await
         .unwrap();
+    assert!(!key_owner().await.creator_active);
     assert_eq!(
         code(e.svc.remove_member(&owner, &team, &admin_r.user_id).await),
         "not_found"

@@ -3,10 +3,12 @@
 //! gets its own database, dropped at the end).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use chrono::{Duration, NaiveDate, TimeZone, Utc};
 use wrenn_api::{CapsuleStatus, CreateCapsuleRequest, ProxyAccess};
 use wrenn_api::{HostStatus, UserStatus};
+use wrenn_server::sealing::Sealer;
 use wrenn_server::store::{NewTeam, NewTemplate, Store, TeamLoad};
 
 #[macro_use]
@@ -513,6 +515,45 @@ async fn host_tokens_are_single_use_and_secrets_stable(store: Store) {
         .await
         .unwrap();
     assert_eq!((a.as_str(), b.as_str()), ("first", "first"));
+    // With a sealer, values are stored sealed; a plaintext one is sealed in place the first
+    // time it is read; another key, or none, cannot open them.
+    let key = |hex: &str| Arc::new(Sealer::from_hex(&hex.repeat(32)).unwrap());
+    let sealed = store.clone().seal_secrets_with(key("ab"));
+    assert_eq!(
+        sealed
+            .platform_secret("k", || unreachable!())
+            .await
+            .unwrap(),
+        "first"
+    );
+    assert!(store
+        .stored_secret("k")
+        .await
+        .unwrap()
+        .unwrap()
+        .starts_with("sealed:"));
+    assert_eq!(
+        sealed
+            .platform_secret("k", || unreachable!())
+            .await
+            .unwrap(),
+        "first"
+    );
+    assert_eq!(
+        sealed.platform_secret("k2", || "new".into()).await.unwrap(),
+        "new"
+    );
+    let raw = store.stored_secret("k2").await.unwrap().unwrap();
+    assert!(raw.starts_with("sealed:") && !raw.contains("new"), "{raw}");
+    let other = store.clone().seal_secrets_with(key("cd"));
+    assert!(other
+        .platform_secret("k2", || unreachable!())
+        .await
+        .is_err());
+    assert!(store
+        .platform_secret("k2", || unreachable!())
+        .await
+        .is_err());
 }
 
 async fn team(store: &Store) {

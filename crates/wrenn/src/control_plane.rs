@@ -45,6 +45,26 @@ pub struct CpArgs {
     /// Seconds between reconciler passes (database vs. every host's live capsules).
     #[arg(long, env = "WRENN_RECONCILE_INTERVAL_SEC", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
     reconcile_interval_sec: u64,
+    /// Seconds between re-checks of a WebSocket or SSE stream's credential: a deleted key, an
+    /// ended session or a removed member ends the stream within this time.
+    #[arg(long, env = "WRENN_STREAM_RECHECK_SEC", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    stream_recheck_sec: u64,
+    /// Requests a second each API key and each browser session may make to the API (0: no
+    /// limit); past it, 429 with Retry-After. Shared by replicas through REDIS_URL.
+    #[arg(long, env = "WRENN_RATE_LIMIT_PER_SEC", default_value_t = 50)]
+    rate_limit_per_sec: u32,
+    /// How many requests beyond the rate a caller may make at once.
+    #[arg(long, env = "WRENN_RATE_LIMIT_BURST", default_value_t = 200)]
+    rate_limit_burst: u32,
+    /// WebSocket and SSE streams one team may hold open (per control-plane replica).
+    #[arg(long, env = "WRENN_TEAM_MAX_STREAMS", default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    team_max_streams: u64,
+    /// Default team quotas, `name=limit` separated by commas (capsules, vcpus, memory_mb,
+    /// disk_mb, snapshots); unnamed ones keep their defaults (50 capsules, 32 vCPUs, 64 GiB of
+    /// memory, 500 GiB of disk, 50 snapshots). Platform admins set a team's own with
+    /// PUT /v1/admin/teams/{id}/quota.
+    #[arg(long, env = "WRENN_TEAM_QUOTA", default_value = "")]
+    team_quota: String,
     /// How many vCPUs may be reserved per host core, and memory per MiB of host memory,
     /// when placing capsules.
     #[arg(long, env = "WRENN_CPU_OVERCOMMIT", default_value_t = 16.0)]
@@ -180,6 +200,13 @@ impl CpArgs {
             stats_interval: Duration::from_secs(self.stats_interval_sec),
             heartbeat_interval: Duration::from_secs(self.heartbeat_interval_sec),
             reconcile_interval: Duration::from_secs(self.reconcile_interval_sec),
+            stream_recheck_interval: Duration::from_secs(self.stream_recheck_sec),
+            rate_limit_per_sec: self.rate_limit_per_sec,
+            rate_limit_burst: self.rate_limit_burst,
+            team_max_streams: usize::try_from(self.team_max_streams).unwrap_or(usize::MAX),
+            team_quota: wrenn_api::quota::QuotaFigures::DEFAULT
+                .parse_over(&self.team_quota)
+                .map_err(|e| anyhow::anyhow!("WRENN_TEAM_QUOTA: {e}"))?,
             overcommit: Overcommit {
                 cpu: self.cpu_overcommit,
                 memory: self.memory_overcommit,

@@ -124,10 +124,15 @@ impl HostArgs {
     }
 }
 
-/// Creates `dir` and returns its canonical path.
+/// Creates `dir`, owner only (0700: it holds the database, keys, capsules' disks and memory;
+/// jailed VMs reach their own files through bind mounts, never through it), and returns its
+/// canonical path.
 fn data_dir(dir: &std::path::Path) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create data dir {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot make data dir {} owner-only", dir.display()))?;
     Ok(dir.canonicalize()?)
 }
 

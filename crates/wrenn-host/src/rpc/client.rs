@@ -31,15 +31,16 @@ impl std::fmt::Debug for RemoteHost {
 }
 
 impl RemoteHost {
-    /// A client for the agent at `address` (`ip:port`); connects on first use.
-    pub fn new(address: &str, tls: &TlsMaterial) -> Result<Self, HostError> {
-        let sock: std::net::SocketAddr = address
-            .parse()
+    /// A client for host `host_id`'s agent at `address` (`ip:port`); connects on first use,
+    /// and only to an agent whose certificate names `host_id`.
+    pub fn new(host_id: &str, address: &str, tls: &TlsMaterial) -> Result<Self, HostError> {
+        address
+            .parse::<std::net::SocketAddr>()
             .map_err(|_| HostError::InvalidRequest(format!("bad agent address {address:?}")))?;
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&tls.ca_cert))
             .identity(Identity::from_pem(&tls.cert, &tls.key))
-            .domain_name(sock.ip().to_string());
+            .domain_name(super::host_cert_name(host_id));
         let channel = Channel::from_shared(format!("https://{address}"))
             .map_err(|e| HostError::InvalidRequest(e.to_string()))?
             .tls_config(tls)

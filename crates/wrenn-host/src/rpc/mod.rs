@@ -4,8 +4,11 @@
 //! with its result (an error as JSON in the status message); `Tunnel` is a bidirectional byte
 //! stream the agent connects to one capsule's envd, so the control plane's `EnvdClient` works
 //! unchanged across the network. `ReadFile` and `WriteFile` stream one file of a snapshot out
-//! of and into an agent, so the control plane can copy a template between hosts. The agent's server certificate and the control plane's client
-//! certificate are both signed by the platform CA; each side accepts only the other's.
+//! of and into an agent, so the control plane can copy a template between hosts. The agent's
+//! server certificate and the control plane's client certificate are both signed by the
+//! platform CA; each side accepts only the other's. An agent's certificate names its host id
+//! ([`host_cert_name`]) and the control plane checks that name, not the address: an agent
+//! cannot answer for another host, even from that host's address.
 
 mod client;
 pub(crate) mod codec;
@@ -18,6 +21,12 @@ pub(crate) mod generated {
 
 pub use client::RemoteHost;
 pub use server::serve;
+
+/// The DNS name an agent's certificate carries for host `host_id` (a subject alternative
+/// name beside its IP address), and the name the control plane requires when it connects.
+pub fn host_cert_name(host_id: &str) -> String {
+    format!("{host_id}.hosts.wrenn.internal")
+}
 
 /// Metadata key naming the capsule a tunnel is for.
 const CAPSULE_ID_KEY: &str = "x-capsule-id";

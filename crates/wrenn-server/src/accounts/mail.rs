@@ -1,6 +1,8 @@
 //! Outgoing mail: SMTP through lettre when configured, otherwise an outbox folder (dev mode)
-//! whose files hold the whole message and whose links are logged.
+//! (`<data>/outbox`, owner only) whose files hold the whole message; the log names the file,
+//! never the links.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -84,19 +86,27 @@ impl Mailer {
                 Ok(())
             }
             Mailer::Outbox { dir, .. } => {
-                tokio::fs::create_dir_all(dir)
+                let dir_err =
+                    |e: std::io::Error| MailError::Send(format!("{}: {e}", dir.display()));
+                tokio::fs::create_dir_all(dir).await.map_err(dir_err)?;
+                // The messages hold activation and password-reset links: owner only.
+                tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
                     .await
-                    .map_err(|e| MailError::Send(format!("{}: {e}", dir.display())))?;
+                    .map_err(dir_err)?;
                 let name = format!(
                     "{}-{}.eml",
                     chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ"),
                     super::secrets::random_hex(4)
                 );
                 let path = dir.join(name);
-                tokio::fs::write(&path, msg.formatted())
+                let bytes = msg.formatted();
+                let path2 = path.clone();
+                tokio::task::spawn_blocking(move || crate::fsutil::write_private(&path2, &bytes))
                     .await
+                    .map_err(|e| MailError::Send(e.to_string()))?
                     .map_err(|e| MailError::Send(format!("{}: {e}", path.display())))?;
-                tracing::info!(to, subject, file = %path.display(), "mail written to the outbox (no SMTP configured):\n{body}");
+                // Not the body: its links are credentials, and logs travel further than files.
+                tracing::info!(to, subject, file = %path.display(), "mail written to the outbox (no SMTP configured): its link is in that file");
                 Ok(())
             }
         }

@@ -265,6 +265,11 @@ impl AccountService {
         self.clock.now()
     }
 
+    /// The platform's public base URL (links in mails; the origin browsers load it from).
+    pub fn public_url(&self) -> &str {
+        &self.config.public_url
+    }
+
     pub fn secure_cookies(&self) -> bool {
         self.config.secure_cookies
     }

@@ -93,6 +93,12 @@ impl AccountService {
         Ok((t, role))
     }
 
+    /// `Ok` when the session's user is a member of `team_id` (404 otherwise, as for a team
+    /// that does not exist).
+    pub async fn check_member(&self, s: &SessionUser, team_id: &str) -> Result<()> {
+        self.membership(s, team_id).await.map(|_| ())
+    }
+
     pub async fn get_team(&self, s: &SessionUser, team_id: &str) -> Result<TeamDetail> {
         let (t, _) = self.membership(s, team_id).await?;
         Ok(TeamDetail {

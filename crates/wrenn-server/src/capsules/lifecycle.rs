@@ -12,6 +12,7 @@ use wrenn_api::{
 };
 use wrenn_host::{Host, HostCapacity, Phase, UserSnapshot};
 
+use super::quotas::Ask;
 use super::{CapsuleService, Emitter, OrLog, PauseReason, Result};
 use crate::error::from_host;
 use crate::hosts::copies::{CopyPlan, TemplateCopies};
@@ -95,11 +96,24 @@ impl CapsuleService {
         StartExtras { copy, access }: StartExtras,
     ) -> Result<Capsule> {
         fits(&spec, &host.capacity().await.map_err(from_host)?)?;
+        let admitted = self
+            .admit(
+                team_id,
+                Ask {
+                    capsules: 1,
+                    vcpus: spec.vcpus.into(),
+                    memory_mb: spec.memory_mb.into(),
+                    disk_mb: spec.disk_size_mb.into(),
+                    snapshots: 0,
+                },
+            )
+            .await?;
         let id = new_id(prefix::CAPSULE);
         let row = self
             .store
             .insert_capsule(&id, team_id, host.host_id(), &spec)
             .await?;
+        drop(admitted);
         if let Some(access) = &access {
             // Before the boot: the capsule is never reachable other than as asked.
             if let Err(e) = self.store.set_proxy_access(&id, access).await {
@@ -359,7 +373,19 @@ impl CapsuleService {
         if row.capsule.status == Paused {
             room_on_disk(&host.capacity().await.map_err(from_host)?)?;
         }
-        if !self.store.transition(id, &[Paused], Resuming).await? {
+        let admitted = self
+            .admit(
+                team_id,
+                Ask {
+                    vcpus: row.capsule.vcpus.into(),
+                    memory_mb: row.capsule.memory_mb.into(),
+                    ..Ask::default()
+                },
+            )
+            .await?;
+        let resuming = self.store.transition(id, &[Paused], Resuming).await?;
+        drop(admitted);
+        if !resuming {
             return Err(ApiError::invalid_state(format!(
                 "capsule {id} is {}, not paused",
                 row.capsule.status.as_str()

@@ -11,7 +11,7 @@
 //! dead-VM pass), `host_events` (hosts coming and going), `events` (what is published and
 //! audited), `activity` (what is in use, for the inactivity timer), `proxy` and `access` (the
 //! port proxy's way into a capsule, and who besides the team may take it), `network` (where
-//! its guest may connect to).
+//! its guest may connect to), `quotas` (what a team may hold, checked where it takes more).
 
 mod access;
 mod activity;
@@ -21,6 +21,7 @@ mod host_events;
 mod lifecycle;
 mod network;
 mod proxy;
+mod quotas;
 mod reconcile;
 mod snapshots;
 #[cfg(test)]
@@ -62,6 +63,7 @@ pub struct CapsuleService {
     copies: Arc<TemplateCopies>,
     /// Signs proxy access tokens; read from the store on first use.
     token_key: tokio::sync::OnceCell<access::TokenKey>,
+    quotas: quotas::Quotas,
 }
 
 /// Why a capsule is paused (kept in its row).
@@ -93,7 +95,14 @@ impl CapsuleService {
             store,
             pool,
             token_key: Default::default(),
+            quotas: quotas::Quotas::new(wrenn_api::quota::QuotaFigures::DEFAULT),
         }
+    }
+
+    /// Team quotas default to `defaults` (unless a platform admin set a team's own).
+    pub fn with_quota_defaults(mut self, defaults: wrenn_api::quota::QuotaFigures) -> Self {
+        self.quotas = quotas::Quotas::new(defaults);
+        self
     }
 
     /// The capsule if it belongs to the team; another team's capsule is "not found".

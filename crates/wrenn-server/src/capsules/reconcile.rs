@@ -235,6 +235,12 @@ impl CapsuleService {
         passes.into_iter().collect()
     }
 
+    /// Writes this replica's recorded activity and renews its busy marks (every replica, every
+    /// few seconds, whether or not it runs the reaper).
+    pub async fn flush_activity(&self) -> Result<()> {
+        Ok(self.activity.flush().await?)
+    }
+
     /// One pass of the TTL reaper: auto-pauses every running capsule whose inactivity timeout
     /// has passed and that nothing is attached to.
     pub async fn pause_idle(&self) -> Result<()> {
@@ -251,7 +257,7 @@ impl CapsuleService {
         self.activity.flush().await?;
         let now = chrono::Utc::now();
         let mut idle = Vec::new();
-        for row in self.store.running_with_timeout().await? {
+        for row in self.store.running_with_timeout(now).await? {
             // Activity recorded after the flush above counts too.
             let c = &self.with_activity(row.capsule);
             let last = c.last_active_at.or(c.started_at).unwrap_or(c.created_at);

@@ -42,11 +42,21 @@ impl CapsuleService {
             ));
         }
         self.owned(team_id, &req.sandbox_id).await?;
-        if !overwrite && self.store.template(team_id, &name).await?.is_some() {
+        let exists = self.store.template(team_id, &name).await?.is_some();
+        if exists && !overwrite {
             return Err(ApiError::new(
                 ErrorCode::AlreadyExists,
                 format!("template {name:?} exists (use ?overwrite=true to replace it)"),
             ));
+        }
+        if !exists {
+            // Checked, not held: a snapshot takes seconds, and the team's creates should not
+            // wait for it (two snapshots at once may pass the limit by one).
+            let snapshots = super::quotas::Ask {
+                snapshots: 1,
+                ..Default::default()
+            };
+            drop(self.admit(team_id, snapshots).await?);
         }
         let template = self
             .snapshot_into(

@@ -492,3 +492,49 @@ async fn a_reconcile_never_destroys_a_capsule_it_has_a_row_for() {
         w.host.calls()
     );
 }
+
+#[tokio::test]
+async fn concurrent_creates_never_pass_a_team_quota_together() {
+    let w = world("quota-race").await;
+    let limits = wrenn_api::quota::QuotaOverrides {
+        capsules: Some(3),
+        ..Default::default()
+    };
+    w.svc.set_quota(&w.team, limits).await.unwrap();
+    let actor = user();
+    let creates = (0..8).map(|_| {
+        let req = CreateCapsuleRequest {
+            timeout_sec: Some(0),
+            ..Default::default()
+        };
+        w.svc.create(&w.team, req, &actor)
+    });
+    let results = futures_util::future::join_all(creates).await;
+    let made = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(made, 3, "{results:?}");
+    for e in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(e.code, ErrorCode::QuotaExceeded);
+        assert!(e.message.contains("capsules limit is 3"), "{}", e.message);
+    }
+    let q = w.svc.quota(&w.team).await.unwrap();
+    assert_eq!((q.usage.capsules, q.limits.capsules), (3, 3));
+}
+
+#[tokio::test]
+async fn a_resume_past_the_vcpu_quota_is_refused_and_leaves_the_capsule_paused() {
+    let w = world("quota-resume").await;
+    let id = w.running().await;
+    w.svc.pause(&w.team, &id, &user()).await.unwrap();
+    w.wait_for(&id, CapsuleStatus::Paused).await;
+    let none = wrenn_api::quota::QuotaOverrides {
+        vcpus: Some(0),
+        ..Default::default()
+    };
+    w.svc.set_quota(&w.team, none).await.unwrap();
+    let e = w.svc.resume(&w.team, &id, &user()).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::QuotaExceeded, "{}", e.message);
+    assert_eq!(w.status(&id).await, CapsuleStatus::Paused);
+    w.svc.set_quota(&w.team, Default::default()).await.unwrap();
+    w.svc.resume(&w.team, &id, &user()).await.unwrap();
+    w.wait_for(&id, CapsuleStatus::Running).await;
+}

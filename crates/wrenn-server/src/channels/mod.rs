@@ -1,7 +1,7 @@
 //! Notification channels: a team's subscriptions of platform events to a chat room or a
 //! webhook, and their delivery.
 //!
-//! - [`cipher`]: config values sealed at rest (AES-256-GCM).
+//! - Config values are sealed at rest with the platform's [`Sealer`] (AES-256-GCM).
 //! - [`provider`]: the seven providers' config fields and message formats, and one attempt.
 //! - [`ChannelService`]: CRUD (`/v1/channels*`), the test send, and [`ChannelService::run`],
 //!   the delivery loop fed by the event bus's `channels` work queue: each event is handled by
@@ -9,7 +9,6 @@
 //!   `channel_deliveries`, and acknowledged only then (a replica that dies mid-way leaves the
 //!   event to another). Delivery never blocks or fails the action that caused the event.
 
-pub mod cipher;
 pub mod provider;
 
 use std::collections::BTreeMap;
@@ -26,8 +25,8 @@ use wrenn_api::{
 use crate::accounts::SessionUser;
 use crate::audit::{AuditLog, Record};
 use crate::events::{Work, WorkQueue};
+pub use crate::sealing::Sealer;
 use crate::store::{ChannelRow, Store};
-pub use cipher::ConfigCipher;
 use provider::{Notification, Provider, Sender};
 
 pub const ID_PREFIX: &str = "ch-";
@@ -63,7 +62,7 @@ impl Default for ChannelConfig {
 
 pub struct ChannelService {
     store: Store,
-    cipher: Arc<ConfigCipher>,
+    cipher: Arc<Sealer>,
     sender: Sender,
     audit: AuditLog,
     retry_delays: Vec<Duration>,
@@ -150,7 +149,7 @@ fn manager(u: &SessionUser) -> Result<()> {
 }
 
 impl ChannelService {
-    pub fn new(store: Store, cipher: Arc<ConfigCipher>, config: ChannelConfig) -> Self {
+    pub fn new(store: Store, cipher: Arc<Sealer>, config: ChannelConfig) -> Self {
         Self {
             audit: AuditLog::new(store.clone()),
             store,

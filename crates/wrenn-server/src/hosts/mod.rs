@@ -414,12 +414,15 @@ impl HostService {
     }
 
     pub async fn register(&self, req: RegisterHostRequest) -> Result<RegisterHostResponse> {
-        let address = req.address.trim().to_string();
-        if address.parse::<SocketAddr>().is_err() {
-            return Err(ApiError::invalid(
-                "address must be ip:port (for example 10.0.0.5:7443)",
-            ));
-        }
+        // Canonical `ip:port`, so one address cannot be registered twice under two spellings.
+        let address = match req.address.trim().parse::<SocketAddr>() {
+            Ok(a) => a.to_string(),
+            Err(_) => {
+                return Err(ApiError::invalid(
+                    "address must be ip:port (for example 10.0.0.5:7443)",
+                ))
+            }
+        };
         for (v, what) in [
             (req.cpu_cores, "cpu_cores"),
             (req.memory_mb, "memory_mb"),
@@ -441,11 +444,14 @@ impl HostService {
             return Err(bad());
         }
         let tls = self.tls_for(&host_id, &address)?;
-        self.store
+        // One host per address: a host registered at another's address would receive that
+        // host's traffic were certificates ever checked by address alone.
+        let registered = self
+            .store
             .register_host(
                 &host_id,
                 &HostSpecs {
-                    address,
+                    address: address.clone(),
                     arch,
                     cpu_cores: req.cpu_cores,
                     memory_mb: req.memory_mb,
@@ -454,6 +460,12 @@ impl HostService {
                 now,
             )
             .await?;
+        if !registered {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("address {address} belongs to another host: delete that host, then create a new registration token for this one"),
+            ));
+        }
         let refresh_token = self.new_refresh_token(&host_id).await?;
         let host = self
             .store

@@ -100,11 +100,15 @@ impl Pki {
         })
     }
 
-    /// A server certificate for the agent listening on `ip`.
+    /// A server certificate for host `host_id`'s agent listening on `ip`. It names the host
+    /// ([`wrenn_host::host_cert_name`]), which is what the control plane checks.
     pub fn issue_host_cert(&self, host_id: &str, ip: IpAddr) -> Result<Issued, String> {
+        let name = wrenn_host::host_cert_name(host_id)
+            .try_into()
+            .map_err(|e| format!("host id {host_id:?} cannot be a certificate name: {e}"))?;
         self.issue(
             host_id,
-            vec![SanType::IpAddress(ip)],
+            vec![SanType::IpAddress(ip), SanType::DnsName(name)],
             ExtendedKeyUsagePurpose::ServerAuth,
             HOST_CERT_TTL,
         )

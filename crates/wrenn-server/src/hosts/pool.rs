@@ -116,7 +116,7 @@ impl HostPool {
                 return;
             }
         }
-        match RemoteHost::new(address, tls) {
+        match RemoteHost::new(&host.id, address, tls) {
             Ok(remote) => {
                 tracing::info!(host_id = %host.id, address, "connected to host agent");
                 let handle = HostHandle {
@@ -153,7 +153,16 @@ impl HostPool {
     /// database at most once per [`STATUS_TTL`] per host, so the request path of an exec costs
     /// no extra query while liveness changes (made by any replica) still show within a second.
     pub async fn online(&self, id: &str) -> Result<HostHandle, ApiError> {
-        let client = self.get(id).ok_or_else(|| unavailable(id))?;
+        let client = match self.get(id) {
+            Some(c) => c,
+            None => {
+                // Registered through another replica since this one started.
+                if let Some(h) = self.store.host(id).await? {
+                    self.ensure_connected(&h);
+                }
+                self.get(id).ok_or_else(|| unavailable(id))?
+            }
+        };
         let cached = self
             .status
             .lock()
@@ -183,6 +192,14 @@ impl HostPool {
         }
     }
 
+    /// Connects to `h` if it serves and this replica has no client for it yet (a host
+    /// registered through another replica: the database is what replicas share).
+    fn ensure_connected(&self, h: &HostRecord) {
+        if h.status.serves() && self.get(&h.id).is_none() {
+            self.connect(h);
+        }
+    }
+
     /// Forgets what is known of a host's status (it just changed).
     pub fn status_changed(&self, id: &str) {
         self.status
@@ -196,6 +213,7 @@ impl HostPool {
         let mut hosts = self.store.hosts(None).await?;
         hosts.sort_by_key(|h| h.team_id.is_some());
         for h in hosts.iter().filter(|h| h.status == HostStatus::Online) {
+            self.ensure_connected(h);
             if let Some(c) = self.get(&h.id) {
                 return Ok(c);
             }
@@ -225,7 +243,10 @@ impl HostPool {
             .hosts(None)
             .await?
             .into_iter()
-            .filter(|h| self.get(&h.id).is_some())
+            .filter(|h| {
+                self.ensure_connected(h);
+                self.get(&h.id).is_some()
+            })
             .collect();
         let byoc = self.store.team(team_id).await?.is_some_and(|t| t.byoc);
         let reserved = self.store.reserved_by_host().await?;

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
+use axum::extract::{ConnectInfo, FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::response::{AppendHeaders, IntoResponse, Redirect, Response};
@@ -11,7 +11,7 @@ use axum::Json;
 use serde::Deserialize;
 use wrenn_api::*;
 
-use super::ApiJson;
+use super::{ApiJson, ApiPath, ApiQuery};
 use crate::accounts::oauth::{Finished, STATE_TTL};
 use crate::accounts::{ClientMeta, IssuedSession};
 use crate::error::HttpError;
@@ -162,7 +162,7 @@ pub async fn sessions(
 pub async fn revoke_session(
     State(s): State<AppState>,
     SessionAuth(u): SessionAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode> {
     s.accounts.revoke_session(&u, &id).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -236,7 +236,7 @@ fn state_cookie(state: &str, secure: bool) -> (header::HeaderName, String) {
 pub async fn connect_provider(
     State(s): State<AppState>,
     SessionAuth(u): SessionAuth,
-    Path(provider): Path<String>,
+    ApiPath(provider): ApiPath<String>,
 ) -> Result<Response> {
     let started = s.accounts.oauth_connect_start(&u, &provider).await?;
     Ok((
@@ -251,7 +251,7 @@ pub async fn connect_provider(
 pub async fn disconnect_provider(
     State(s): State<AppState>,
     SessionAuth(u): SessionAuth,
-    Path(provider): Path<String>,
+    ApiPath(provider): ApiPath<String>,
 ) -> Result<StatusCode> {
     s.accounts.disconnect_provider(&u, &provider).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -259,7 +259,7 @@ pub async fn disconnect_provider(
 
 pub async fn oauth_redirect(
     State(s): State<AppState>,
-    Path(provider): Path<String>,
+    ApiPath(provider): ApiPath<String>,
 ) -> Result<Response> {
     let started = s.accounts.oauth_login_start(&provider).await?;
     Ok((
@@ -279,8 +279,8 @@ pub struct CallbackQuery {
 pub async fn oauth_callback(
     State(s): State<AppState>,
     meta: ClientMeta,
-    Path(provider): Path<String>,
-    Query(q): Query<CallbackQuery>,
+    ApiPath(provider): ApiPath<String>,
+    ApiQuery(q): ApiQuery<CallbackQuery>,
     parts: CookieHeader,
 ) -> Response {
     // Only a configured provider's name goes into the redirect back to the dashboard.

@@ -1,16 +1,18 @@
 //! `/v1/admin/users*` and `/v1/admin/teams*`: the platform admin surface. [`AdminAuth`] checks
 //! the admin flag in the database on every request.
 
-use axum::extract::{FromRequestParts, Path, Request, State};
+use axum::extract::{FromRequestParts, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use wrenn_api::*;
 
-use super::ApiJson;
+use super::{ApiJson, ApiPath};
+use crate::accounts::user_actor;
+use crate::audit::Record;
 use crate::error::HttpError;
-use crate::http::auth::{Actor, AdminAuth, TeamAuth};
+use crate::http::auth::{Actor, AdminAuth, Grant, TeamAuth};
 use crate::AppState;
 
 type Result<T> = std::result::Result<T, HttpError>;
@@ -22,7 +24,7 @@ pub async fn users(State(s): State<AppState>, _: AdminAuth) -> Result<Json<Vec<A
 pub async fn set_active(
     State(s): State<AppState>,
     AdminAuth(u): AdminAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<ActiveFlag>,
 ) -> Result<StatusCode> {
     s.accounts.admin_set_active(&u, &id, req.active).await?;
@@ -32,7 +34,7 @@ pub async fn set_active(
 pub async fn set_admin(
     State(s): State<AppState>,
     AdminAuth(u): AdminAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<AdminFlag>,
 ) -> Result<StatusCode> {
     s.accounts.admin_set_admin(&u, &id, req.admin).await?;
@@ -46,7 +48,7 @@ pub async fn teams(State(s): State<AppState>, _: AdminAuth) -> Result<Json<Vec<A
 pub async fn delete_team(
     State(s): State<AppState>,
     AdminAuth(u): AdminAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode> {
     s.accounts.admin_delete_team(&u, &id).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -55,11 +57,46 @@ pub async fn delete_team(
 pub async fn set_byoc(
     State(s): State<AppState>,
     AdminAuth(u): AdminAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<ByocFlag>,
 ) -> Result<StatusCode> {
     s.accounts.admin_set_byoc(&u, &id, req.byoc).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /v1/admin/teams/{id}/quota`: any team's limits and holdings.
+pub async fn quota(
+    State(s): State<AppState>,
+    _: AdminAuth,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<quota::TeamQuota>> {
+    if s.store.team(&id).await?.is_none() {
+        return Err(ApiError::not_found(format!("team {id} not found")).into());
+    }
+    Ok(Json(s.capsules.quota(&id).await?))
+}
+
+/// `PUT /v1/admin/teams/{id}/quota`: replaces the team's own limits (`null` or absent: the
+/// platform default).
+pub async fn set_quota(
+    State(s): State<AppState>,
+    AdminAuth(u): AdminAuth,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<quota::QuotaOverrides>,
+) -> Result<Json<quota::TeamQuota>> {
+    let q = s.capsules.set_quota(&id, req).await?;
+    s.audit
+        .record(
+            Record::new(&user_actor(&u), "team", &id, "set_quota")
+                .team(Some(&id))
+                .admin()
+                .meta(
+                    "quota",
+                    serde_json::to_value(q.overrides).unwrap_or_default(),
+                ),
+        )
+        .await;
+    Ok(Json(q))
 }
 
 /// Scope of every `/v1/admin/capsules*` route: the caller must be a platform admin; the
@@ -105,12 +142,14 @@ pub async fn capsule_scope(State(s): State<AppState>, req: Request, next: Next) 
             }
         }
     };
+    let grant = Grant::session_of(&parts, true);
     parts.extensions.insert(TeamAuth {
         team_id,
         actor: Actor::User {
             id: admin.user_id,
             email: admin.email,
         },
+        grant,
     });
     next.run(Request::from_parts(parts, body)).await
 }
@@ -143,7 +182,7 @@ pub struct SnapshotName {
 pub async fn snapshot(
     State(s): State<AppState>,
     auth: TeamAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<SnapshotName>,
 ) -> Result<impl IntoResponse> {
     let req = CreateSnapshotRequest {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::http::Method;
+use axum::http::{header, Method};
 use wrenn_api::{ApiError, ErrorCode};
 
 use crate::accounts::hash_api_key;
@@ -61,14 +61,25 @@ pub fn cookie<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
     cookies(parts, name).next()
 }
 
+/// The value of cookie `name` in `headers`.
+pub fn cookie_in<'a>(headers: &'a axum::http::HeaderMap, name: &str) -> Option<&'a str> {
+    cookies_in(headers, name).next()
+}
+
 /// Every value of cookie `name` in the request's `Cookie` headers, in order (a host may get
 /// several: its own and a parent domain's).
 pub fn cookies<'a, 'n>(
     parts: &'a Parts,
     name: &'n str,
 ) -> impl Iterator<Item = &'a str> + use<'a, 'n> {
-    parts
-        .headers
+    cookies_in(&parts.headers, name)
+}
+
+fn cookies_in<'a, 'n>(
+    headers: &'a axum::http::HeaderMap,
+    name: &'n str,
+) -> impl Iterator<Item = &'a str> + use<'a, 'n> {
+    headers
         .get_all(axum::http::header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
@@ -108,6 +119,72 @@ impl Actor {
 pub struct TeamAuth {
     pub team_id: String,
     pub actor: Actor,
+    /// What it was proved with, so a long-lived stream can ask again ([`revoked`]).
+    pub grant: Grant,
+}
+
+/// The credential a request was authorised with, kept (hashed, for keys) by streams that
+/// outlive the request: a WebSocket or an SSE stream asks again every
+/// `AppState::stream_recheck` whether it still holds, and ends when it does not.
+#[derive(Debug, Clone)]
+pub enum Grant {
+    ApiKey {
+        hash: String,
+    },
+    /// A browser session; `admin` when it was authorised as a platform admin (the admin
+    /// routes), which must then still hold, rather than membership of the team.
+    Session {
+        secret: String,
+        admin: bool,
+    },
+}
+
+impl Grant {
+    /// The session cookie of `parts` as a grant (the request was already authorised by it).
+    pub fn session_of(parts: &Parts, admin: bool) -> Grant {
+        Grant::Session {
+            secret: cookie(parts, SESSION_COOKIE)
+                .unwrap_or_default()
+                .to_string(),
+            admin,
+        }
+    }
+
+    /// `Err(reason)` when this grant no longer authorises acting for `team_id` (`None`: any
+    /// team, for admin streams). A database error counts as still holding: a stream is not
+    /// cut for a moment's outage, and the next check asks again.
+    pub async fn still_holds(&self, s: &AppState, team_id: Option<&str>) -> Result<(), String> {
+        match self {
+            Grant::ApiKey { hash } => match s.store.api_key_by_hash(hash).await {
+                Ok(None) => Err("API key deleted".into()),
+                Ok(Some(k)) if !k.creator_active => {
+                    Err("API key revoked: its creator left the team".into())
+                }
+                _ => Ok(()),
+            },
+            Grant::Session { secret, admin } => match s.accounts.authenticate(secret).await {
+                Ok(None) => Err("session ended (logged out, revoked or deactivated)".into()),
+                Ok(Some(u)) if *admin && !u.is_admin => Err("no longer a platform admin".into()),
+                Ok(Some(u))
+                    if !*admin && (u.role.is_none() || team_id.is_some_and(|t| t != u.team_id)) =>
+                {
+                    Err("no longer a member of the team".into())
+                }
+                _ => Ok(()),
+            },
+        }
+    }
+}
+
+/// Completes, with the reason, once `grant` stops authorising `team_id`; never before the
+/// first recheck interval. Streams select on it beside their own work.
+pub async fn revoked(s: &AppState, grant: &Grant, team_id: Option<&str>) -> String {
+    loop {
+        tokio::time::sleep(s.stream_recheck).await;
+        if let Err(reason) = grant.still_holds(s, team_id).await {
+            return reason;
+        }
+    }
 }
 
 /// A request authenticated by a browser session (CSRF-checked on state-changing methods).
@@ -117,6 +194,50 @@ pub struct SessionAuth(pub SessionUser);
 /// A session of a platform admin (the flag is read from the database on every request).
 #[derive(Debug, Clone)]
 pub struct AdminAuth(pub SessionUser);
+
+/// The `Origin` of a browser's WebSocket upgrade when it is neither the host the request was
+/// sent to nor the platform's public URL; `None` for other requests and for clients that send
+/// no `Origin` (SDKs, the CLI).
+fn foreign_websocket_origin(parts: &Parts, public_url: &str) -> Option<String> {
+    let upgrade = parts.headers.get(header::UPGRADE)?.to_str().ok()?;
+    if !upgrade.eq_ignore_ascii_case("websocket") {
+        return None;
+    }
+    let origin = parts.headers.get(header::ORIGIN)?;
+    let Some(origin_str) = origin.to_str().ok() else {
+        return Some(String::from_utf8_lossy(origin.as_bytes()).into_owned());
+    };
+    let authority = url::Url::parse(origin_str)
+        .ok()
+        .and_then(|u| authority_of(&u));
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(|h| {
+            let h = h.to_ascii_lowercase();
+            match h.strip_suffix(":80").or_else(|| h.strip_suffix(":443")) {
+                Some(bare) => bare.to_string(),
+                None => h,
+            }
+        });
+    let public = url::Url::parse(public_url)
+        .ok()
+        .and_then(|u| authority_of(&u));
+    match authority {
+        Some(a) if Some(&a) == host.as_ref() || Some(&a) == public.as_ref() => None,
+        _ => Some(origin_str.to_string()),
+    }
+}
+
+/// `host[:port]` of a URL, lower case, without the scheme's default port.
+fn authority_of(u: &url::Url) -> Option<String> {
+    let host = u.host_str()?.to_ascii_lowercase();
+    Some(match u.port() {
+        Some(p) => format!("{host}:{p}"),
+        None => host,
+    })
+}
 
 fn is_safe(method: &Method) -> bool {
     matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
@@ -131,6 +252,13 @@ async fn session(parts: &Parts, state: &AppState) -> Result<Option<SessionUser>,
     let Some(user) = state.accounts.authenticate(secret).await? else {
         return Err(unauthorized("session expired or revoked: log in again"));
     };
+    // A WebSocket upgrade is a GET, so CSRF tokens do not guard it; a page on another site
+    // could otherwise open a terminal with the user's cookie (cross-site WebSocket hijacking).
+    if let Some(origin) = foreign_websocket_origin(parts, state.accounts.public_url()) {
+        return Err(HttpError(ApiError::forbidden(format!(
+            "WebSocket from origin {origin} refused: open it from the page this platform serves"
+        ))));
+    }
     if !is_safe(&parts.method) {
         let header = parts.headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok());
         let cookie = cookie(parts, CSRF_COOKIE);
@@ -200,6 +328,7 @@ impl FromRequestParts<AppState> for TeamAuth {
                         id: u.user_id,
                         email: u.email,
                     },
+                    grant: Grant::session_of(parts, false),
                 }),
                 Some(_) => Err(HttpError(ApiError::forbidden(
                     "you are no longer a member of this session's team: switch team",
@@ -216,11 +345,17 @@ impl FromRequestParts<AppState> for TeamAuth {
         if !key.starts_with("wrn_") {
             return Err(unauthorized("invalid API key"));
         }
+        let hash = hash_api_key(key);
         let owner = state
             .store
-            .api_key_by_hash(&hash_api_key(key))
+            .api_key_by_hash(&hash)
             .await?
             .ok_or_else(|| unauthorized("invalid API key"))?;
+        if !owner.creator_active {
+            return Err(unauthorized(
+                "API key no longer valid: the member who created it has left the team or was deactivated",
+            ));
+        }
         // Last-used bookkeeping must not slow or fail the request, nor cost a database write
         // on every call.
         if state.key_usage.due(&owner.key_id) {
@@ -236,6 +371,7 @@ impl FromRequestParts<AppState> for TeamAuth {
                 id: owner.key_id,
                 name: owner.name,
             },
+            grant: Grant::ApiKey { hash },
         })
     }
 }
@@ -243,6 +379,54 @@ impl FromRequestParts<AppState> for TeamAuth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn upgrade(origin: Option<&str>, host: &str) -> Parts {
+        let mut b = axum::http::Request::builder()
+            .uri("/v1/capsules/x/pty")
+            .header(header::UPGRADE, "websocket")
+            .header(header::HOST, host);
+        if let Some(o) = origin {
+            b = b.header(header::ORIGIN, o);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn websocket_origins_must_be_the_platform_itself() {
+        let public = "https://wrenn.example.com";
+        let foreign = |o, h| foreign_websocket_origin(&upgrade(o, h), public);
+        assert_eq!(foreign(None, "localhost:8080"), None, "SDKs send no Origin");
+        assert_eq!(
+            foreign(Some("http://localhost:8080"), "localhost:8080"),
+            None
+        );
+        assert_eq!(foreign(Some("https://LOCALHOST"), "localhost:443"), None);
+        assert_eq!(
+            foreign(Some("https://wrenn.example.com"), "10.0.0.5:8080"),
+            None,
+            "behind a reverse proxy the public URL is the origin"
+        );
+        assert_eq!(
+            foreign(Some("https://evil.example"), "localhost:8080").as_deref(),
+            Some("https://evil.example")
+        );
+        assert_eq!(
+            foreign(Some("http://localhost:9999"), "localhost:8080").as_deref(),
+            Some("http://localhost:9999")
+        );
+        assert!(foreign(Some("null"), "localhost:8080").is_some());
+        let plain = axum::http::Request::builder()
+            .header(header::ORIGIN, "https://evil.example")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        assert_eq!(
+            foreign_websocket_origin(&plain, public),
+            None,
+            "not an upgrade"
+        );
+    }
 
     #[test]
     fn last_used_is_written_once_per_period_per_key() {

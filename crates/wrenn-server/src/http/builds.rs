@@ -4,8 +4,9 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
+use super::ApiPath;
 use axum::extract::multipart::Multipart;
-use axum::extract::{FromRequest, Path, Request, State};
+use axum::extract::{FromRequest, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::Json;
@@ -134,7 +135,7 @@ pub async fn list(State(s): State<AppState>, _: AdminAuth) -> Result<Json<Vec<Bu
 pub async fn get(
     State(s): State<AppState>,
     _: AdminAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Build>> {
     Ok(Json(s.builds.get(&id).await?))
 }
@@ -142,7 +143,7 @@ pub async fn get(
 pub async fn cancel(
     State(s): State<AppState>,
     AdminAuth(u): AdminAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode> {
     s.builds.cancel(&id, &user_actor(&u)).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -155,7 +156,7 @@ pub async fn cancel(
 pub async fn stream(
     State(s): State<AppState>,
     _: AdminAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Sse<impl Stream<Item = std::result::Result<SseEvent, Infallible>>>> {
     let (build, follower) = s.builds.follow(&id).await?;
     let recorded: Vec<(wrenn_api::BuildPhase, u32)> =
@@ -350,7 +351,7 @@ pub async fn templates(State(s): State<AppState>, _: AdminAuth) -> Result<Json<V
 pub async fn delete_template(
     State(s): State<AppState>,
     AdminAuth(u): AdminAuth,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<StatusCode> {
     s.builds.delete_template(&name, &user_actor(&u)).await?;
     Ok(StatusCode::NO_CONTENT)

@@ -1,6 +1,6 @@
 //! `/v1/capsules*` handlers: parse, call the capsule service, answer.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
@@ -9,7 +9,7 @@ use wrenn_api::{
     ProxyToken,
 };
 
-use super::ApiJson;
+use super::{ApiJson, ApiPath, ApiQuery};
 use crate::capsules::ExecOutcome;
 use crate::error::HttpError;
 use crate::http::auth::TeamAuth;
@@ -37,7 +37,7 @@ pub async fn list(
 pub async fn get(
     State(s): State<AppState>,
     auth: TeamAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<impl IntoResponse, HttpError> {
     Ok(Json(s.capsules.get(&auth.team_id, &id).await?))
 }
@@ -45,7 +45,7 @@ pub async fn get(
 pub async fn destroy(
     State(s): State<AppState>,
     auth: TeamAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<impl IntoResponse, HttpError> {
     let capsule = s
         .capsules
@@ -57,7 +57,7 @@ pub async fn destroy(
 pub async fn pause(
     State(s): State<AppState>,
     auth: TeamAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<impl IntoResponse, HttpError> {
     let capsule = s
         .capsules
@@ -69,7 +69,7 @@ pub async fn pause(
 pub async fn resume(
     State(s): State<AppState>,
     auth: TeamAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<impl IntoResponse, HttpError> {
     let capsule = s
         .capsules
@@ -86,8 +86,8 @@ pub struct MetricsQuery {
 pub async fn metrics(
     State(s): State<AppState>,
     auth: TeamAuth,
-    Path(id): Path<String>,
-    Query(q): Query<MetricsQuery>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<MetricsQuery>,
 ) -> Result<impl IntoResponse, HttpError> {
     Ok(Json(
         s.capsules
@@ -104,7 +104,7 @@ pub struct StatsQuery {
 pub async fn stats(
     State(s): State<AppState>,
     auth: TeamAuth,
-    Query(q): Query<StatsQuery>,
+    ApiQuery(q): ApiQuery<StatsQuery>,
 ) -> Result<impl IntoResponse, HttpError> {
     let now = chrono::Utc::now();
     Ok(Json(
@@ -123,7 +123,7 @@ pub struct UsageQuery {
 pub async fn usage(
     State(s): State<AppState>,
     auth: TeamAuth,
-    Query(q): Query<UsageQuery>,
+    ApiQuery(q): ApiQuery<UsageQuery>,
 ) -> Result<impl IntoResponse, HttpError> {
     let today = chrono::Utc::now().date_naive();
     Ok(Json(
@@ -136,7 +136,7 @@ pub async fn usage(
 pub async fn ping(
     State(s): State<AppState>,
     auth: TeamAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, HttpError> {
     s.capsules.ping(&auth.team_id, &id).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -145,7 +145,7 @@ pub async fn ping(
 pub async fn exec(
     State(s): State<AppState>,
     auth: TeamAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<ExecRequest>,
 ) -> Result<axum::response::Response, HttpError> {
     Ok(match s.capsules.exec(&auth.team_id, &id, req).await? {
@@ -157,7 +157,7 @@ pub async fn exec(
 pub async fn processes(
     State(s): State<AppState>,
     auth: TeamAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<impl IntoResponse, HttpError> {
     Ok(Json(s.capsules.processes(&auth.team_id, &id).await?))
 }
@@ -170,8 +170,8 @@ pub struct KillQuery {
 pub async fn kill_process(
     State(s): State<AppState>,
     auth: TeamAuth,
-    Path((id, selector)): Path<(String, String)>,
-    Query(q): Query<KillQuery>,
+    ApiPath((id, selector)): ApiPath<(String, String)>,
+    ApiQuery(q): ApiQuery<KillQuery>,
 ) -> Result<impl IntoResponse, HttpError> {
     s.capsules
         .kill_process(&auth.team_id, &id, &selector, q.signal.as_deref())
@@ -183,7 +183,7 @@ pub async fn kill_process(
 pub async fn proxy_access(
     State(s): State<AppState>,
     auth: TeamAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<impl IntoResponse, HttpError> {
     Ok(Json(s.capsules.proxy_access(&auth.team_id, &id).await?))
 }
@@ -192,7 +192,7 @@ pub async fn proxy_access(
 pub async fn set_proxy_access(
     State(s): State<AppState>,
     auth: TeamAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<ProxyAccess>,
 ) -> Result<impl IntoResponse, HttpError> {
     Ok(Json(
@@ -206,7 +206,7 @@ pub async fn set_proxy_access(
 pub async fn network(
     State(s): State<AppState>,
     auth: TeamAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<impl IntoResponse, HttpError> {
     Ok(Json(s.capsules.network(&auth.team_id, &id).await?))
 }
@@ -216,7 +216,7 @@ pub async fn network(
 pub async fn set_network(
     State(s): State<AppState>,
     auth: TeamAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<NetworkPolicy>,
 ) -> Result<impl IntoResponse, HttpError> {
     Ok(Json(
@@ -231,7 +231,7 @@ pub async fn set_network(
 pub async fn create_proxy_token(
     State(s): State<AppState>,
     auth: TeamAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<CreateProxyTokenRequest>,
 ) -> Result<impl IntoResponse, HttpError> {
     let (token, port, expires_at) = s
@@ -258,7 +258,7 @@ pub async fn create_proxy_token(
 pub async fn revoke_proxy_tokens(
     State(s): State<AppState>,
     auth: TeamAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<impl IntoResponse, HttpError> {
     s.capsules.revoke_proxy_tokens(&auth.team_id, &id).await?;
     Ok(StatusCode::NO_CONTENT)

@@ -1,12 +1,12 @@
 //! `/v1/channels*`: a team's notification channels (session-authenticated).
 
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use wrenn_api::*;
 
-use super::ApiJson;
+use super::{ApiJson, ApiPath};
 use crate::error::HttpError;
 use crate::http::auth::SessionAuth;
 use crate::AppState;
@@ -31,7 +31,7 @@ pub async fn list(
 pub async fn get(
     State(s): State<AppState>,
     SessionAuth(u): SessionAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<ChannelResponse>> {
     Ok(Json(s.channels.get(&u, &id).await?))
 }
@@ -39,7 +39,7 @@ pub async fn get(
 pub async fn update(
     State(s): State<AppState>,
     SessionAuth(u): SessionAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<UpdateChannelRequest>,
 ) -> Result<Json<ChannelResponse>> {
     Ok(Json(s.channels.update(&u, &id, req).await?))
@@ -48,7 +48,7 @@ pub async fn update(
 pub async fn rotate(
     State(s): State<AppState>,
     SessionAuth(u): SessionAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<RotateConfigRequest>,
 ) -> Result<Json<ChannelResponse>> {
     Ok(Json(s.channels.rotate(&u, &id, req).await?))
@@ -57,7 +57,7 @@ pub async fn rotate(
 pub async fn delete(
     State(s): State<AppState>,
     SessionAuth(u): SessionAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode> {
     s.channels.delete(&u, &id).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -77,7 +77,7 @@ pub async fn test(
 pub async fn deliveries(
     State(s): State<AppState>,
     SessionAuth(u): SessionAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Json<Vec<ChannelDelivery>>> {
     let mut limit = 50;

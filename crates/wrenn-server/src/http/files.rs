@@ -6,7 +6,7 @@
 
 use axum::body::{Body, Bytes};
 use axum::extract::multipart::{Multipart, MultipartRejection};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::json;
 use wrenn_api::{ApiError, ErrorCode};
 
-use super::ApiJson;
+use super::{ApiJson, ApiPath};
 use crate::capsules::Busy;
 use crate::error::{from_envd, HttpError};
 use crate::http::auth::TeamAuth;
@@ -54,7 +54,7 @@ fn absolute(path: &str) -> Result<(), HttpError> {
 pub async fn list(
     State(s): State<AppState>,
     auth: TeamAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<ListBody>,
 ) -> Result<impl IntoResponse, HttpError> {
     absolute(&body.path)?;
@@ -73,7 +73,7 @@ pub async fn list(
 pub async fn mkdir(
     State(s): State<AppState>,
     auth: TeamAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<PathBody>,
 ) -> Result<impl IntoResponse, HttpError> {
     absolute(&body.path)?;
@@ -85,7 +85,7 @@ pub async fn mkdir(
 pub async fn remove(
     State(s): State<AppState>,
     auth: TeamAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<PathBody>,
 ) -> Result<impl IntoResponse, HttpError> {
     absolute(&body.path)?;
@@ -98,7 +98,7 @@ pub async fn remove(
 pub async fn read(
     State(s): State<AppState>,
     auth: TeamAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<PathBody>,
 ) -> Result<Response, HttpError> {
     absolute(&body.path)?;
@@ -129,7 +129,7 @@ pub async fn read(
 pub async fn write(
     State(s): State<AppState>,
     auth: TeamAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<StatusCode, HttpError> {
     upload(s, auth, id, multipart, Some(MAX_SIMPLE_UPLOAD)).await
@@ -138,7 +138,7 @@ pub async fn write(
 pub async fn stream_write(
     State(s): State<AppState>,
     auth: TeamAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<StatusCode, HttpError> {
     upload(s, auth, id, multipart, None).await

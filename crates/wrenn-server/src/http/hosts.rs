@@ -1,7 +1,7 @@
 //! `/v1/hosts*`: host records and tokens (sessions), and the agents' calls (registration,
 //! refresh: no credential but the token itself; heartbeats and capsule events: `X-Host-Token`).
 
-use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -9,7 +9,7 @@ use axum::Json;
 use serde::Deserialize;
 use wrenn_api::*;
 
-use super::ApiJson;
+use super::{ApiJson, ApiPath, ApiQuery};
 use crate::error::HttpError;
 use crate::hosts::DeleteError;
 use crate::http::auth::SessionAuth;
@@ -53,7 +53,7 @@ pub async fn list(
 pub async fn get(
     State(s): State<AppState>,
     SessionAuth(u): SessionAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Host>> {
     Ok(Json(s.hosts.get(&u, &id).await?))
 }
@@ -66,8 +66,8 @@ pub struct DeleteQuery {
 pub async fn delete(
     State(s): State<AppState>,
     SessionAuth(u): SessionAuth,
-    Path(id): Path<String>,
-    Query(q): Query<DeleteQuery>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<DeleteQuery>,
 ) -> Result<Response> {
     let force = match q.force.as_deref() {
         None | Some("false") | Some("0") => false,
@@ -104,7 +104,7 @@ pub async fn delete(
 pub async fn delete_preview(
     State(s): State<AppState>,
     SessionAuth(u): SessionAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<HostDeletePreview>> {
     Ok(Json(s.hosts.delete_preview(&u, &id).await?))
 }
@@ -112,7 +112,7 @@ pub async fn delete_preview(
 pub async fn regenerate_token(
     State(s): State<AppState>,
     SessionAuth(u): SessionAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<impl IntoResponse> {
     Ok((
         StatusCode::CREATED,
@@ -123,7 +123,7 @@ pub async fn regenerate_token(
 pub async fn tags(
     State(s): State<AppState>,
     SessionAuth(u): SessionAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Vec<String>>> {
     Ok(Json(s.hosts.tags(&u, &id).await?))
 }
@@ -131,7 +131,7 @@ pub async fn tags(
 pub async fn add_tag(
     State(s): State<AppState>,
     SessionAuth(u): SessionAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<AddTagRequest>,
 ) -> Result<StatusCode> {
     s.hosts.add_tag(&u, &id, &req.tag).await?;
@@ -141,7 +141,7 @@ pub async fn add_tag(
 pub async fn remove_tag(
     State(s): State<AppState>,
     SessionAuth(u): SessionAuth,
-    Path((id, tag)): Path<(String, String)>,
+    ApiPath((id, tag)): ApiPath<(String, String)>,
 ) -> Result<StatusCode> {
     s.hosts.remove_tag(&u, &id, &tag).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -164,7 +164,7 @@ pub async fn refresh(
 pub async fn heartbeat(
     State(s): State<AppState>,
     HostAuth(h): HostAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode> {
     s.hosts.heartbeat(&h, &id).await?;
     Ok(StatusCode::NO_CONTENT)

@@ -11,6 +11,7 @@ mod channels;
 mod events;
 mod files;
 mod hosts;
+pub(crate) mod limits;
 pub(crate) mod proxy;
 mod pty;
 mod snapshots;
@@ -18,7 +19,8 @@ mod stream;
 mod teams;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
 use axum::http::{header, StatusCode, Uri};
 use axum::response::IntoResponse;
 use axum::routing::{delete, get, post, put};
@@ -94,6 +96,12 @@ pub fn router(state: AppState) -> Router {
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY))
+        // Every API request with a key or a session counts against its bucket (proxied
+        // requests, routed before this, do not).
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limits::rate_limit,
+        ))
         // Before any route: `{port}-{capsule}.{domain}` hosts go to the capsule.
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -227,6 +235,7 @@ fn team_routes() -> Router<AppState> {
             "/v1/teams/{id}/members",
             get(teams::members).post(teams::add_member),
         )
+        .route("/v1/teams/{id}/quota", get(teams::quota))
         .route(
             "/v1/teams/{id}/members/{uid}",
             axum::routing::patch(teams::set_role).delete(teams::remove_member),
@@ -252,6 +261,10 @@ fn team_routes() -> Router<AppState> {
         .route("/v1/admin/teams", get(admin::teams))
         .route("/v1/admin/teams/{id}", delete(admin::delete_team))
         .route("/v1/admin/teams/{id}/byoc", put(admin::set_byoc))
+        .route(
+            "/v1/admin/teams/{id}/quota",
+            get(admin::quota).put(admin::set_quota),
+        )
         .route(
             "/v1/admin/builds",
             post(builds::create)
@@ -329,5 +342,83 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
         serde_json::from_slice(body)
             .map(ApiJson)
             .map_err(|e| HttpError(ApiError::invalid(format!("invalid JSON body: {e}"))))
+    }
+}
+
+/// A query string. axum's `Query` answers `text/plain` when the string does not parse (a
+/// duplicated key, a number that is not one); this answers the error envelope with 400.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| ApiQuery(q.0))
+            .map_err(|e| HttpError(ApiError::invalid(e.body_text())))
+    }
+}
+
+/// Path parameters, with the same envelope for the rejections axum's `Path` answers in plain
+/// text (a segment that is not valid UTF-8 once percent-decoded).
+pub struct ApiPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| ApiPath(p.0))
+            .map_err(|e| HttpError(ApiError::invalid(e.body_text())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OPENAPI_YAML;
+    use wrenn_api::CapsuleStatus;
+
+    #[test]
+    fn every_capsule_status_is_in_the_served_contract() {
+        use CapsuleStatus::*;
+        let start = OPENAPI_YAML
+            .find("enum: [pending, starting,")
+            .expect("the Capsule status enum");
+        let end = start + OPENAPI_YAML[start..].find(']').expect("its end");
+        let listed: Vec<&str> = OPENAPI_YAML[start + "enum: [".len()..end]
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .flat_map(|l| l.split(','))
+            .map(str::trim)
+            .filter(|w| !w.is_empty())
+            .collect();
+        let all = [
+            Pending,
+            Starting,
+            Running,
+            Pausing,
+            Paused,
+            Resuming,
+            Stopping,
+            Hibernated,
+            Stopped,
+            Missing,
+            Error,
+            Snapshotting,
+        ];
+        for s in all {
+            // A new variant fails to compile here until it is listed above.
+            match s {
+                Pending | Starting | Running | Pausing | Paused | Resuming | Stopping
+                | Hibernated | Stopped | Missing | Error | Snapshotting => {}
+            }
+            assert!(
+                listed.contains(&s.as_str()),
+                "{} not in {listed:?}",
+                s.as_str()
+            );
+        }
     }
 }

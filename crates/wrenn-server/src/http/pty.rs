@@ -13,8 +13,9 @@
 
 use std::time::Duration;
 
+use super::ApiPath;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap};
 use axum::response::Response;
 use base64::Engine;
@@ -24,7 +25,7 @@ use serde_json::json;
 use wrenn_api::ApiError;
 
 use crate::error::HttpError;
-use crate::http::auth::TeamAuth;
+use crate::http::auth::{revoked, TeamAuth};
 use crate::AppState;
 
 const PING_EVERY: Duration = Duration::from_secs(30);
@@ -44,7 +45,7 @@ enum ClientMessage {
 pub async fn pty(
     State(s): State<AppState>,
     auth: TeamAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, HttpError> {
@@ -52,7 +53,11 @@ pub async fn pty(
     let ws =
         ws.map_err(|e| ApiError::invalid(format!("this endpoint needs a WebSocket upgrade: {e}")))?;
     let json_output = headers.contains_key(header::ORIGIN);
-    Ok(ws.on_upgrade(move |socket| run(socket, s, auth, id, json_output)))
+    let slot = s.streams.acquire(&auth.team_id)?;
+    Ok(ws.on_upgrade(move |socket| async move {
+        let _slot = slot;
+        run(socket, s, auth, id, json_output).await
+    }))
 }
 
 async fn run(mut socket: WebSocket, s: AppState, auth: TeamAuth, id: String, json_output: bool) {
@@ -76,13 +81,23 @@ async fn run(mut socket: WebSocket, s: AppState, auth: TeamAuth, id: String, jso
     match session {
         Ok(session) => {
             let _busy = s.capsules.hold(&id);
-            relay(socket, session, json_output).await
+            let revoked = revoked(&s, &auth.grant, Some(&auth.team_id));
+            relay(socket, session, json_output, revoked).await
         }
         Err(e) => fatal(socket, &crate::error::from_envd(e).message).await,
     }
 }
 
-async fn relay(mut socket: WebSocket, mut session: PtySession, json_output: bool) {
+/// Relays until the terminal exits, the client leaves, or `revoked` completes (the caller's
+/// credential no longer holds: a fatal error naming why, a policy-violation close, and the
+/// terminal is left running for a caller who still may connect to it).
+async fn relay(
+    mut socket: WebSocket,
+    mut session: PtySession,
+    json_output: bool,
+    revoked: impl std::future::Future<Output = String>,
+) {
+    let mut revoked = std::pin::pin!(revoked);
     let started = json!({"type": "started", "tag": session.tag, "pid": session.pid});
     if send(&mut socket, started).await.is_err() {
         return;
@@ -120,6 +135,11 @@ async fn relay(mut socket: WebSocket, mut session: PtySession, json_output: bool
                 if send(&mut socket, json!({"type": "ping"})).await.is_err() {
                     return drain(socket, session).await;
                 }
+            }
+            reason = &mut revoked => {
+                let message = format!("access revoked: {reason}");
+                let _ = send(&mut socket, json!({"type": "error", "data": &message, "fatal": true})).await;
+                return super::stream::close_for_policy(&mut socket, message).await;
             }
         }
     }

@@ -1,12 +1,12 @@
 //! `/v1/snapshots*` handlers: snapshot templates.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use wrenn_api::{ApiError, CreateSnapshotRequest};
 
-use super::ApiJson;
+use super::{ApiJson, ApiPath, ApiQuery};
 use crate::error::HttpError;
 use crate::http::auth::TeamAuth;
 use crate::AppState;
@@ -19,7 +19,7 @@ pub struct CreateQuery {
 pub async fn create(
     State(s): State<AppState>,
     auth: TeamAuth,
-    Query(q): Query<CreateQuery>,
+    ApiQuery(q): ApiQuery<CreateQuery>,
     ApiJson(req): ApiJson<CreateSnapshotRequest>,
 ) -> Result<impl IntoResponse, HttpError> {
     let overwrite = match q.overwrite.as_deref() {
@@ -48,7 +48,7 @@ pub struct ListQuery {
 pub async fn list(
     State(s): State<AppState>,
     auth: TeamAuth,
-    Query(q): Query<ListQuery>,
+    ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<impl IntoResponse, HttpError> {
     Ok(Json(
         s.capsules
@@ -60,7 +60,7 @@ pub async fn list(
 pub async fn delete(
     State(s): State<AppState>,
     auth: TeamAuth,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<StatusCode, HttpError> {
     s.capsules
         .delete_template(&auth.team_id, &name, &auth.actor.event())

@@ -13,8 +13,9 @@
 
 use std::time::Duration;
 
+use super::ApiPath;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::Response;
 use envd_client::ExecEvent;
 use serde::Deserialize;
@@ -22,7 +23,8 @@ use serde_json::json;
 use wrenn_api::{ApiError, ExecRequest};
 
 use crate::error::HttpError;
-use crate::http::auth::TeamAuth;
+use crate::http::auth::{revoked, TeamAuth};
+use crate::http::limits::StreamSlot;
 use crate::AppState;
 
 /// How long a client may wait before sending `start`.
@@ -45,17 +47,18 @@ enum ClientMessage {
 pub async fn exec_stream(
     State(s): State<AppState>,
     auth: TeamAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, HttpError> {
     // 404 and 409 are answered as HTTP errors, before any upgrade.
     s.capsules.require_running(&auth.team_id, &id).await?;
     let ws =
         ws.map_err(|e| ApiError::invalid(format!("this endpoint needs a WebSocket upgrade: {e}")))?;
-    Ok(ws.on_upgrade(move |socket| run(socket, s, auth, id)))
+    let slot = s.streams.acquire(&auth.team_id)?;
+    Ok(ws.on_upgrade(move |socket| run(socket, s, auth, id, slot)))
 }
 
-async fn run(mut socket: WebSocket, s: AppState, auth: TeamAuth, id: String) {
+async fn run(mut socket: WebSocket, s: AppState, auth: TeamAuth, id: String, _slot: StreamSlot) {
     let first = tokio::time::timeout(START_TIMEOUT, next_text(&mut socket)).await;
     let req = match first {
         Ok(Some(text)) => match serde_json::from_str::<ClientMessage>(&text) {
@@ -84,7 +87,8 @@ async fn run(mut socket: WebSocket, s: AppState, auth: TeamAuth, id: String) {
         Err(e) => return fail(socket, &e.message).await,
     };
     let _busy = s.capsules.hold(&id);
-    forward(socket, stream, true).await;
+    let revoked = revoked(&s, &auth.grant, Some(&auth.team_id));
+    forward(socket, stream, true, revoked).await;
 }
 
 /// `GET /v1/capsules/{id}/processes/{selector}/stream`: follow a background process. The
@@ -92,17 +96,20 @@ async fn run(mut socket: WebSocket, s: AppState, auth: TeamAuth, id: String) {
 pub async fn process_stream(
     State(s): State<AppState>,
     auth: TeamAuth,
-    Path((id, selector)): Path<(String, String)>,
+    ApiPath((id, selector)): ApiPath<(String, String)>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, HttpError> {
     s.capsules.require_running(&auth.team_id, &id).await?;
     let ws =
         ws.map_err(|e| ApiError::invalid(format!("this endpoint needs a WebSocket upgrade: {e}")))?;
+    let slot = s.streams.acquire(&auth.team_id)?;
     Ok(ws.on_upgrade(move |socket| async move {
+        let _slot = slot;
         match s.capsules.attach(&auth.team_id, &id, &selector).await {
             Ok(stream) => {
                 let _busy = s.capsules.hold(&id);
-                forward(socket, stream, false).await
+                let revoked = revoked(&s, &auth.grant, Some(&auth.team_id));
+                forward(socket, stream, false, revoked).await
             }
             Err(e) => fail(socket, &e.message).await,
         }
@@ -111,8 +118,15 @@ pub async fn process_stream(
 
 /// Relays a process's events to the WebSocket until its exit. With `stoppable`, a client
 /// `stop` kills the process; a client that leaves drops the stream (for an exec: kills it; for
-/// an attach: detaches).
-async fn forward(mut socket: WebSocket, mut stream: envd_client::ExecStream, stoppable: bool) {
+/// an attach: detaches). When `revoked` completes (the caller's credential no longer holds)
+/// the client gets an `error` event with the reason and a policy-violation close.
+async fn forward(
+    mut socket: WebSocket,
+    mut stream: envd_client::ExecStream,
+    stoppable: bool,
+    revoked: impl std::future::Future<Output = String>,
+) {
+    let mut revoked = std::pin::pin!(revoked);
     if send(&mut socket, json!({"type": "start", "pid": stream.pid}))
         .await
         .is_err()
@@ -151,9 +165,33 @@ async fn forward(mut socket: WebSocket, mut stream: envd_client::ExecStream, sto
                 }
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
                 Some(Ok(_)) => {}
-            }
+            },
+            reason = &mut revoked => return close_revoked(socket, &reason).await,
         }
     }
+}
+
+/// Ends a WebSocket whose caller lost the right to it: an `error` event naming why, then a
+/// close with code 1008 (policy violation).
+async fn close_revoked(mut socket: WebSocket, reason: &str) {
+    let message = format!("access revoked: {reason}");
+    let _ = send(&mut socket, json!({"type": "error", "data": message})).await;
+    close_for_policy(&mut socket, message).await;
+}
+
+/// A close frame with code 1008 (policy violation) and `message` as its reason.
+pub async fn close_for_policy(socket: &mut WebSocket, message: String) {
+    let mut frame_reason = message;
+    // A close frame's reason holds at most 123 bytes.
+    while frame_reason.len() > 123 {
+        frame_reason.pop();
+    }
+    let _ = socket
+        .send(Message::Close(Some(axum::extract::ws::CloseFrame {
+            code: axum::extract::ws::close_code::POLICY,
+            reason: frame_reason.into(),
+        })))
+        .await;
 }
 
 /// The next text message, skipping pings; `None` when the client closes.

@@ -1,13 +1,13 @@
 //! `/v1/teams*`, `/v1/api-keys*` and `/v1/users/search`: session-authenticated team management.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use serde::Deserialize;
 use wrenn_api::*;
 
-use super::ApiJson;
+use super::{ApiJson, ApiPath, ApiQuery};
 use crate::error::HttpError;
 use crate::http::auth::SessionAuth;
 use crate::AppState;
@@ -35,7 +35,7 @@ pub async fn list_keys(
 pub async fn delete_key(
     State(s): State<AppState>,
     SessionAuth(u): SessionAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode> {
     s.accounts.delete_api_key(&u, &id).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -49,7 +49,7 @@ pub struct SearchQuery {
 pub async fn search_users(
     State(s): State<AppState>,
     SessionAuth(u): SessionAuth,
-    Query(q): Query<SearchQuery>,
+    ApiQuery(q): ApiQuery<SearchQuery>,
 ) -> Result<Json<Vec<UserSearchResult>>> {
     let email = q
         .email
@@ -78,7 +78,7 @@ pub async fn create(
 pub async fn get(
     State(s): State<AppState>,
     SessionAuth(u): SessionAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<TeamDetail>> {
     Ok(Json(s.accounts.get_team(&u, &id).await?))
 }
@@ -86,7 +86,7 @@ pub async fn get(
 pub async fn rename(
     State(s): State<AppState>,
     SessionAuth(u): SessionAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<NameRequest>,
 ) -> Result<StatusCode> {
     s.accounts.rename_team(&u, &id, &req.name).await?;
@@ -96,7 +96,7 @@ pub async fn rename(
 pub async fn delete(
     State(s): State<AppState>,
     SessionAuth(u): SessionAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode> {
     s.accounts.delete_team(&u, &id).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -105,7 +105,7 @@ pub async fn delete(
 pub async fn members(
     State(s): State<AppState>,
     SessionAuth(u): SessionAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Vec<TeamMember>>> {
     Ok(Json(s.accounts.team_members(&u, &id).await?))
 }
@@ -113,7 +113,7 @@ pub async fn members(
 pub async fn add_member(
     State(s): State<AppState>,
     SessionAuth(u): SessionAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<AddMemberRequest>,
 ) -> Result<impl IntoResponse> {
     Ok((
@@ -125,7 +125,7 @@ pub async fn add_member(
 pub async fn set_role(
     State(s): State<AppState>,
     SessionAuth(u): SessionAuth,
-    Path((id, uid)): Path<(String, String)>,
+    ApiPath((id, uid)): ApiPath<(String, String)>,
     ApiJson(req): ApiJson<RoleRequest>,
 ) -> Result<StatusCode> {
     s.accounts.set_member_role(&u, &id, &uid, &req.role).await?;
@@ -135,7 +135,7 @@ pub async fn set_role(
 pub async fn remove_member(
     State(s): State<AppState>,
     SessionAuth(u): SessionAuth,
-    Path((id, uid)): Path<(String, String)>,
+    ApiPath((id, uid)): ApiPath<(String, String)>,
 ) -> Result<StatusCode> {
     s.accounts.remove_member(&u, &id, &uid).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -144,8 +144,18 @@ pub async fn remove_member(
 pub async fn leave(
     State(s): State<AppState>,
     SessionAuth(u): SessionAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode> {
     s.accounts.leave_team(&u, &id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /v1/teams/{id}/quota`: the team's limits and holdings, for its members.
+pub async fn quota(
+    State(s): State<AppState>,
+    SessionAuth(u): SessionAuth,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<quota::TeamQuota>> {
+    s.accounts.check_member(&u, &id).await?;
+    Ok(Json(s.capsules.quota(&id).await?))
 }

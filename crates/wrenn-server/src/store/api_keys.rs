@@ -11,6 +11,9 @@ pub struct ApiKeyOwner {
     pub key_id: String,
     pub team_id: String,
     pub name: String,
+    /// False when the member who made the key has left the team or is no longer an active
+    /// user: the key then stops working (keys made by the platform itself have no creator).
+    pub creator_active: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,7 +88,11 @@ impl Store {
     /// The key with this SHA-256 hash, if it exists and its team is not deleted.
     pub async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKeyOwner>> {
         let row = sqlx::query(
-            "SELECT k.id, k.team_id, k.name FROM api_keys k JOIN teams t ON t.id = k.team_id \
+            "SELECT k.id, k.team_id, k.name, \
+             CASE WHEN k.created_by IS NULL OR EXISTS (SELECT 1 FROM team_members m \
+               JOIN users u ON u.id = m.user_id WHERE m.team_id = k.team_id \
+               AND m.user_id = k.created_by AND u.status = 'active') THEN 1 ELSE 0 END \
+             FROM api_keys k JOIN teams t ON t.id = k.team_id \
              WHERE k.key_hash = $1 AND t.deleted_at IS NULL",
         )
         .bind(key_hash)
@@ -96,6 +103,7 @@ impl Store {
                 key_id: r.try_get(0)?,
                 team_id: r.try_get(1)?,
                 name: r.try_get(2)?,
+                creator_active: r.try_get::<i32, _>(3)? != 0,
             }),
             None => None,
         })

@@ -193,7 +193,8 @@ impl Store {
     pub async fn begin_auto_pause(&self, id: &str, idle_since: DateTime<Utc>) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE capsules SET status = 'pausing', pause_reason = 'ttl_expired', last_updated = $1 \
-             WHERE id = $2 AND status = 'running' AND (last_active_at IS NULL OR last_active_at <= $3)",
+             WHERE id = $2 AND status = 'running' AND (last_active_at IS NULL OR last_active_at <= $3) \
+             AND (busy_until IS NULL OR busy_until < $1)",
         )
         .bind(ts(Utc::now()))
         .bind(id)
@@ -282,10 +283,13 @@ impl Store {
     }
 
     /// Running capsules with an inactivity timeout (candidates for auto-pause).
-    pub async fn running_with_timeout(&self) -> Result<Vec<CapsuleRow>> {
+    /// Running capsules with an inactivity timeout that no replica holds busy at `now`.
+    pub async fn running_with_timeout(&self, now: DateTime<Utc>) -> Result<Vec<CapsuleRow>> {
         let rows = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM capsules WHERE status = 'running' AND timeout_sec > 0"
+            "SELECT {COLUMNS} FROM capsules WHERE status = 'running' AND timeout_sec > 0 \
+             AND (busy_until IS NULL OR busy_until < $1)"
         ))
+        .bind(ts(now))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(from_row).collect()
@@ -311,6 +315,24 @@ impl Store {
     }
 
     /// Records when each capsule was last active (never moving a time backwards).
+    /// Marks `ids` in use until `until` (never shortening a later mark of another replica).
+    pub async fn record_busy(&self, ids: &[String], until: DateTime<Utc>) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let until = ts(until);
+        for id in ids {
+            sqlx::query(
+                "UPDATE capsules SET busy_until = $1 \
+                 WHERE id = $2 AND (busy_until IS NULL OR busy_until < $1)",
+            )
+            .bind(&until)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     pub async fn record_activity(&self, batch: &[(String, chrono::DateTime<Utc>)]) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         for (id, at) in batch {

@@ -51,6 +51,9 @@ pub struct HostSpecs {
     pub disk_gb: Option<i64>,
 }
 
+/// Marks a `platform_secrets` value sealed with the platform's encryption key.
+const SEALED: &str = "sealed:";
+
 impl Store {
     pub async fn insert_host(&self, h: &Host) -> Result<()> {
         sqlx::query(&format!(
@@ -108,10 +111,13 @@ impl Store {
     }
 
     /// Records what an agent reported at registration and marks the host online.
-    pub async fn register_host(&self, id: &str, s: &HostSpecs, now: DateTime<Utc>) -> Result<()> {
-        sqlx::query(
+    /// Records host `id` as registered at `s.address`; `false` (and nothing changed) when
+    /// another host holds that address.
+    pub async fn register_host(&self, id: &str, s: &HostSpecs, now: DateTime<Utc>) -> Result<bool> {
+        let done = sqlx::query(
             "UPDATE hosts SET address = $1, arch = $2, cpu_cores = $3, memory_mb = $4, disk_gb = $5, \
-             status = 'online', last_heartbeat_at = $6, updated_at = $6 WHERE id = $7",
+             status = 'online', last_heartbeat_at = $6, updated_at = $6 WHERE id = $7 \
+             AND ($1 IS NULL OR NOT EXISTS (SELECT 1 FROM hosts o WHERE o.address = $1 AND o.id <> $7))",
         )
         .bind((!s.address.is_empty()).then_some(s.address.as_str()))
         .bind(&s.arch)
@@ -122,7 +128,7 @@ impl Store {
         .bind(id)
         .execute(&self.pool)
         .await?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
     /// Sets `status`, only from one of `from` (any when empty); `true` when it changed.
@@ -311,33 +317,68 @@ impl Store {
     // ---- platform secrets ---------------------------------------------------------------
 
     /// The secret `name`, created with `make` the first time (the first writer wins, so every
-    /// replica ends up with the same value).
+    /// replica ends up with the same value). With a sealer the value is stored as
+    /// `sealed:<base64>`; a plaintext value an earlier version stored is sealed in place.
     pub async fn platform_secret(
         &self,
         name: &str,
         make: impl FnOnce() -> String,
     ) -> Result<String> {
-        if let Some(r) = sqlx::query("SELECT value FROM platform_secrets WHERE name = $1")
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?
-        {
-            return Ok(r.try_get(0)?);
-        }
-        sqlx::query(
-            "INSERT INTO platform_secrets (name, value, created_at) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING",
-        )
-        .bind(name)
-        .bind(make())
-        .bind(ts(Utc::now()))
-        .execute(&self.pool)
-        .await?;
-        Ok(
-            sqlx::query("SELECT value FROM platform_secrets WHERE name = $1")
+        let stored = match self.stored_secret(name).await? {
+            Some(v) => v,
+            None => {
+                let value = make();
+                let value = match &self.sealer {
+                    Some(s) => format!("{SEALED}{}", s.seal(&value)),
+                    None => value,
+                };
+                sqlx::query(
+                    "INSERT INTO platform_secrets (name, value, created_at) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING",
+                )
                 .bind(name)
-                .fetch_one(&self.pool)
+                .bind(value)
+                .bind(ts(Utc::now()))
+                .execute(&self.pool)
+                .await?;
+                self.stored_secret(name).await?.ok_or_else(|| {
+                    StoreError::Corrupt(format!("platform secret {name} vanished"))
+                })?
+            }
+        };
+        match (stored.strip_prefix(SEALED), &self.sealer) {
+            (Some(sealed), Some(s)) => s.open(sealed).map_err(|e| {
+                StoreError::Config(format!(
+                    "platform secret {name}: {e} (is WRENN_ENCRYPTION_KEY the key this platform was started with?)"
+                ))
+            }),
+            (Some(_), None) => Err(StoreError::Config(format!(
+                "platform secret {name} is sealed and no encryption key is configured"
+            ))),
+            (None, Some(s)) => {
+                // Compare-and-set: a replica sealing it at the same moment wins, harmlessly.
+                sqlx::query("UPDATE platform_secrets SET value = $1 WHERE name = $2 AND value = $3")
+                    .bind(format!("{SEALED}{}", s.seal(&stored)))
+                    .bind(name)
+                    .bind(&stored)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(stored)
+            }
+            (None, None) => Ok(stored),
+        }
+    }
+
+    /// The raw stored value of platform secret `name` (sealed or not).
+    pub async fn stored_secret(&self, name: &str) -> Result<Option<String>> {
+        Ok(
+            match sqlx::query("SELECT value FROM platform_secrets WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&self.pool)
                 .await?
-                .try_get(0)?,
+            {
+                Some(r) => Some(r.try_get(0)?),
+                None => None,
+            },
         )
     }
 }

@@ -12,6 +12,7 @@ mod capsules;
 mod channels;
 mod hosts;
 mod oauth;
+mod quotas;
 mod sessions;
 mod stats;
 mod teams;
@@ -94,11 +95,26 @@ fn redact(url: &str) -> String {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// Seals `platform_secrets` values at rest (see [`Store::seal_secrets_with`]).
+    sealer: Option<std::sync::Arc<crate::sealing::Sealer>>,
 }
 
 impl Store {
     /// Opens (creating if needed) the SQLite database at `path` and applies migrations.
     pub async fn open_sqlite(path: &Path) -> Result<Self> {
+        // Owner only (it holds password hashes and sealed secrets); SQLite gives its WAL and
+        // shared-memory files the database file's mode.
+        crate::fsutil::ensure_private_file(path)
+            .map_err(|e| StoreError::Config(format!("{}: {e}", path.display())))?;
+        for suffix in ["-wal", "-shm"] {
+            let mut side = path.as_os_str().to_owned();
+            side.push(suffix);
+            let side = std::path::PathBuf::from(side);
+            if side.exists() {
+                crate::fsutil::ensure_private_file(&side)
+                    .map_err(|e| StoreError::Config(format!("{}: {e}", side.display())))?;
+            }
+        }
         Self::connect(&format!("sqlite://{}?mode=rwc", path.display())).await
     }
 
@@ -131,7 +147,18 @@ impl Store {
             .connect(url)
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Self { pool, backend })
+        Ok(Self {
+            pool,
+            backend,
+            sealer: None,
+        })
+    }
+
+    /// From now on `platform_secrets` values are stored sealed with `sealer`; values stored in
+    /// plaintext by earlier versions are sealed in place the first time they are read.
+    pub fn seal_secrets_with(mut self, sealer: std::sync::Arc<crate::sealing::Sealer>) -> Self {
+        self.sealer = Some(sealer);
+        self
     }
 
     pub fn backend(&self) -> Backend {
