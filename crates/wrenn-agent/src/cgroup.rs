@@ -65,6 +65,11 @@ pub struct Cgroups {
     layout: Layout,
     /// `MAJ:MIN` of the disk holding the data directory (for the bandwidth limit).
     disk: Option<String>,
+    /// How many times each group name was prepared. A group is named after its capsule, so a
+    /// resume right after a pause prepares the name its stopped VM's group still has; the
+    /// removal of that old group (in the background) checks the count under this lock and
+    /// leaves a group prepared since alone.
+    generations: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
 }
 
 /// What one VM's group has used.
@@ -116,7 +121,11 @@ impl Cgroups {
                 "VMs run in cgroup v1 groups"
             ),
         }
-        let c = Self { layout, disk };
+        let c = Self {
+            layout,
+            disk,
+            generations: Default::default(),
+        };
         c.collect();
         Some(c)
     }
@@ -131,6 +140,8 @@ impl Cgroups {
 
     /// Creates (or reuses) the group `name` with `limits`.
     pub fn prepare(&self, name: &str, limits: Limits) -> std::io::Result<VmCgroup> {
+        let mut generations = self.generations.lock().unwrap_or_else(|e| e.into_inner());
+        *generations.entry(name.to_string()).or_default() += 1;
         let quota = u64::from(limits.cpus) * CPU_PERIOD_US;
         match &self.layout {
             Layout::V2 { scope, io } => {
@@ -193,19 +204,38 @@ impl Cgroups {
 
     /// Removes the group `name` once its VM has stopped: a killed process's threads leave the
     /// group a moment after the process reads as gone, so this retries for up to a second.
-    /// One still holding a task after that is left for [`Cgroups::collect`].
-    pub async fn remove(&self, name: &str) {
+    /// One still holding a task after that is left for [`Cgroups::collect`]. The group as it
+    /// is when this is called: once the name is prepared again (a new VM of the capsule), the
+    /// removal stops.
+    pub fn remove(&self, name: &str) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let this = self.clone();
+        let name = name.to_string();
+        let generation = this.generation(&name);
+        async move { this.remove_generation(&name, generation).await }
+    }
+
+    fn generation(&self, name: &str) -> u64 {
+        let generations = self.generations.lock().unwrap_or_else(|e| e.into_inner());
+        generations.get(name).copied().unwrap_or(0)
+    }
+
+    async fn remove_generation(&self, name: &str, generation: u64) {
         for _ in 0..50 {
-            let left: Vec<PathBuf> = self
-                .scopes()
-                .into_iter()
-                .map(|s| s.join(name))
-                .filter(|d| {
-                    remove_dir(d);
-                    d.exists()
-                })
-                .collect();
-            if left.is_empty() {
+            let left = {
+                let generations = self.generations.lock().unwrap_or_else(|e| e.into_inner());
+                if generations.get(name).copied().unwrap_or(0) != generation {
+                    return;
+                }
+                self.scopes()
+                    .into_iter()
+                    .map(|s| s.join(name))
+                    .filter(|d| {
+                        remove_dir(d);
+                        d.exists()
+                    })
+                    .count()
+            };
+            if left == 0 {
                 return;
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;

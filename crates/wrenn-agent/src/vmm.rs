@@ -135,7 +135,9 @@ pub trait Vmm: Send + Sync {
         new_disk: &Path,
         state: &Path,
     ) -> Result<()>;
-    /// Resumes a guest frozen by [`Vmm::save`].
+    /// Resumes a guest frozen by [`Vmm::save`], or left by an agent that died while saving
+    /// it: a save still running inside the VMM is cancelled first (it would freeze the guest
+    /// again when it completed). Harmless on a running guest.
     async fn thaw(&self, vm: &VmProcess) -> Result<()>;
     /// Starts a VM from a state [`Vmm::save`] wrote, with the same configuration; returns
     /// once the guest runs again.

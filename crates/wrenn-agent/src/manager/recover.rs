@@ -224,13 +224,12 @@ impl CapsuleManager {
                 if !alive || record.envd_version.is_none() {
                     return None;
                 }
+                // Frozen by a pause or live snapshot the crash interrupted, or about to be (a
+                // save QEMU carries on alone freezes the guest when it completes): it runs on.
+                let vm = record.vm.clone()?;
+                self.vmm.thaw(&vm).await.ok()?;
                 if !healthy(&record).await {
-                    // Frozen by a live snapshot the crash interrupted: it runs on.
-                    let vm = record.vm.clone()?;
-                    self.vmm.thaw(&vm).await.ok()?;
-                    if !healthy(&record).await {
-                        return None;
-                    }
+                    return None;
                 }
                 // A saved state left by a crash right after a resume is stale.
                 let _ = std::fs::remove_file(&saved);

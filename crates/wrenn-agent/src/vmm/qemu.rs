@@ -460,7 +460,22 @@ impl Vmm for QemuVmm {
 
     async fn thaw(&self, vm: &VmProcess) -> Result<()> {
         let mut qmp = self.qmp(vm).await?;
-        qmp.execute("cont", None).await?;
+        // QEMU carries a migration on after the agent that started it is gone, and stops the
+        // guest when it completes (`postmigrate`): cancel it and wait until it has ended.
+        let _ = qmp.execute("migrate_cancel", None).await;
+        for _ in 0..500 {
+            let info = qmp.execute("query-migrate", None).await?;
+            match info.get("status").and_then(|s| s.as_str()) {
+                Some("active" | "setup" | "cancelling" | "pre-switchover" | "device") => {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                _ => break,
+            }
+        }
+        let status = qmp.execute("query-status", None).await?;
+        if status.get("running").and_then(|r| r.as_bool()) != Some(true) {
+            qmp.execute("cont", None).await?;
+        }
         Ok(())
     }
 
@@ -506,7 +521,7 @@ impl Vmm for QemuVmm {
                     // A pause ends here: its group goes in the background, not on its clock.
                     self.give_back(vm.pid);
                     if let (Some(c), Some(name)) = (self.cgroups.clone(), vm.cgroup.clone()) {
-                        tokio::spawn(async move { c.remove(&name).await });
+                        tokio::spawn(c.remove(&name));
                     }
                     return Ok(());
                 }
