@@ -119,6 +119,8 @@ impl CapsuleManager {
             envd_token: None,
             network: spec.network.clone(),
         };
+        // Waits for its turn with the record unpublished: a destroy meanwhile waits on `state`.
+        let _turn = self.starts.acquire().await;
         let started = Instant::now();
         if let Some(meta) = &from_meta {
             // The snapshot's machine is restored as it was.

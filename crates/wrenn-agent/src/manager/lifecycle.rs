@@ -97,6 +97,7 @@ impl CapsuleManager {
             .as_mut()
             .filter(|r| r.phase == Phase::Paused)
             .ok_or_else(|| HostError::InvalidState(format!("capsule {id} is not paused")))?;
+        let _turn = self.starts.acquire().await;
         let started = Instant::now();
         let saved = self.capsule_dir(id).join(SAVED_STATE);
         if !saved.exists() {

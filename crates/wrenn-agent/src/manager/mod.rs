@@ -124,7 +124,14 @@ pub struct CapsuleManager {
     egress: Mutex<HashMap<String, crate::egress::Resolved>>,
     /// When unused per-shape template snapshots were last collected.
     collected_at: Mutex<Option<std::time::Instant>>,
+    /// VM starts (boots and restores) running at once. A start is mostly CPU (a restore under
+    /// TCG, a boot's kernel); fifty at once on two cores starve the running guests until their
+    /// envds miss the platform's deadlines. Past the bound, creates and resumes wait their turn.
+    starts: tokio::sync::Semaphore,
 }
+
+/// VM starts allowed at once per host core.
+const STARTS_PER_CORE: usize = 2;
 
 impl CapsuleManager {
     /// Builds missing images, prepares the host network, picks the accelerator and re-adopts (or
@@ -159,6 +166,9 @@ impl CapsuleManager {
             metrics: Mutex::new(HashMap::new()),
             egress: Mutex::new(HashMap::new()),
             collected_at: Mutex::new(None),
+            starts: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(1, |n| n.get()) * STARTS_PER_CORE,
+            ),
         });
         mgr.recover().await;
         let weak = Arc::downgrade(&mgr);
