@@ -9,7 +9,8 @@ developer's running instance or another platform started by the same run. Slot r
     10.201.150.0  benchmarks (256 slots)                10.201.160.0  test_schema.py
     10.201.170.0  test_builtin_templates.py             10.201.200.0  test_replicas.py
     10.201.180.0  test_proxy.py                         10.201.190.0  test_security.py
-    10.201.210.0  test_builds.py (restart)
+    10.201.210.0  test_builds.py (restart)             10.201.220.0  test_load.py
+    10.201.230.0  test_chaos.py
 
 A slot is a /30: 64 slots span a /24, 256 slots a /22 (10.201.150.0-10.201.153.255).
 """
