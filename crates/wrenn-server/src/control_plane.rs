@@ -13,6 +13,7 @@
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -164,6 +165,7 @@ impl ControlPlane {
     ) -> Result<ControlPlane, StartError> {
         let c = config;
         check(&c)?;
+        let started = chrono::Utc::now();
         let store = match &c.database_url {
             Some(url) => Store::connect(url).await,
             None => Store::open_sqlite(&c.data_dir.join("wrenn.db")).await,
@@ -194,14 +196,21 @@ impl ControlPlane {
             CapsuleService::new(store.clone(), pool.clone(), events.clone())
                 .with_quota_defaults(c.team_quota),
         );
-        // Before the liveness monitor starts (it would mark capsules of hosts not heard from
-        // yet `missing` under the reconcile's feet). Bounded: every host call has a deadline
-        // and hosts are reconciled concurrently, so a silent host delays the start by at most
-        // one query deadline.
-        capsules
-            .reconcile()
-            .await
-            .map_err(|e| service_err("reconcile")(e.message))?;
+        // In the background: a host that answers slowly never holds up the API. The passes
+        // that judge capsules (the liveness monitor, which would mark those of hosts not heard
+        // from yet `missing` under the reconcile's feet; the reaper; the reconciler) wait for
+        // it. Capsules changed from now on are this run's and the reconcile leaves them alone.
+        let reconciled = Arc::new(AtomicBool::new(false));
+        {
+            let (capsules, reconciled) = (capsules.clone(), reconciled.clone());
+            tasks.spawn(async move {
+                if let Err(e) = capsules.reconcile(started).await {
+                    warn!(error = %e.message, "start-up reconcile failed");
+                }
+                reconciled.store(true, Ordering::SeqCst);
+                info!("start-up reconcile done");
+            });
+        }
         let replica = replica_id(&c.data_dir)?;
         store
             .ensure_platform_team()
@@ -235,6 +244,7 @@ impl ControlPlane {
             c.reconcile_interval,
             &store,
             replica.clone(),
+            reconciled.clone(),
         );
         let stats = Arc::new(StatsService::new(store.clone(), c.stats_interval));
         sample_stats(&mut tasks, &stats, &store, replica.clone());
@@ -261,7 +271,7 @@ impl ControlPlane {
             },
             capsules.clone(),
         ));
-        watch_hosts(&mut tasks, &hosts, c.heartbeat_interval);
+        watch_hosts(&mut tasks, &hosts, c.heartbeat_interval, reconciled);
         let channels = Arc::new(channel_service(&c, &store, sealer));
         let proxy = Arc::new(Proxy::new(ProxySettings::new(
             &base_url,

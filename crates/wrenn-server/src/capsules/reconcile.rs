@@ -26,10 +26,12 @@ impl CapsuleService {
     /// Makes the DB agree with what every connected host actually holds (at start-up): hosts
     /// are the source of truth for running and paused capsules. A host that does not answer is
     /// left to the liveness monitor.
-    /// Hosts are handled concurrently: a slow one delays no other.
-    pub async fn reconcile(&self) -> Result<()> {
+    /// Hosts are handled concurrently: a slow one delays no other. It runs while the API
+    /// already serves: a capsule changed at or after `started` (this run's own work, a create
+    /// accepted meanwhile) is not the previous run's to judge and is left alone.
+    pub async fn reconcile(&self, started: chrono::DateTime<chrono::Utc>) -> Result<()> {
         join_all(self.pool.all().into_iter().map(|host| async move {
-            if let Err(e) = self.reconcile_on(&host).await {
+            if let Err(e) = self.reconcile_on(&host, started).await {
                 warn!(host_id = host.host_id(), error = %e.message, "cannot reconcile with host");
             }
         }))
@@ -117,7 +119,11 @@ impl CapsuleService {
         Ok(())
     }
 
-    pub(super) async fn reconcile_on(&self, host: &HostHandle) -> Result<()> {
+    pub(super) async fn reconcile_on(
+        &self,
+        host: &HostHandle,
+        started: chrono::DateTime<chrono::Utc>,
+    ) -> Result<()> {
         use CapsuleStatus::*;
         let live = live_phases(host).await.map_err(from_host)?;
         let rows = self
@@ -142,6 +148,9 @@ impl CapsuleService {
         let mut known = std::collections::HashSet::new();
         for CapsuleRow { capsule: c, .. } in rows {
             known.insert(c.id.clone());
+            if c.last_updated >= started {
+                continue;
+            }
             let on_host = live.get(&c.id).copied();
             match (c.status, on_host) {
                 (Stopping | Stopped | Error, _) => {

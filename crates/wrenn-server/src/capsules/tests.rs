@@ -462,7 +462,7 @@ async fn a_silent_host_delays_no_other_and_its_calls_give_up() {
     assert!(err.to_string().contains("did not answer list"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(2));
     // ... so the start-up reconcile ends too.
-    tokio::time::timeout(Duration::from_secs(5), svc.reconcile())
+    tokio::time::timeout(Duration::from_secs(5), svc.reconcile(chrono::Utc::now()))
         .await
         .expect("reconcile waited for a silent host")
         .unwrap();
@@ -484,7 +484,7 @@ async fn a_reconcile_never_destroys_a_capsule_it_has_a_row_for() {
         .unwrap();
     assert_eq!(w.svc.mark_missing(&host_id).await.unwrap(), 1);
     assert_eq!(w.status(&id).await, CapsuleStatus::Missing);
-    w.svc.reconcile().await.unwrap();
+    w.svc.reconcile(chrono::Utc::now()).await.unwrap();
     assert_eq!(w.status(&id).await, CapsuleStatus::Running);
     assert!(
         !w.host.calls().iter().any(|c| c == &format!("destroy {id}")),
@@ -537,4 +537,30 @@ async fn a_resume_past_the_vcpu_quota_is_refused_and_leaves_the_capsule_paused()
     w.svc.set_quota(&w.team, Default::default()).await.unwrap();
     w.svc.resume(&w.team, &id, &user()).await.unwrap();
     w.wait_for(&id, CapsuleStatus::Running).await;
+}
+
+#[tokio::test]
+async fn a_create_accepted_during_the_start_up_reconcile_is_not_taken_for_lost() {
+    let w = world("startup-reconcile").await;
+    let started = chrono::Utc::now();
+    w.host.hold("list");
+    w.host.hold("create");
+    let reconcile = w.svc.reconcile(started);
+    let meanwhile = async {
+        w.host.waiting("list", 1).await;
+        // The API serves while the host is slow to list: a create lands in between.
+        let c = w.create(0).await;
+        w.host.waiting("create", 1).await;
+        w.host.release("list");
+        c
+    };
+    let (done, c) = tokio::join!(reconcile, meanwhile);
+    done.unwrap();
+    assert_eq!(
+        w.status(&c.id).await,
+        CapsuleStatus::Starting,
+        "not marked lost"
+    );
+    w.host.release("create");
+    w.wait_for(&c.id, CapsuleStatus::Running).await;
 }

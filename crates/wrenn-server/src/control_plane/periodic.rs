@@ -79,6 +79,7 @@ pub(super) fn keep_capsules_truthful(
     every: Duration,
     store: &Store,
     replica: String,
+    reconciled: Arc<AtomicBool>,
 ) {
     let flusher = capsules.clone();
     tasks.every(REAPER_INTERVAL, "activity-flush", move || {
@@ -90,12 +91,14 @@ pub(super) fn keep_capsules_truthful(
     let leading = Arc::new(AtomicBool::new(false));
     let ttl =
         chrono::Duration::from_std(REAPER_INTERVAL * 5).unwrap_or(chrono::Duration::seconds(10));
+    let ready = reconciled.clone();
     tasks.every(REAPER_INTERVAL, "capsule-reaper", move || {
-        let (c, store, replica, leading) = (
+        let (c, store, replica, leading, ready) = (
             reaper.clone(),
             store.clone(),
             replica.clone(),
             leading.clone(),
+            ready.clone(),
         );
         async move {
             let held = store
@@ -105,7 +108,8 @@ pub(super) fn keep_capsules_truthful(
             if held != leading.swap(held, Ordering::SeqCst) {
                 info!(replica = %replica, reaping = held, "capsule reaper lease changed");
             }
-            if !held {
+            // Until the start-up reconcile is done, rows may still say what the last run left.
+            if !held || !ready.load(Ordering::SeqCst) {
                 return Ok(());
             }
             if let Err(e) = c.record_dead_vms().await {
@@ -116,19 +120,33 @@ pub(super) fn keep_capsules_truthful(
     });
     let reconciler = capsules.clone();
     tasks.every(every, "reconciler", move || {
-        let c = reconciler.clone();
-        async move { c.reconcile_pass().await.map_err(|e| e.message) }
+        let (c, ready) = (reconciler.clone(), reconciled.clone());
+        async move {
+            if !ready.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            c.reconcile_pass().await.map_err(|e| e.message)
+        }
     });
 }
 
 /// Liveness: the embedded agent beats from here; the monitor runs twice per interval.
-pub(super) fn watch_hosts(tasks: &mut Tasks, hosts: &Arc<HostService>, heartbeat: Duration) {
+/// The liveness monitor judges hosts only once the start-up reconcile is done (`reconciled`).
+pub(super) fn watch_hosts(
+    tasks: &mut Tasks,
+    hosts: &Arc<HostService>,
+    heartbeat: Duration,
+    reconciled: Arc<AtomicBool>,
+) {
     let monitor = hosts.clone();
     tasks.every(heartbeat / 2, "host-monitor", move || {
-        let h = monitor.clone();
+        let (h, ready) = (monitor.clone(), reconciled.clone());
         async move {
             if let Err(e) = h.embedded_heartbeat().await {
                 warn!(error = %e.message, "embedded heartbeat failed");
+            }
+            if !ready.load(Ordering::SeqCst) {
+                return Ok(());
             }
             h.monitor().await.map_err(|e| e.message)
         }
