@@ -3,6 +3,7 @@ holds, API keys die with their creator's membership, browser WebSockets must com
 platform's origin, and malformed query strings and paths answer the JSON error envelope."""
 
 import json
+import os
 import threading
 import time
 
@@ -131,3 +132,23 @@ def test_a_removed_members_key_and_session_streams_stop(platform, mail_sink, tea
     session.wait_for("event: revoked")
     assert any("no longer a member" in line for line in session.lines), session.lines[-3:]
     assert session.done.wait(5)
+
+
+def test_secrets_at_rest_are_sealed_and_owner_only(platform, api):
+    import sqlite3
+    import stat
+
+    def mode(p):
+        return stat.S_IMODE(os.stat(p).st_mode)
+
+    assert mode(platform.data_dir) == 0o700
+    for f in ("wrenn.db", "encryption.key", "bootstrap.json"):
+        assert mode(platform.data_dir / f) == 0o600, f
+    # The host CA's key and the token keys are stored sealed with the platform key.
+    assert api.get("/v1/capsules").status_code == 200
+    db = sqlite3.connect(platform.data_dir / "wrenn.db")
+    rows = db.execute("SELECT name, value FROM platform_secrets").fetchall()
+    db.close()
+    assert {"host_ca", "host_token_key"} <= {n for n, _ in rows}, rows
+    for name, value in rows:
+        assert value.startswith("sealed:") and "PRIVATE KEY" not in value, name
